@@ -1,0 +1,37 @@
+"""Suite-wide options, markers and Hypothesis profiles.
+
+Markers are declared in pytest.ini (``--strict-markers``); options here let the
+same tests run on a user's real checkpoint (``--lora-ckpt``) or a real base
+model, and let CI override thresholds from the one tolerance table.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("dev", max_examples=25, deadline=None)
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("lora-parity")
+    g.addoption("--lora-ckpt", action="store", default=None, metavar="PATH",
+                help="a real MindONE LoRA .ckpt: the conversion layer also runs on it (no NPU needed)")
+    g.addoption("--sdxl-base", action="store", default=None, metavar="DIR",
+                help="a real SDXL base (diffusers folder) for the ascend layer")
+    g.addoption("--ms-device", action="store", default=None, choices=("Ascend", "CPU", "GPU"),
+                help="device for the MindSpore side of the ascend layer (default: Ascend)")
+    g.addoption("--tol-f32", type=float, default=None, help="override the fp32 per-layer relative error bound")
+    g.addoption("--tol-f16", type=float, default=None, help="override the fp16 per-layer relative error bound")
+    g.addoption("--tol-bf16", type=float, default=None, help="override the bf16 per-layer relative error bound")
+    g.addoption("--image-mae", type=float, default=None, help="override the full-image MAE threshold (0-255)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "benchmark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.benchmark)

@@ -1,0 +1,102 @@
+"""``lora-parity`` command line: argument parsing and one-line errors, nothing else.
+
+Heavy imports (torch, mindspore, diffusers) happen inside the commands that
+need them, so ``convert`` starts fast and runs where neither is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import LoraParityError
+
+PROG = "lora-parity"
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertOptions, convert
+
+    report = convert(ConvertOptions(
+        src=Path(args.src), dst=Path(args.output) if args.output else None, fmt=args.format,
+        layout=args.layout, alpha=args.alpha, dtype=args.dtype, force=args.force, strict=args.strict,
+        progress=not args.quiet and sys.stderr.isatty() or args.progress,
+    ))
+    if not args.quiet:
+        print(report.summary())
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from .keys_table import keys_table
+
+    rows = keys_table(Path(args.src), layout=args.layout, fmt=args.format, strict=args.strict)
+    out = sys.stdout
+    width = max((len(r[0]) for r in rows), default=10)
+    for src_name, dst_name, shape in rows:
+        out.write(f"{src_name:<{width}}  {dst_name}  {shape}\n")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.workdir) if args.workdir else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=(
+        "Convert MindSpore (MindONE) SDXL LoRA checkpoints to PyTorch and back, "
+        "and prove both frameworks compute the same model."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a LoRA between MindONE .ckpt and PEFT/kohya safetensors",
+                       description="Convert a LoRA. A MindONE .ckpt becomes PEFT (default) or kohya "
+                                   "safetensors; a PEFT or kohya file becomes a MindONE .ckpt.")
+    c.add_argument("src", help="input LoRA (.ckpt, .safetensors; .bin/.pt read with weights_only)")
+    c.add_argument("-o", "--output", help="output file (default: <src stem>_pt.safetensors or <src stem>_ms.ckpt "
+                                          "beside the source; .bin/.pt writes a torch pickle)")
+    c.add_argument("--format", choices=("peft", "kohya", "ms"),
+                   help="output format (default: peft for a MindONE input, ms for a PyTorch input)")
+    c.add_argument("--layout", help="sdxl-base, sdxl-refiner, a diffusers unet config.json or pipeline folder "
+                                    "(default: detected from the checkpoint's names and shapes)")
+    c.add_argument("--alpha", type=float, help="LoRA alpha (MindONE .ckpt stores none; default: rank, scale 1)")
+    c.add_argument("--dtype", default="keep", choices=("keep", "fp32", "fp16", "bf16"), help="output dtype")
+    c.add_argument("--force", action="store_true", help="overwrite an existing output")
+    c.add_argument("--strict", dest="strict", action="store_true", default=True,
+                   help="unmapped LoRA keys are an error (default)")
+    c.add_argument("--no-strict", dest="strict", action="store_false", help="skip and list unmapped LoRA keys")
+    c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    c.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
+    c.set_defaults(func=_cmd_convert)
+
+    k = sub.add_parser("keys", help="print the name mapping table (source name, target name, shape)",
+                       description="Print how each LoRA tensor of SRC maps: source name, target name, shape.")
+    k.add_argument("src", help="input LoRA file")
+    k.add_argument("--format", choices=("peft", "kohya", "ms"), help="target naming (default as in convert)")
+    k.add_argument("--layout", help="as in convert")
+    k.add_argument("--no-strict", dest="strict", action="store_false", default=True)
+    k.set_defaults(func=_cmd_keys)
+
+    d = sub.add_parser("demo", help="the main job on the built-in tiny SDXL (no downloads)",
+                       description="Generate a MindONE-style LoRA, convert it, and print the report.")
+    d.add_argument("--workdir", help="keep the demo files here (default: a temporary folder)")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LoraParityError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Shared test helpers: meta-device reference models and small utilities (no assertions of their own)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+
+def meta_unet(config: dict):
+    """diffusers' UNet built on the meta device: real module tree, no memory."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return UNet2DConditionModel(**cfg)
+
+
+def meta_text_encoder(config: dict, *, projection: bool):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    with torch.device("meta"):
+        return cls(CLIPTextConfig(**config))
+
+
+def torch_modules(model, prefix: str, kinds=("Linear", "Conv2d", "GroupNorm", "LayerNorm")) -> dict:
+    """name -> module for every Linear/Conv/Norm, names prefixed like our diffusers names."""
+    return {prefix + n: m for n, m in model.named_modules() if type(m).__name__ in kinds}
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    from lora_parity.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    return code, out.getvalue(), err.getvalue()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes under ``folder`` (to prove inputs are never modified)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def captured_logs(*names: str):
+    """Collect log records of the given loggers (diffusers/peft report dropped keys by logging)."""
+    records: list[logging.LogRecord] = []
+
+    class _H(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    h = _H(level=logging.DEBUG)
+    loggers = [logging.getLogger(n) for n in names]
+    old = [(lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(h)
+        lg.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        for lg, (lvl, _) in zip(loggers, old):
+            lg.removeHandler(h)
+            lg.setLevel(lvl)
