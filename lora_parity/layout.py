@@ -226,6 +226,10 @@ def load_layout(spec: str) -> ModelLayout:
     """A preset name, a diffusers UNet ``config.json``, or a diffusers pipeline folder."""
     if spec in PRESETS:
         return PRESETS[spec]
+    if spec == "tiny":  # the built-in test model; never auto-detected
+        from .tiny import tiny_layout
+
+        return tiny_layout()
     path = Path(spec)
     if path.is_dir():
         return layout_from_pipeline_dir(path)

@@ -62,3 +62,11 @@ TINY_VAE_CONFIG = {
 
 TINY_LATENT_SHAPE = (1, 4, 16, 16)
 TINY_IMAGE_SIZE = 32
+
+
+def tiny_layout():
+    """The tiny model's layout (UNet + both text encoders), as the key map sees it."""
+    from .layout import ModelLayout, UNetLayout, sdxl_text_encoders
+
+    return ModelLayout("tiny", UNetLayout.from_diffusers_config(TINY_UNET_CONFIG, name="tiny"),
+                       sdxl_text_encoders(TINY_TE1_CONFIG, TINY_TE2_CONFIG))

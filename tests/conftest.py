@@ -1,0 +1,31 @@
+"""Session fixtures: the tiny layout, the generated tiny diffusers pipeline, generated LoRAs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_layout():
+    from lora_parity.tiny import tiny_layout as make
+
+    return make()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    from lora_parity.fixtures.tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pt_base", seed=0)
+
+
+@pytest.fixture(scope="session")
+def lora_ckpt_option(request) -> Path | None:
+    value = request.config.getoption("--lora-ckpt")
+    return None if value is None else Path(value)

@@ -1,0 +1,153 @@
+"""The converted file loads completely in diffusers, and its merged deltas equal the MindSpore side's.
+
+Also shows the checks can fail: swapped projections or a dropped block are caught.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_parity import formats
+from lora_parity.convert import ConvertOptions, convert, load_lora
+from lora_parity.keymap import keymap_for
+from lora_parity.lora_set import LoraPair, LoraSet
+from lora_parity.synthetic import make_lora, write_ms_lora
+from lora_parity.tolerances import CONVERSION_DELTA
+
+from .helpers import captured_logs
+
+pytestmark = pytest.mark.conversion
+
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# log lines diffusers/peft emit when a LoRA is silently (partly) ignored
+DROPPED_KEY_MESSAGES = ("No LoRA keys associated", "unexpected keys", "missing", "Unexpected")
+
+
+def load_into_pipeline(pipeline_dir: Path, lora_file: Path):
+    """Load the pipeline and the LoRA; return (pipe, log messages mentioning dropped keys)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir)
+    with captured_logs("diffusers", "peft", "transformers") as records:
+        pipe.load_lora_weights(str(lora_file))
+    bad = [r.getMessage() for r in records if any(m in r.getMessage() for m in DROPPED_KEY_MESSAGES)]
+    return pipe, bad
+
+
+def pipeline_deltas(pipe) -> dict[str, np.ndarray]:
+    """diffusers-name -> scaling * B @ A (float64) for every LoRA layer PEFT attached."""
+    out = {}
+    for comp in LORA_COMPONENTS:
+        model = getattr(pipe, comp)
+        flat = comp == "text_encoder" and not hasattr(model, "text_model")
+        for name, mod in model.named_modules():
+            if not hasattr(mod, "lora_A") or not len(mod.lora_A):
+                continue
+            (adapter,) = list(mod.lora_A.keys())
+            a = mod.lora_A[adapter].weight.detach().double().numpy()
+            b = mod.lora_B[adapter].weight.detach().double().numpy()
+            scale = mod.scaling[adapter]
+            delta = scale * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))
+            full = f"{comp}.{'text_model.' if flat else ''}{name}"
+            out[full] = delta
+    return out
+
+
+def ms_side_deltas(lora: LoraSet) -> dict[str, np.ndarray]:
+    """The same, from the MindSpore-side LoRA (fused in_proj split into q/k/v rows)."""
+    out = {}
+    for p in lora.ordered():
+        d = p.delta().reshape(p.module.out_features, -1)
+        n = len(p.module.diffusers)
+        rows = d.shape[0] // n
+        for i, name in enumerate(p.module.diffusers):
+            out[name] = d[i * rows:(i + 1) * rows]
+    return out
+
+
+def compare_deltas(expected: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> list[str]:
+    """Problems found: missing/extra modules and modules whose merged delta differs."""
+    problems = [f"missing in diffusers: {k}" for k in sorted(set(expected) - set(got))]
+    problems += [f"unexpected in diffusers: {k}" for k in sorted(set(got) - set(expected))]
+    tol = CONVERSION_DELTA
+    for k in sorted(set(expected) & set(got)):
+        if not np.allclose(got[k], expected[k], rtol=tol.rtol, atol=tol.atol):
+            problems.append(f"delta differs: {k} (max {np.abs(got[k] - expected[k]).max():.3g})")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def ms_lora_file(tmp_path_factory, tiny_layout):
+    """A trained-looking MindONE LoRA on every LoRA-able module, non-trivial scale (alpha/r = 2)."""
+    d = tmp_path_factory.mktemp("ms")
+    lora = make_lora(tiny_layout, rank=4, alpha=8.0, modules="all", seed=11)
+    return write_ms_lora(d / "ms_lora.ckpt", lora), lora
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+def test_converted_lora_loads_completely_and_deltas_match(tmp_path, tiny_pipeline_dir, ms_lora_file, fmt):
+    src, lora = ms_lora_file
+    out = tmp_path / f"{fmt}.safetensors"
+    convert(ConvertOptions(src=src, dst=out, fmt=fmt, layout="tiny", alpha=8.0))
+    pipe, dropped = load_into_pipeline(tiny_pipeline_dir, out)
+    assert not dropped, dropped[:3]
+    got = pipeline_deltas(pipe)
+    expected = ms_side_deltas(load_lora(src, layout=lora.layout, alpha=8.0))
+    assert len(expected) == sum(len(e.diffusers) for e in keymap_for(lora.layout).lora_entries())
+    assert compare_deltas(expected, got) == []
+
+
+def test_unconverted_mindone_file_loads_nothing_and_is_detected(tmp_path, tiny_pipeline_dir, ms_lora_file):
+    """The user's original problem: MindONE names passed as-is load nothing."""
+    _, lora = ms_lora_file
+    from lora_parity.safetensors_io import write_safetensors
+
+    raw = tmp_path / "as_is.safetensors"
+    write_safetensors(raw, formats.tensors_for(lora, "ms")[0])
+    try:
+        pipe, dropped = load_into_pipeline(tiny_pipeline_dir, raw)
+    except Exception as exc:  # some diffusers versions raise instead of logging
+        dropped, pipe = [str(exc)], None
+    got = pipeline_deltas(pipe) if pipe is not None else {}
+    assert dropped or not got
+    assert compare_deltas(ms_side_deltas(lora), got) != []
+
+
+def _swap_projections(lora: LoraSet) -> LoraSet:
+    """Fault: attn1.to_q and to_k tensors exchanged in one block (shapes equal, names right)."""
+    q = next(k for k in lora.pairs if k.endswith("attn1.to_q"))
+    k = q[:-len("to_q")] + "to_k"
+    pairs = dict(lora.pairs)
+    pairs[q] = LoraPair(lora.pairs[q].module, lora.pairs[k].A, lora.pairs[k].B, lora.pairs[k].alpha)
+    pairs[k] = LoraPair(lora.pairs[k].module, lora.pairs[q].A, lora.pairs[q].B, lora.pairs[q].alpha)
+    return LoraSet(pairs, lora.layout, lora.layout_note, lora.source_format)
+
+
+def _drop_block(lora: LoraSet, block: str) -> LoraSet:
+    pairs = {k: p for k, p in lora.pairs.items() if p.module.block != block}
+    assert len(pairs) < len(lora.pairs)
+    return LoraSet(pairs, lora.layout, lora.layout_note, lora.source_format)
+
+
+def _wrong_scale(lora: LoraSet) -> LoraSet:
+    pairs = {k: LoraPair(p.module, p.A, p.B, p.alpha * 2) for k, p in lora.pairs.items()}
+    return LoraSet(pairs, lora.layout, lora.layout_note, lora.source_format)
+
+
+@pytest.mark.parametrize("fault", ["swap_projections", "drop_block", "wrong_scale"])
+def test_faulty_conversion_is_caught(tmp_path, tiny_pipeline_dir, ms_lora_file, fault):
+    src, lora = ms_lora_file
+    truth = load_lora(src, layout=lora.layout, alpha=8.0)
+    broken = {"swap_projections": _swap_projections, "wrong_scale": _wrong_scale,
+              "drop_block": lambda x: _drop_block(x, "input_blocks.2")}[fault](truth)
+    out = tmp_path / "broken.safetensors"
+    from lora_parity.safetensors_io import write_safetensors
+
+    write_safetensors(out, *formats.tensors_for(broken, "peft"))
+    pipe, _ = load_into_pipeline(tiny_pipeline_dir, out)
+    problems = compare_deltas(ms_side_deltas(truth), pipeline_deltas(pipe))
+    assert problems, f"fault '{fault}' went unnoticed"
+    if fault == "drop_block":
+        assert all(p.startswith("missing in diffusers") for p in problems)
