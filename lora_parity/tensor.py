@@ -70,18 +70,20 @@ def from_st_name(st: str) -> str | None:
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     """Exact widening: bf16 is the top half of an IEEE float32."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    flat = np.ascontiguousarray(bits).reshape(-1).astype(np.uint32)  # 0-d shifts promote to int64
+    return (flat << np.uint32(16)).view(np.float32).reshape(np.shape(bits))
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """Round-to-nearest-even narrowing, as torch and MindSpore do; NaN stays NaN."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    shape = np.shape(x)
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     u = x.view(np.uint32)
     rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
     nan = np.isnan(x)
     if nan.any():
         rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
-    return rounded
+    return rounded.reshape(shape)
 
 
 @dataclass(frozen=True)
