@@ -43,16 +43,16 @@ def read_tensors(path: str | Path, *, progress: bool = False) -> tuple[dict[str,
     path = Path(path)
     if not path.is_file():
         raise LoraParityError("no such file", path=path)
-    if ckpt_io.is_ckpt(path):
-        return ckpt_io.read_ckpt(path, progress=progress), {}, "ckpt"
-    if is_safetensors(path):
-        tensors, meta = read_safetensors(path)
-        return tensors, meta, "safetensors"
-    if path.suffix.lower() in PICKLE_EXTS:
-        return _read_pickle(path), {}, "pickle"
     if path.stat().st_size == 0:
         raise CheckpointFormatError("empty file", path=path)
-    raise CheckpointFormatError("not a MindSpore .ckpt, safetensors, or torch (.bin/.pt) file", path=path)
+    if is_safetensors(path) and not ckpt_io.is_ckpt(path):
+        tensors, meta = read_safetensors(path)
+        return tensors, meta, "safetensors"
+    if path.suffix.lower() in PICKLE_EXTS and not ckpt_io.is_ckpt(path):
+        return _read_pickle(path), {}, "pickle"
+    # everything else is parsed as a .ckpt, whose reader says precisely what is wrong
+    # (truncated, encrypted, corrupt record, ...)
+    return ckpt_io.read_ckpt(path, progress=progress), {}, "ckpt"
 
 
 def _read_pickle(path: Path) -> dict[str, Tensor]:

@@ -141,7 +141,7 @@ def test_faulty_conversion_is_caught(tmp_path, tiny_pipeline_dir, ms_lora_file, 
     src, lora = ms_lora_file
     truth = load_lora(src, layout=lora.layout, alpha=8.0)
     broken = {"swap_projections": _swap_projections, "wrong_scale": _wrong_scale,
-              "drop_block": lambda x: _drop_block(x, "input_blocks.2")}[fault](truth)
+              "drop_block": lambda x: _drop_block(x, "input_blocks.3")}[fault](truth)
     out = tmp_path / "broken.safetensors"
     from lora_parity.safetensors_io import write_safetensors
 
