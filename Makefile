@@ -24,7 +24,7 @@ test-conversion: setup
 	$(PY) -m pytest -m conversion
 
 bench: setup
-	$(PY) -m pytest -m benchmark --benchmark-only --benchmark-columns=min,mean,max
+	$(PY) -m pytest -m benchmark --benchmark-only --benchmark-enable --benchmark-columns=min,median,mean,max,rounds
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks
