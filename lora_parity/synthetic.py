@@ -15,13 +15,16 @@ from .layout import ModelLayout
 from .lora_set import LoraPair, LoraSet
 from .tensor import Tensor
 
-MODULE_SETS = ("attention", "unet", "all")
+MODULE_SETS = ("attention", "linear", "unet", "all")
 
 
 def select_modules(km: KeyMap, which: str | Iterable[str]) -> list[ModuleEntry]:
-    """'attention' (MindONE's default), 'unet' (every LoRA-able UNet module), 'all' (+ text encoders)."""
+    """'attention' (MindONE's default), 'linear' (every Dense), 'unet' (every LoRA-able UNet module),
+    'all' (+ text encoders, convs included)."""
     if which == "attention":
         return km.attention_entries()
+    if which == "linear":  # every Dense (UNet + text encoders): what MindONE's LoRA layer can wrap
+        return [e for e in km.lora_entries() if e.kind == "linear"]
     if which == "unet":
         return km.lora_entries("unet")
     if which == "all":

@@ -1,0 +1,163 @@
+"""``compare``: run both backends on the same inputs, align every layer, report.
+
+Data flow: fixture/user files -> PyTorch backend (diffusers + load_lora_weights)
+and MindSpore backend (SGM cells + MindONE LoRA) -> aligner -> ParityReport.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .align import conditioning_alignment, text_alignment, unet_alignment, vae_alignment
+from .errors import LoraParityError
+from .layout import layout_from_pipeline_dir
+from .parity import ParityReport, compare
+from .tolerances import layer_tolerance
+
+DEFAULT_TIMESTEP = 500.0
+SIZE_COND = ((32, 32), (0, 0), (32, 32))  # original size, crop top-left, target size
+
+
+@dataclass
+class CompareOptions:
+    pt_base: Path
+    ms_base: Path
+    ms_lora: Path | None = None
+    pt_lora: Path | None = None
+    latents: Path | None = None
+    prompt: str | None = None
+    alpha: float | None = None
+    timestep: float = DEFAULT_TIMESTEP
+    dtype: str = "F32"
+    tol_overrides: dict = field(default_factory=dict)
+    report_dir: Path | None = None
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _check_inputs(o: CompareOptions) -> None:
+    if not (Path(o.pt_base) / "model_index.json").is_file():
+        raise LoraParityError("not a diffusers pipeline folder (no model_index.json)", path=o.pt_base)
+    for p in (o.ms_base, o.ms_lora, o.pt_lora, o.latents):
+        if p is not None and not Path(p).is_file():
+            raise LoraParityError("no such file", path=p)
+
+
+def load_latents(o: CompareOptions) -> np.ndarray:
+    if o.latents is None:
+        from .fixtures.tiny_pipeline import make_latents
+
+        return make_latents(0)
+    try:
+        arr = np.load(o.latents, allow_pickle=False)
+    except Exception as exc:
+        raise LoraParityError(f"cannot read latents: {exc}", path=o.latents) from None
+    if arr.ndim != 4:
+        raise LoraParityError(f"latents must be (N, C, H, W), got {list(arr.shape)}", path=o.latents)
+    return arr.astype(np.float32)
+
+
+def ms_side(o: CompareOptions, ids1, ids2, latents, size_cond) -> dict[str, np.ndarray]:
+    """Build the SGM model in MindSpore, load base + MindONE LoRA, capture every block."""
+    import mindspore as ms
+
+    from . import ckpt_io
+    from .backends.mindspore.layers import capture_activations
+    from .backends.mindspore.lora import inject_lora
+    from .backends.mindspore.model import build_sdxl
+    from .convert import load_lora
+    from .formats import tensors_for
+
+    base = Path(o.pt_base)
+    layout = layout_from_pipeline_dir(base)
+    te_cfgs = tuple(_json(base / d / "config.json") for d in ("text_encoder", "text_encoder_2")
+                    if (base / d / "config.json").is_file())
+    comps = build_sdxl(layout, te_cfgs, _json(base / "vae" / "config.json"))
+    weights = ckpt_io.read_ckpt(o.ms_base)
+    params = {k: ms.Parameter(ms.Tensor(t.to_float("float32")), name=k) for k, t in weights.items()}
+    missing, unused = comps.load(params, strict=False)
+    unused = [k for k in unused if not k.startswith(("first_stage_model.encoder.", "first_stage_model.quant_conv."))]
+    if missing or unused:
+        raise LoraParityError(f"base weights do not fit the model: {len(missing)} missing, {len(unused)} unexpected",
+                              path=o.ms_base, key=(missing or unused)[0])
+    if o.ms_lora is not None:
+        lora = load_lora(Path(o.ms_lora), layout=layout, alpha=o.alpha)
+        if lora.source_format != "ms":
+            raise LoraParityError("--ms-lora must be a MindONE LoRA (.ckpt)", path=o.ms_lora)
+        tensors = {k: t.to_float("float32") for k, t in tensors_for(lora, "ms")[0].items()}
+        alphas = {p.module.sgm: p.alpha for p in lora.pairs.values()}
+        for cell in comps.cells():
+            inject_lora(cell, tensors, alphas)
+    orig, crop, target = size_cond
+    with capture_activations(*comps.cells()) as acts:
+        context, y = comps.conditioning([ms.Tensor(ids1), ms.Tensor(ids2)][:len(comps.text_encoders)],
+                                        orig, crop, target)
+        acts["conditioner.context"] = context.asnumpy()
+        acts["conditioner.vector"] = y.asnumpy()
+        x = ms.Tensor(latents)
+        t0 = time.perf_counter()
+        comps.unet(x, ms.Tensor(np.full((latents.shape[0],), o.timestep, np.float32)), context, y)
+        acts["_unet_seconds"] = np.array(time.perf_counter() - t0)
+        if comps.vae is not None:
+            comps.vae(x)
+    return acts
+
+
+def pt_side(o: CompareOptions, pt_lora: Path | None, prompt: str, latents, size_cond):
+    import torch
+
+    from .backends.torch_backend import TorchBackend
+
+    be = TorchBackend(o.pt_base, lora=pt_lora)
+    ids1, ids2 = be.tokenize(prompt)
+    acts = dict(be.text_encoder_activations(input_ids=ids1, input_ids_2=ids2).values)
+    embeds, pooled = be.encode_prompt(input_ids=ids1, input_ids_2=ids2)
+    time_ids = be.add_time_ids(*size_cond)
+    t0 = time.perf_counter()
+    acts.update(be.unet_activations(latents, o.timestep, embeds, pooled, time_ids).values)
+    unet_s = time.perf_counter() - t0
+    acts.update(be.vae_decode_activations(latents).values)
+    with torch.no_grad():
+        tproj = be.unet.add_time_proj(torch.as_tensor(time_ids).flatten()).reshape(time_ids.shape[0], -1)
+    acts["conditioning.prompt_embeds"] = np.asarray(embeds)
+    acts["conditioning.add_embedding_input"] = np.concatenate([np.asarray(pooled), tproj.numpy()], axis=-1)
+    return acts, ids1, ids2, unet_s
+
+
+def run_compare(o: CompareOptions) -> ParityReport:
+    _check_inputs(o)
+    from .fixtures.tiny_pipeline import DEFAULT_PROMPT
+
+    prompt = o.prompt if o.prompt is not None else DEFAULT_PROMPT
+    latents = load_latents(o)
+    with tempfile.TemporaryDirectory(prefix="lora-parity-") as tmp:
+        pt_lora = Path(o.pt_lora) if o.pt_lora else None
+        if pt_lora is None and o.ms_lora is not None:
+            from .convert import ConvertOptions, convert
+
+            pt_lora = Path(tmp) / "converted_pt.safetensors"
+            convert(ConvertOptions(src=Path(o.ms_lora), dst=pt_lora, layout=str(o.pt_base), alpha=o.alpha))
+        pt, ids1, ids2, pt_unet_s = pt_side(o, pt_lora, prompt, latents, SIZE_COND)
+    ms_acts = ms_side(o, ids1, ids2, latents, SIZE_COND)
+    layout = layout_from_pipeline_dir(Path(o.pt_base))
+    vae_blocks = len(_json(Path(o.pt_base) / "vae" / "config.json")["block_out_channels"])
+    alignment = (text_alignment(layout) + conditioning_alignment() + unet_alignment(layout)
+                 + vae_alignment(vae_blocks))
+    report = compare(alignment, ms_acts, pt, layer_tolerance(o.dtype, o.tol_overrides), o.dtype)
+    report.meta.update({
+        "dtype": o.dtype, "timestep": o.timestep, "prompt": prompt, "latents_shape": list(latents.shape),
+        "ms_lora": str(o.ms_lora) if o.ms_lora else None, "pt_lora": str(o.pt_lora) if o.pt_lora else "converted",
+        "tolerance": layer_tolerance(o.dtype, o.tol_overrides).__dict__,
+        "unet_forward_seconds": {"mindspore": float(ms_acts["_unet_seconds"]), "pytorch": pt_unet_s},
+    })
+    if o.report_dir is not None:
+        Path(o.report_dir).mkdir(parents=True, exist_ok=True)
+        report.write_json(Path(o.report_dir) / "report.json")
+    return report
