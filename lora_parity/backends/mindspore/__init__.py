@@ -1,0 +1,34 @@
+"""SDXL in MindSpore cells, in the SGM / MindONE checkpoint layout (PyNative mode).
+
+Every component's ``Parameter.name`` -- and ``parameters_and_names()`` -- is the full
+MindONE checkpoint name (MindSpore spellings: ``gamma``/``beta`` for norms,
+``embedding_table`` for embeddings), so a MindONE checkpoint loads with
+``mindspore.load_param_into_net`` with nothing missing or unexpected:
+
+* :class:`UNetModel` (``model.diffusion_model.``), with :func:`timestep_embedding`,
+  :class:`ConcatTimestepEmbedderND` and :func:`sdxl_vector` for the ``y`` vector;
+* :class:`HFCLIPTextEncoder` (``conditioner.embedders.0.transformer.``) and
+  :class:`OpenCLIPTextEncoder` (``conditioner.embedders.1.model.``), or :func:`build_text_encoder`;
+* :class:`VAEDecoder` (``first_stage_model.``);
+* :func:`inject_lora` / :func:`merge_lora` / :func:`unmerge_lora` for MindONE-style LoRA;
+* :func:`capture_activations` to record per-block outputs by SGM name;
+* :func:`param_shapes` for names and shapes without loading anything.
+"""
+from __future__ import annotations
+
+from .layers import Recordable, capture_activations, full_param_names
+from .lora import LoraInjection, inject_lora, lora_state, lora_targets, merge_lora, unmerge_lora
+from .model import SDXLComponents, build_sdxl, param_shapes
+from .text import HFCLIPTextEncoder, OpenCLIPTextEncoder, build_text_encoder
+from .unet import (SGM_UNET_PREFIX, ConcatTimestepEmbedderND, UNetModel, sdxl_vector,
+                   timestep_embedding)
+from .vae import SGM_VAE_PREFIX, VAEDecoder
+
+__all__ = [
+    "Recordable", "capture_activations", "full_param_names",
+    "LoraInjection", "inject_lora", "lora_state", "lora_targets", "merge_lora", "unmerge_lora",
+    "SDXLComponents", "build_sdxl", "param_shapes",
+    "HFCLIPTextEncoder", "OpenCLIPTextEncoder", "build_text_encoder",
+    "SGM_UNET_PREFIX", "ConcatTimestepEmbedderND", "UNetModel", "sdxl_vector", "timestep_embedding",
+    "SGM_VAE_PREFIX", "VAEDecoder",
+]

@@ -1,0 +1,299 @@
+"""Building blocks shared by the MindSpore SDXL cells.
+
+Parameter names follow MindSpore's own conventions, which is what MindONE
+checkpoints contain: ``weight``/``bias`` for Dense and Conv2d, ``gamma``/``beta``
+for GroupNorm and LayerNorm, ``embedding_table`` for embeddings.
+
+Numerics are written out explicitly (two-pass mean/variance norms, plain
+matmul attention, erf GELU) so that float32 results track PyTorch's to a few
+ulps.  Every weight starts lazily zero-initialised (``initializer('zeros')``
+allocates nothing until data is set), so even the full SDXL model instantiates
+in seconds; real values always come from a checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import initializer
+
+
+def _param(shape, name: str, fill: str = "zeros", dtype=ms.float32) -> Parameter:
+    return Parameter(initializer(fill, tuple(int(s) for s in shape), dtype), name=name)
+
+
+# --------------------------------------------------------------------------- activation capture
+
+class Recordable(nn.Cell):
+    """A top-level component that can record the outputs of its named blocks.
+
+    ``sgm_prefix`` is prepended to every parameter name (so the cell loads a MindONE
+    checkpoint with :func:`mindspore.load_param_into_net` as is) and to every
+    recorded activation name.  :meth:`parameters_and_names` yields the prefixed names.
+    """
+
+    def __init__(self, sgm_prefix: str = ""):
+        super().__init__()
+        self.sgm_prefix = sgm_prefix
+        self.recorder: dict | None = None
+
+    def _finish(self) -> None:
+        """Call at the end of ``__init__`` (and after adding cells): stamps full names on all params."""
+        self.restamp_names()
+
+    def restamp_names(self) -> None:
+        """Set every ``Parameter.name`` to ``sgm_prefix`` + its attribute path."""
+        for name, param in nn.Cell.parameters_and_names(self):
+            param.name = self.sgm_prefix + name
+
+    def parameters_and_names(self, name_prefix: str = "", expand: bool = True):
+        base = self.sgm_prefix.rstrip(".")
+        if name_prefix:
+            base = f"{name_prefix}.{base}" if base else name_prefix
+        return super().parameters_and_names(name_prefix=base, expand=expand)
+
+    def _rec(self, name: str, value: Tensor) -> None:
+        if self.recorder is not None:
+            self.recorder[self.sgm_prefix + name] = value.asnumpy().copy()
+
+
+@contextlib.contextmanager
+def capture_activations(*cells: Recordable) -> Iterator[dict[str, np.ndarray]]:
+    """``with capture_activations(unet) as acts: unet(...)`` fills ``acts`` (SGM name -> numpy)."""
+    acts: dict[str, np.ndarray] = {}
+    old = [c.recorder for c in cells]
+    for c in cells:
+        c.recorder = acts
+    try:
+        yield acts
+    finally:
+        for c, o in zip(cells, old):
+            c.recorder = o
+
+
+def full_param_names(cell: nn.Cell) -> dict[str, Parameter]:
+    """Name -> Parameter as :func:`mindspore.load_param_into_net` sees them (``Parameter.name``)."""
+    return {p.name: p for p in cell.get_parameters()}
+
+
+# --------------------------------------------------------------------------- basic layers
+
+class Linear(nn.Cell):
+    """``nn.Dense``-compatible (params ``weight`` (out, in), ``bias``) with optional unmerged LoRA.
+
+    With LoRA (see :mod:`.lora`): ``y = x W^T + b + scale * (x A^T) B^T`` where the child
+    cells ``lora_A`` (weight (r, in)) and ``lora_B`` (weight (out, r)) are plain
+    bias-free :class:`Linear` cells, as in MindONE's ``gm.modules.lora.layers.Dense``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.weight = _param((out_features, in_features), "weight")
+        self.has_bias = bool(bias)
+        self.bias = _param((out_features,), "bias") if bias else None
+        self.lora_A = None
+        self.lora_B = None
+        self.lora_scale = 0.0
+        self.lora_merged = False
+        self._matmul = ops.MatMul(transpose_b=True)
+
+    def _plain(self, x: Tensor, weight: Tensor, bias) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]) if len(shape) != 2 else x
+        y = self._matmul(x2, weight.astype(x2.dtype))
+        if bias is not None:
+            y = y + bias.astype(y.dtype)
+        if len(shape) != 2:
+            y = y.reshape(shape[:-1] + (y.shape[-1],))
+        return y
+
+    def construct(self, x: Tensor) -> Tensor:
+        y = self._plain(x, self.weight, self.bias)
+        if self.lora_A is not None and not self.lora_merged:
+            y = y + self.lora_B(self.lora_A(x)) * self.lora_scale
+        return y
+
+    def extend_repr(self):
+        lora = "" if self.lora_A is None else f", lora_r={self.lora_A.out_features}"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.has_bias}{lora}"
+
+
+class Conv2d(nn.Cell):
+    """2-D convolution with PyTorch semantics (symmetric zero padding, stride, NCHW).
+
+    Params ``weight`` (out, in, k, k) and ``bias`` like ``mindspore.nn.Conv2d``.  The default
+    ``impl="im2col"`` gathers the k*k shifted windows and does one MatMul: MindSpore 2.10's
+    CPU Conv2D kernel is 20-100x slower than that, and the result is as accurate
+    (float32 sums of the same products).  ``impl="native"`` uses ``ops.conv2d``.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int | None = None,
+                 impl: str = "im2col"):
+        super().__init__()
+        self.cin, self.cout, self.kernel, self.stride = int(cin), int(cout), int(kernel), int(stride)
+        self.padding = kernel // 2 if padding is None else int(padding)
+        if impl not in ("im2col", "native"):
+            raise ValueError(f"unknown conv impl {impl!r}")
+        self.impl = impl
+        self.weight = _param((cout, cin, kernel, kernel), "weight")
+        self.bias = _param((cout,), "bias")
+        self._matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.impl == "native":
+            y = ops.conv2d(x, self.weight.astype(x.dtype), None, self.stride, "pad", self.padding)
+            return y + self.bias.astype(y.dtype).reshape(1, -1, 1, 1)
+        b, c, h, w = x.shape
+        k, s, p = self.kernel, self.stride, self.padding
+        ho = (h + 2 * p - k) // s + 1
+        wo = (w + 2 * p - k) // s + 1
+        if k == 1 and s == 1 and p == 0:
+            col = x.transpose(0, 2, 3, 1).reshape(b * h * w, c)
+        else:
+            xp = ops.pad(x, (p, p, p, p)) if p else x
+            wins = [xp[:, :, i: i + s * (ho - 1) + 1: s, j: j + s * (wo - 1) + 1: s]
+                    for i in range(k) for j in range(k)]
+            col = ops.stack(wins, axis=2)                       # (B, C, k*k, Ho, Wo)
+            col = col.transpose(0, 3, 4, 1, 2).reshape(b * ho * wo, c * k * k)
+        wmat = self.weight.astype(x.dtype).reshape(self.cout, c * k * k)
+        y = self._matmul(col, wmat) + self.bias.astype(x.dtype)
+        return y.reshape(b, ho, wo, self.cout).transpose(0, 3, 1, 2)
+
+    def extend_repr(self):
+        return (f"{self.cin}->{self.cout}, k={self.kernel}, stride={self.stride}, "
+                f"padding={self.padding}, impl={self.impl}")
+
+
+def make_conv(cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int | None = None) -> Conv2d:
+    return Conv2d(cin, cout, kernel, stride, padding, impl=CONV_IMPL)
+
+
+# "im2col" (fast, default) or "native" (MindSpore's Conv2D kernel); read when cells are built
+CONV_IMPL = "im2col"
+
+
+class GroupNorm(nn.Cell):
+    """GroupNorm over (N, C, *); params ``gamma``/``beta``; two-pass statistics in float32."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"{num_channels} channels are not divisible into {num_groups} groups")
+        self.num_groups = int(num_groups)
+        self.num_channels = int(num_channels)
+        self.eps = float(eps)
+        self.gamma = _param((num_channels,), "gamma", "ones")
+        self.beta = _param((num_channels,), "beta", "zeros")
+
+    def construct(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        shape = x.shape
+        xf = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
+        mean = xf.mean(axis=-1, keep_dims=True)
+        xc = xf - mean
+        var = (xc * xc).mean(axis=-1, keep_dims=True)
+        y = (xc / ops.sqrt(var + self.eps)).reshape(shape)
+        bshape = (1, self.num_channels) + (1,) * (len(shape) - 2)
+        y = y * self.gamma.reshape(bshape) + self.beta.reshape(bshape)
+        return y.astype(dtype)
+
+    def extend_repr(self):
+        return f"groups={self.num_groups}, channels={self.num_channels}, eps={self.eps}"
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis; params ``gamma``/``beta``; two-pass statistics in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.dim = int(dim)
+        self.eps = float(eps)
+        self.gamma = _param((dim,), "gamma", "ones")
+        self.beta = _param((dim,), "beta", "zeros")
+
+    def construct(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        xf = x.astype(ms.float32)
+        mean = xf.mean(axis=-1, keep_dims=True)
+        xc = xf - mean
+        var = (xc * xc).mean(axis=-1, keep_dims=True)
+        y = xc / ops.sqrt(var + self.eps) * self.gamma + self.beta
+        return y.astype(dtype)
+
+    def extend_repr(self):
+        return f"dim={self.dim}, eps={self.eps}"
+
+
+class Embedding(nn.Cell):
+    """Token lookup; param ``embedding_table`` (vocab, dim) as in ``mindspore.nn.Embedding``."""
+
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.embedding_table = _param((num, dim), "embedding_table")
+
+    def construct(self, ids: Tensor) -> Tensor:
+        return ops.gather(self.embedding_table, ids.astype(ms.int32), 0)
+
+
+class SiLU(nn.Cell):
+    def construct(self, x):
+        return x * ops.sigmoid(x)
+
+
+class Identity(nn.Cell):
+    def construct(self, x):
+        return x
+
+
+def gelu(x: Tensor) -> Tensor:
+    """Exact (erf) GELU, like ``torch.nn.functional.gelu``."""
+    return x * 0.5 * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    return x * ops.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu, "silu": lambda x: x * ops.sigmoid(x)}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r} (known: {', '.join(ACTIVATIONS)})") from None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None) -> Tensor:
+    """Multi-head scaled dot-product attention on (B, L, heads*d) tensors; scale 1/sqrt(d)."""
+    b, lq, inner = q.shape
+    lk = k.shape[1]
+    d = inner // heads
+    q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
+    k = k.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
+    v = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
+    scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(d))
+    if mask is not None:
+        scores = scores + mask
+    probs = ops.softmax(scores.astype(ms.float32), axis=-1).astype(v.dtype)
+    out = ops.matmul(probs, v)
+    return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
+
+
+def causal_mask(length: int, dtype=ms.float32) -> Tensor:
+    m = np.triu(np.full((length, length), -np.inf, dtype=np.float32), k=1)
+    return Tensor(m, dtype)
+
+
+def upsample_nearest2x(x: Tensor) -> Tensor:
+    """Nearest-neighbour x2 on NCHW (exact copy, like ``F.interpolate(scale_factor=2.0, mode="nearest")``)."""
+    b, c, h, w = x.shape
+    y = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2))
+    return y.reshape(b, c, h * 2, w * 2)

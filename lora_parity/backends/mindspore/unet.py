@@ -1,0 +1,339 @@
+"""The SDXL UNet in MindSpore cells, in the SGM ``UNetModel`` parameter layout.
+
+Names match ``model.diffusion_model.*`` of an SGM / MindONE checkpoint:
+``time_embed.{0,2}``, ``label_emb.0.{0,2}``, ``input_blocks.N.k``, ``middle_block.k``,
+``output_blocks.N.k``, ``out.{0,2}``; ResBlocks ``in_layers.{0,2}``, ``emb_layers.1``,
+``out_layers.{0,3}``, ``skip_connection``; SpatialTransformers ``norm``, ``proj_in``,
+``transformer_blocks.t.{norm1,attn1,norm2,attn2,norm3,ff.net.0.proj,ff.net.2}``, ``proj_out``.
+
+Numerics follow SGM (which diffusers reproduces): sinusoidal timestep embedding
+with cos first, ``emb = time_embed(t_emb) + label_emb(y)``, GroupNorm eps 1e-5 in
+ResBlocks and ``out`` and 1e-6 in SpatialTransformer ``norm``, LayerNorm eps 1e-5,
+attention scale 1/sqrt(head_dim), GEGLU with erf GELU, output blocks concatenating
+``[h, skip]`` on channels.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from ...layout import UNetLayout
+from .layers import (GroupNorm, Identity, LayerNorm, Linear, Recordable, SiLU, attention, gelu,
+                     make_conv, upsample_nearest2x)
+
+SGM_UNET_PREFIX = "model.diffusion_model."
+
+
+# --------------------------------------------------------------------------- timestep embeddings
+
+def _frequencies(half: int, max_period: float, exact: bool) -> Tensor:
+    # exponent in float32 exactly as SGM / diffusers form it: float32(-ln P) * i / half
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    if exact:
+        # exp in float64, rounded once: what torch's float32 exp gives.  MindSpore 2.10's CPU
+        # Exp kernel is up to ~5 ulp off, which moves sin/cos of t*f (t ~ 1000) by ~5e-4.
+        return Tensor(np.exp(exponent.astype(np.float64)).astype(np.float32))
+    return ops.exp(Tensor(exponent))
+
+
+def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0, exact_freqs: bool = True) -> Tensor:
+    """SGM's sinusoidal embedding: ``[cos(t f), sin(t f)]``, ``f_i = exp(-ln(P) i / (dim/2))``.
+
+    The same function as diffusers ``get_timestep_embedding(t, dim, flip_sin_to_cos=True,
+    downscale_freq_shift=0)``, in float32.  ``exact_freqs=False`` takes the frequencies from
+    MindSpore's own ``ops.exp`` as MindONE does (a few ulp off on CPU, see ``_frequencies``).
+    """
+    if not isinstance(timesteps, Tensor):
+        timesteps = Tensor(np.asarray(timesteps, dtype=np.float32).reshape(-1))
+    half = dim // 2
+    freqs = _frequencies(half, max_period, exact_freqs)
+    args = timesteps.reshape(-1, 1).astype(ms.float32) * freqs.reshape(1, -1)
+    emb = ops.concat((ops.cos(args), ops.sin(args)), axis=-1)
+    if dim % 2:
+        emb = ops.concat((emb, ops.zeros_like(emb[:, :1])), axis=-1)
+    return emb
+
+
+class ConcatTimestepEmbedderND(nn.Cell):
+    """SGM ``conditioner.embedders.{2,3,4}``: (B, N) numbers -> (B, N*outdim) sinusoids; no params."""
+
+    def __init__(self, outdim: int):
+        super().__init__()
+        self.outdim = int(outdim)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            x = Tensor(np.asarray(x, dtype=np.float32))
+        if x.ndim == 1:
+            x = x.reshape(-1, 1)
+        b = x.shape[0]
+        emb = timestep_embedding(x.reshape(-1), self.outdim)
+        return emb.reshape(b, -1)
+
+
+def sdxl_vector(pooled: Tensor, original_size, crop_coords_top_left, target_size, dim: int) -> Tensor:
+    """The SDXL ``y`` vector: ``[pooled TE2 output, emb(orig h,w), emb(crop top,left), emb(target h,w)]``.
+
+    ``original_size`` etc. are (B, 2) arrays/tensors (or a single pair, broadcast over
+    the batch); ``dim`` is ``UNetLayout.addition_time_embed_dim``.  Same values as
+    diffusers' ``text_embeds`` + ``time_ids`` path.
+    """
+    b = pooled.shape[0]
+    parts = [pooled.astype(ms.float32)]
+    emb = ConcatTimestepEmbedderND(dim)
+    for pair in (original_size, crop_coords_top_left, target_size):
+        arr = pair if isinstance(pair, Tensor) else Tensor(
+            np.broadcast_to(np.asarray(pair, dtype=np.float32).reshape(-1, 2), (b, 2)).copy())
+        parts.append(emb(arr))
+    return ops.concat(parts, axis=-1)
+
+
+# --------------------------------------------------------------------------- blocks
+
+class EmbedSequential(nn.Cell):
+    """SGM ``TimestepEmbedSequential``: children named ``0``, ``1``, ... called by type."""
+
+    def __init__(self, layers: list[nn.Cell]):
+        super().__init__()
+        self.n = len(layers)
+        for i, layer in enumerate(layers):
+            self.insert_child_to_cell(str(i), layer)
+
+    def layers(self) -> list[nn.Cell]:
+        return [self._cells[str(i)] for i in range(self.n)]
+
+    def construct(self, x, emb, context):
+        for layer in self.layers():
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class ResBlock(nn.Cell):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int, eps: float = 1e-5):
+        super().__init__()
+        self.in_layers = nn.SequentialCell([GroupNorm(groups, channels, eps), SiLU(),
+                                            make_conv(channels, out_channels, 3)])
+        self.emb_layers = nn.SequentialCell([SiLU(), Linear(emb_channels, out_channels)])
+        self.out_layers = nn.SequentialCell([GroupNorm(groups, out_channels, eps), SiLU(), Identity(),
+                                             make_conv(out_channels, out_channels, 3)])
+        self.skip_connection = (Identity() if channels == out_channels
+                                else make_conv(channels, out_channels, 1))
+
+    def construct(self, x, emb):
+        h = self.in_layers(x)
+        e = self.emb_layers(emb).astype(h.dtype)
+        h = h + e.reshape(e.shape + (1, 1))
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+class Downsample(nn.Cell):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = make_conv(channels, channels, 3, stride=2, padding=1)
+
+    def construct(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Cell):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = make_conv(channels, channels, 3)
+
+    def construct(self, x):
+        return self.conv(upsample_nearest2x(x))
+
+
+class CrossAttention(nn.Cell):
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = nn.SequentialCell([Linear(inner, query_dim), Identity()])
+
+    def construct(self, x, context=None):
+        ctx = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Cell):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = Linear(dim_in, dim_out * 2)
+        self.dim_out = dim_out
+
+    def construct(self, x):
+        h = self.proj(x)
+        a = h[..., : self.dim_out]
+        gate = h[..., self.dim_out:]
+        return a * gelu(gate)
+
+
+class FeedForward(nn.Cell):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.SequentialCell([GEGLU(dim, inner), Identity(), Linear(inner, dim)])
+
+    def construct(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Cell):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, ln_eps: float = 1e-5):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1 = LayerNorm(dim, ln_eps)
+        self.norm2 = LayerNorm(dim, ln_eps)
+        self.norm3 = LayerNorm(dim, ln_eps)
+
+    def construct(self, x, context):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        x = self.ff(self.norm3(x)) + x
+        return x
+
+
+class SpatialTransformer(nn.Cell):
+    """SGM ``SpatialTransformer`` with ``use_linear=True`` (SDXL)."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
+                 groups: int, norm_eps: float = 1e-6, ln_eps: float = 1e-5):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = GroupNorm(groups, channels, norm_eps)
+        self.proj_in = Linear(channels, inner)
+        self.transformer_blocks = nn.CellList([
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, ln_eps) for _ in range(depth)])
+        self.proj_out = Linear(inner, channels)
+
+    def construct(self, x, context):
+        b, c, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        x = x.reshape(b, c, h * w).transpose(0, 2, 1)
+        x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        x = self.proj_out(x)
+        x = x.transpose(0, 2, 1).reshape(b, c, h, w)
+        return x + x_in
+
+
+# --------------------------------------------------------------------------- the UNet
+
+class UNetModel(Recordable):
+    """SGM ``UNetModel`` (SDXL flavour) built from a :class:`~lora_parity.layout.UNetLayout`.
+
+    ``unet(x, timesteps, context, y)``: x (B, C, H, W) latents, timesteps (B,),
+    context (B, L, context_dim) = concatenated TE penultimate states, y (B, adm_in_channels)
+    from :func:`sdxl_vector`.  With :func:`~.layers.capture_activations` it records
+    ``time_embed``, ``label_emb``, ``input_blocks.i``, ``middle_block``, ``output_blocks.i``
+    and ``out`` (prefixed with ``sgm_prefix``).
+    """
+
+    def __init__(self, layout: UNetLayout, sgm_prefix: str = SGM_UNET_PREFIX, *,
+                 resblock_eps: float = 1e-5, transformer_norm_eps: float = 1e-6,
+                 layer_norm_eps: float = 1e-5):
+        super().__init__(sgm_prefix)
+        self.layout = layout
+        mc = layout.model_channels
+        ted = layout.time_embed_dim
+        groups = layout.norm_num_groups
+        nhc = layout.num_head_channels
+        nrb = layout.layers_per_block
+
+        def st(ch: int, depth: int) -> SpatialTransformer:
+            heads = max(1, ch // nhc)
+            return SpatialTransformer(ch, heads, ch // heads, depth, layout.context_dim, groups,
+                                      transformer_norm_eps, layer_norm_eps)
+
+        def rb(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, ted, cout, groups, resblock_eps)
+
+        self.time_embed = nn.SequentialCell([Linear(mc, ted), SiLU(), Linear(ted, ted)])
+        self.has_label_emb = layout.adm_in_channels is not None
+        if self.has_label_emb:
+            self.label_emb = nn.SequentialCell([nn.SequentialCell(
+                [Linear(layout.adm_in_channels, ted), SiLU(), Linear(ted, ted)])])
+
+        blocks = [EmbedSequential([make_conv(layout.in_channels, mc, 3)])]
+        chans = [mc]
+        ch = mc
+        for level, mult in enumerate(layout.channel_mult):
+            for _ in range(nrb):
+                layers: list[nn.Cell] = [rb(ch, mult * mc)]
+                ch = mult * mc
+                if layout.transformer_depth[level] > 0:
+                    layers.append(st(ch, layout.transformer_depth[level]))
+                blocks.append(EmbedSequential(layers))
+                chans.append(ch)
+            if level != layout.levels - 1:
+                blocks.append(EmbedSequential([Downsample(ch)]))
+                chans.append(ch)
+        self.input_blocks = nn.CellList(blocks)
+
+        mid: list[nn.Cell] = [rb(ch, ch)]
+        if layout.transformer_depth_middle > 0:
+            mid.append(st(ch, layout.transformer_depth_middle))
+        mid.append(rb(ch, ch))
+        self.middle_block = EmbedSequential(mid)
+
+        blocks = []
+        for level, mult in reversed(list(enumerate(layout.channel_mult))):
+            for i in range(nrb + 1):
+                ich = chans.pop()
+                layers = [rb(ch + ich, mc * mult)]
+                ch = mc * mult
+                if layout.transformer_depth_up[level] > 0:
+                    layers.append(st(ch, layout.transformer_depth_up[level]))
+                if level and i == nrb:
+                    layers.append(Upsample(ch))
+                blocks.append(EmbedSequential(layers))
+        self.output_blocks = nn.CellList(blocks)
+        self.out = nn.SequentialCell([GroupNorm(groups, ch, resblock_eps), SiLU(),
+                                      make_conv(mc, layout.out_channels, 3)])
+        self._finish()
+
+    def construct(self, x, timesteps, context, y=None):
+        t_emb = timestep_embedding(timesteps, self.layout.model_channels).astype(x.dtype)
+        emb = self.time_embed(t_emb)
+        self._rec("time_embed", emb)
+        if self.has_label_emb:
+            if y is None:
+                raise ValueError("this UNet has label_emb: pass the SDXL vector y")
+            lab = self.label_emb(y.astype(x.dtype))
+            self._rec("label_emb", lab)
+            emb = emb + lab
+        hs = []
+        h = x
+        for i, block in enumerate(self.input_blocks):
+            h = block(h, emb, context)
+            self._rec(f"input_blocks.{i}", h)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        self._rec("middle_block", h)
+        for i, block in enumerate(self.output_blocks):
+            h = ops.concat((h, hs.pop()), axis=1)
+            h = block(h, emb, context)
+            self._rec(f"output_blocks.{i}", h)
+        out = self.out(h)
+        self._rec("out", out)
+        return out
