@@ -44,6 +44,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir) if args.workdir else None)
 
 
+def _cmd_fixture(args: argparse.Namespace) -> int:
+    from .fixtures.bundle import write_fixture
+
+    paths = write_fixture(Path(args.dir), seed=args.seed)
+    print(f"wrote {paths.pt_base}/, {paths.ms_base.name}, {paths.ms_lora.name}, {paths.latents.name}, "
+          f"{paths.prompt.name} in {paths.root}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import CompareOptions, run_compare
+
+    overrides = {"F32": args.tol_f32, "F16": args.tol_f16, "BF16": args.tol_bf16}
+    report = run_compare(CompareOptions(
+        pt_base=Path(args.pt_base), ms_base=Path(args.ms_base),
+        ms_lora=Path(args.ms_lora) if args.ms_lora else None,
+        pt_lora=Path(args.pt_lora) if args.pt_lora else None,
+        latents=Path(args.latents) if args.latents else None, prompt=args.prompt, alpha=args.alpha,
+        timestep=args.timestep, tol_overrides=overrides,
+        report_dir=Path(args.report) if args.report else None))
+    print(report.table())
+    if args.report:
+        print(f"report: {Path(args.report) / 'report.json'}")
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=(
         "Convert MindSpore (MindONE) SDXL LoRA checkpoints to PyTorch and back, "
@@ -77,6 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--layout", help="as in convert")
     k.add_argument("--no-strict", dest="strict", action="store_false", default=True)
     k.set_defaults(func=_cmd_keys)
+
+    f = sub.add_parser("fixture", help="write the built-in tiny SDXL (both layouts), a LoRA, latents and a prompt",
+                       description="Write DIR/pt_base/ (diffusers), DIR/ms_base.ckpt (SGM), DIR/ms_lora.ckpt, "
+                                   "DIR/latents.npy, DIR/prompt.txt. Generated, never downloaded.")
+    f.add_argument("dir", help="output folder")
+    f.add_argument("--seed", type=int, default=0, help="seed for weights, LoRA and latents")
+    f.set_defaults(func=_cmd_fixture)
+
+    m = sub.add_parser("compare", help="run MindSpore and PyTorch on the same inputs and compare every layer",
+                       description="Exit 0 on parity, 1 on a parity failure, 2 on bad input.")
+    m.add_argument("--pt-base", required=True, help="diffusers SDXL pipeline folder")
+    m.add_argument("--ms-base", required=True, help="the same base weights as a MindSpore .ckpt (SGM names)")
+    m.add_argument("--ms-lora", help="MindONE LoRA .ckpt (omit to compare the base models)")
+    m.add_argument("--pt-lora", help="PyTorch LoRA to compare against (default: convert --ms-lora)")
+    m.add_argument("--latents", help=".npy latents (N, 4, H, W) (default: built-in seed 0)")
+    m.add_argument("--prompt", help="prompt text (default: the built-in prompt)")
+    m.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
+    m.add_argument("--timestep", type=float, default=500.0, help="UNet timestep (default 500)")
+    m.add_argument("--report", help="write report.json (and images) into this folder")
+    m.add_argument("--tol-f32", type=float, help="override the fp32 per-layer relative error bound")
+    m.add_argument("--tol-f16", type=float, help=argparse.SUPPRESS)
+    m.add_argument("--tol-bf16", type=float, help=argparse.SUPPRESS)
+    m.set_defaults(func=_cmd_compare)
 
     d = sub.add_parser("demo", help="the main job on the built-in tiny SDXL (no downloads)",
                        description="Generate a MindONE-style LoRA, convert it, and print the report.")

@@ -12,10 +12,11 @@ import pytest
 from lora_parity import formats
 from lora_parity.convert import ConvertOptions, convert, load_lora
 from lora_parity.keymap import keymap_for
-from lora_parity.lora_set import LoraPair, LoraSet
+from lora_parity.lora_set import LoraSet
 from lora_parity.synthetic import make_lora, write_ms_lora
 from lora_parity.tolerances import CONVERSION_DELTA
 
+from . import faults
 from .helpers import captured_logs
 
 pytestmark = pytest.mark.conversion
@@ -115,33 +116,12 @@ def test_unconverted_mindone_file_loads_nothing_and_is_detected(tmp_path, tiny_p
     assert compare_deltas(ms_side_deltas(lora), got) != []
 
 
-def _swap_projections(lora: LoraSet) -> LoraSet:
-    """Fault: attn1.to_q and to_k tensors exchanged in one block (shapes equal, names right)."""
-    q = next(k for k in lora.pairs if k.endswith("attn1.to_q"))
-    k = q[:-len("to_q")] + "to_k"
-    pairs = dict(lora.pairs)
-    pairs[q] = LoraPair(lora.pairs[q].module, lora.pairs[k].A, lora.pairs[k].B, lora.pairs[k].alpha)
-    pairs[k] = LoraPair(lora.pairs[k].module, lora.pairs[q].A, lora.pairs[q].B, lora.pairs[q].alpha)
-    return LoraSet(pairs, lora.layout, lora.layout_note, lora.source_format)
-
-
-def _drop_block(lora: LoraSet, block: str) -> LoraSet:
-    pairs = {k: p for k, p in lora.pairs.items() if p.module.block != block}
-    assert len(pairs) < len(lora.pairs)
-    return LoraSet(pairs, lora.layout, lora.layout_note, lora.source_format)
-
-
-def _wrong_scale(lora: LoraSet) -> LoraSet:
-    pairs = {k: LoraPair(p.module, p.A, p.B, p.alpha * 2) for k, p in lora.pairs.items()}
-    return LoraSet(pairs, lora.layout, lora.layout_note, lora.source_format)
-
-
 @pytest.mark.parametrize("fault", ["swap_projections", "drop_block", "wrong_scale"])
 def test_faulty_conversion_is_caught(tmp_path, tiny_pipeline_dir, ms_lora_file, fault):
     src, lora = ms_lora_file
     truth = load_lora(src, layout=lora.layout, alpha=8.0)
-    broken = {"swap_projections": _swap_projections, "wrong_scale": _wrong_scale,
-              "drop_block": lambda x: _drop_block(x, "input_blocks.3")}[fault](truth)
+    broken = {"swap_projections": faults.swap_projections, "wrong_scale": faults.wrong_scale,
+              "drop_block": lambda x: faults.drop_block(x, "input_blocks.3")}[fault](truth)
     out = tmp_path / "broken.safetensors"
     from lora_parity.safetensors_io import write_safetensors
 

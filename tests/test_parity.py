@@ -1,0 +1,121 @@
+"""The parity layer: every aligned layer of both text encoders, the UNet and the VAE decoder,
+MindSpore vs PyTorch, on fixed inputs — and proof that realistic faults make it fail."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_parity import ckpt_io, formats
+from lora_parity.compare import CompareOptions, run_compare
+from lora_parity.convert import load_lora
+from lora_parity.layout import layout_from_pipeline_dir
+from lora_parity.parity import assert_report
+from lora_parity.safetensors_io import write_safetensors
+from lora_parity.tensor import Tensor
+from lora_parity.tolerances import FAULT_FACTOR, layer_tolerance
+
+from . import faults
+from .helpers import run_cli
+
+pytestmark = pytest.mark.parity
+
+TE2 = "conditioner.embedders.1.model."
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    pytest.importorskip("mindspore")
+    from lora_parity.fixtures.bundle import write_fixture
+
+    return write_fixture(tmp_path_factory.mktemp("parity") / "fx")
+
+
+@pytest.fixture
+def tol_overrides(request):
+    return {"F32": request.config.getoption("--tol-f32")}
+
+
+def _opts(fx, **kw) -> CompareOptions:
+    base = dict(pt_base=fx.pt_base, ms_base=fx.ms_base, latents=fx.latents)
+    base.update(kw)
+    return CompareOptions(**base)
+
+
+def test_base_models_agree_layer_by_layer(fx, record_property, tol_overrides):
+    report = run_compare(_opts(fx, tol_overrides=tol_overrides))
+    components = {m.component for m in report.layers}
+    assert components == {"text_encoder", "text_encoder_2", "conditioning", "unet", "vae"}
+    assert_report(report, record_property)
+
+
+def test_lora_models_agree_layer_by_layer(fx, record_property, tol_overrides, tmp_path):
+    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, report_dir=tmp_path, tol_overrides=tol_overrides))
+    assert_report(report, record_property)
+    assert (tmp_path / "report.json").is_file()
+    record_property("unet_forward_seconds", report.meta["unet_forward_seconds"])
+
+
+def test_lora_on_vs_off_differs_far_beyond_tolerance(fx, tmp_path):
+    """Proves the LoRA is applied: MS with LoRA vs PT without it fails every LoRA'd layer by far."""
+    empty = tmp_path / "no_lora.safetensors"
+    lora = load_lora(fx.ms_lora, layout=layout_from_pipeline_dir(fx.pt_base))
+    one = next(iter(lora.pairs.values()))  # a PEFT file that changes nothing: lora_B = 0
+    zero = formats.tensors_for(type(lora)({one.module.sgm: type(one)(one.module, one.A, Tensor.from_numpy(
+        np.zeros(one.B.shape, np.float32)), one.alpha)}, lora.layout, "", "ms"), "peft")
+    write_safetensors(empty, *zero)
+    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, pt_lora=empty))
+    tol = layer_tolerance("F32").rel
+    no_lora = ("input_blocks.0", "embeddings", "token_embedding")
+    lora_layers = [m for m in report.layers if m.component in ("unet", "text_encoder", "text_encoder_2")
+                   and not m.sgm.endswith(no_lora)]
+    assert lora_layers
+    weak = [m.message() for m in lora_layers if m.rel_err < FAULT_FACTOR * tol]
+    assert not weak, weak[:3]
+
+
+def _faulty_pt_lora(fx, tmp_path, fault) -> Path:
+    lora = load_lora(fx.ms_lora, layout=layout_from_pipeline_dir(fx.pt_base))
+    out = tmp_path / "faulty_pt.safetensors"
+    write_safetensors(out, *formats.tensors_for(fault(lora), "peft"))
+    return out
+
+
+@pytest.mark.parametrize("fault,first_layer", [
+    (lambda l: faults.swap_projections(l, "input_blocks.3"), "model.diffusion_model.input_blocks.3"),
+    (faults.wrong_scale, "conditioner.embedders.0.transformer.text_model.encoder.layers.0"),
+    (lambda l: faults.drop_block(l, "input_blocks.3"), "model.diffusion_model.input_blocks.3"),
+], ids=["swapped_projections", "wrong_scale", "block_left_out"])
+def test_lora_faults_fail_and_name_first_layer(fx, tmp_path, fault, first_layer):
+    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, pt_lora=_faulty_pt_lora(fx, tmp_path, fault)))
+    assert not report.passed
+    assert report.first_failure.sgm == first_layer, report.first_failure.message()
+
+
+def _faulty_base(fx, tmp_path, fault) -> Path:
+    sgm = {k: t.to_float("float32") for k, t in ckpt_io.read_ckpt(fx.ms_base).items()}
+    out = tmp_path / "faulty_base.ckpt"
+    ckpt_io.write_ckpt(out, {k: Tensor.from_numpy(np.ascontiguousarray(v)) for k, v in fault(sgm).items()})
+    return out
+
+
+@pytest.mark.parametrize("fault,first_layer", [
+    (lambda sd: faults.untransposed_text_projection(sd, TE2), TE2 + "text_projection"),
+    (lambda sd: faults.qkv_wrong_order(sd, TE2), TE2 + "transformer.resblocks.0"),
+], ids=["text_projection_not_transposed", "qkv_split_wrong_order"])
+def test_base_weight_faults_fail_and_name_first_layer(fx, tmp_path, fault, first_layer):
+    report = run_compare(_opts(fx, ms_base=_faulty_base(fx, tmp_path, fault)))
+    assert not report.passed
+    assert report.first_failure.sgm == first_layer, report.first_failure.message()
+
+
+def test_compare_command_exit_codes(fx, tmp_path):
+    bad = _faulty_base(fx, tmp_path, lambda sd: faults.qkv_wrong_order(sd, TE2))
+    code, out, err = run_cli(["compare", "--pt-base", str(fx.pt_base), "--ms-base", str(bad),
+                              "--latents", str(fx.latents), "--report", str(tmp_path / "rep")])
+    assert code == 1, err
+    assert "first diverging layer" in out and TE2 + "transformer.resblocks.0" in out
+    assert (tmp_path / "rep" / "report.json").is_file()
+    code, _, err = run_cli(["compare", "--pt-base", str(tmp_path), "--ms-base", str(bad)])
+    assert code == 2 and "model_index.json" in err
