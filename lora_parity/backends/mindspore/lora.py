@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn
 
 from ...errors import LoraParityError
 from .layers import Linear, Recordable

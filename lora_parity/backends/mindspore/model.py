@@ -1,13 +1,17 @@
 """Whole-model helpers: build every SDXL component from a layout, SGM conditioning, name/shape lists."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+import numpy as np
+
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Parameter, Tensor, ops
 
 from ...layout import ModelLayout, TextEncoderLayout
 from .layers import Recordable
+from .runtime import configure_cpu
 from .text import build_text_encoder
 from .unet import UNetModel, sdxl_vector
 from .vae import VAEDecoder
@@ -26,6 +30,17 @@ SDXL_VAE_CONFIG = {
 }
 
 
+_IGNORED = re.compile(r"^first_stage_model\.(encoder\.|quant_conv\.)|\.embeddings\.position_ids$")
+
+
+# MindONE's SDXL key list (tools/model_conversion/mindspore_key_base.yaml) spells CLIP-L's token
+# embedding this way, so base checkpoints converted with it carry the name below
+_ALIASES = {
+    "conditioner.embedders.1.model.token_embedding..embedding_table":
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.embedding_table",
+}
+
+
 @dataclass
 class SDXLComponents:
     unet: UNetModel
@@ -41,18 +56,23 @@ class SDXLComponents:
     def load(self, params: dict, strict: bool = True) -> tuple[list[str], list[str]]:
         """Load a name -> Parameter dict (e.g. ``mindspore.load_checkpoint``) into every component.
 
-        Returns (net params not loaded, checkpoint params not used); with ``strict`` either being
-        non-empty raises ``ValueError``.
+        Returns (net params not loaded, checkpoint params not used).  Entries these cells do
+        not model are not counted as unused: the VAE encoder side (``first_stage_model.encoder.*``,
+        ``quant_conv``) and MindONE's CLIP ``embeddings.position_ids`` buffer-as-parameter.
+        Known misspellings in MindONE-converted checkpoints (``_ALIASES``) are accepted.
+        With ``strict`` a non-empty list raises ``ValueError``.
         """
+        params = dict(params)
+        for alias, name in _ALIASES.items():
+            if alias in params and name not in params:
+                params[name] = params.pop(alias)
         missing: list[str] = []
         used: set[str] = set()
         for cell in self.cells():
-            names = {p.name for p in cell.get_parameters()}
-            sub = {k: v for k, v in params.items() if k in names}
+            sub = {k: v for k, v in params.items() if k in {p.name for p in cell.get_parameters()}}
             used.update(sub)
-            not_loaded, _ = ms.load_param_into_net(cell, sub, strict_load=True)
-            missing.extend(not_loaded)
-        unused = sorted(set(params) - used)
+            missing.extend(load_params(cell, sub))
+        unused = sorted(k for k in set(params) - used if not _IGNORED.search(k))
         if strict and (missing or unused):
             raise ValueError(f"checkpoint mismatch: {len(missing)} missing (e.g. {missing[:3]}), "
                              f"{len(unused)} unexpected (e.g. {unused[:3]})")
@@ -73,14 +93,46 @@ class SDXLComponents:
         return context, y
 
 
+def load_params(cell, params: dict) -> list[str]:
+    """``load_param_into_net(cell, params, strict_load=True)`` after casting each value to the
+    dtype of the cell's parameter (a float16 MindONE checkpoint into float32 cells, or back).
+
+    Values may be Parameters, Tensors or numpy arrays.  Returns the names of ``cell``'s
+    parameters that ``params`` did not provide.
+    """
+    own = {p.name: p for p in cell.get_parameters()}
+    ready = {}
+    for name, value in params.items():
+        if name not in own:
+            continue
+        t = value if isinstance(value, Tensor) else Tensor(np.asarray(value))
+        if t.dtype != own[name].dtype:
+            t = t.astype(own[name].dtype)
+        ready[name] = Parameter(t, name=name)
+    not_loaded, _ = ms.load_param_into_net(cell, ready, strict_load=True)
+    return list(not_loaded)
+
+
+def cast_params(cell, dtype) -> None:
+    """Store every parameter of ``cell`` in ``dtype`` (e.g. ``mindspore.float16``); norms and
+    softmax still compute in float32, Dense/Conv compute in the input's dtype."""
+    for p in cell.get_parameters():
+        if p.dtype != dtype:
+            p.set_dtype(dtype)
+
+
 def build_sdxl(layout: ModelLayout, te_configs: tuple[dict | None, ...] | None = None,
-               vae_config: dict | None = SDXL_VAE_CONFIG) -> SDXLComponents:
+               vae_config: dict | None = SDXL_VAE_CONFIG, *, configure_runtime: bool = True
+               ) -> SDXLComponents:
     """Every component for ``layout`` (weights lazily zero: load a checkpoint next).
 
     ``te_configs``: HF ``CLIPTextConfig`` dicts per text encoder (for ``hidden_act`` and
     ``layer_norm_eps``; None -> quick_gelu for CLIP-L, gelu for bigG).  ``vae_config``: a
-    diffusers ``AutoencoderKL`` config, or None for no VAE.
+    diffusers ``AutoencoderKL`` config, or None for no VAE.  ``configure_runtime`` calls
+    :func:`~.runtime.configure_cpu` (synchronous op launch on CPU, ~10x faster PyNative).
     """
+    if configure_runtime:
+        configure_cpu()
     te_configs = te_configs or (None,) * len(layout.text_encoders)
     encoders = tuple(build_text_encoder(te, cfg) for te, cfg in zip(layout.text_encoders, te_configs))
     vae = VAEDecoder.from_diffusers_config(vae_config) if vae_config is not None else None
@@ -95,4 +147,5 @@ def param_shapes(layout: ModelLayout | TextEncoderLayout, **kwargs) -> dict[str,
     """
     if isinstance(layout, TextEncoderLayout):
         return {p.name: tuple(p.shape) for p in build_text_encoder(layout, **kwargs).get_parameters()}
+    kwargs.setdefault("configure_runtime", False)
     return build_sdxl(layout, **kwargs).param_shapes()

@@ -180,7 +180,7 @@ class MultiheadAttention(nn.Cell):
     def construct(self, x, mask):
         b, length, w = x.shape
         x2 = x.reshape(b * length, w)
-        qkv = self._matmul(x2, self.in_proj_weight) + self.in_proj_bias
+        qkv = self._matmul(x2, self.in_proj_weight.astype(x.dtype)) + self.in_proj_bias.astype(x.dtype)
         if self.in_proj is not None and not self.in_proj.merged:
             qkv = qkv + self.in_proj(x2)
         qkv = qkv.reshape(b, length, 3 * w)
