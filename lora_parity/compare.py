@@ -66,47 +66,11 @@ def load_latents(o: CompareOptions) -> np.ndarray:
 
 def ms_side(o: CompareOptions, ids1, ids2, latents, size_cond) -> dict[str, np.ndarray]:
     """Build the SGM model in MindSpore, load base + MindONE LoRA, capture every block."""
-    import mindspore as ms
+    from .backends.mindspore_backend import MindSporeBackend
 
-    from . import ckpt_io
-    from .backends.mindspore.layers import capture_activations
-    from .backends.mindspore.lora import inject_lora
-    from .backends.mindspore.model import build_sdxl
-    from .convert import load_lora
-    from .formats import tensors_for
-
-    base = Path(o.pt_base)
-    layout = layout_from_pipeline_dir(base)
-    te_cfgs = tuple(_json(base / d / "config.json") for d in ("text_encoder", "text_encoder_2")
-                    if (base / d / "config.json").is_file())
-    comps = build_sdxl(layout, te_cfgs, _json(base / "vae" / "config.json"))
-    weights = ckpt_io.read_ckpt(o.ms_base)
-    params = {k: ms.Parameter(ms.Tensor(t.to_float("float32")), name=k) for k, t in weights.items()}
-    missing, unused = comps.load(params, strict=False)
-    unused = [k for k in unused if not k.startswith(("first_stage_model.encoder.", "first_stage_model.quant_conv."))]
-    if missing or unused:
-        raise LoraParityError(f"base weights do not fit the model: {len(missing)} missing, {len(unused)} unexpected",
-                              path=o.ms_base, key=(missing or unused)[0])
-    if o.ms_lora is not None:
-        lora = load_lora(Path(o.ms_lora), layout=layout, alpha=o.alpha)
-        if lora.source_format != "ms":
-            raise LoraParityError("--ms-lora must be a MindONE LoRA (.ckpt)", path=o.ms_lora)
-        tensors = {k: t.to_float("float32") for k, t in tensors_for(lora, "ms")[0].items()}
-        alphas = {p.module.sgm: p.alpha for p in lora.pairs.values()}
-        for cell in comps.cells():
-            inject_lora(cell, tensors, alphas)
-    orig, crop, target = size_cond
-    with capture_activations(*comps.cells()) as acts:
-        context, y = comps.conditioning([ms.Tensor(ids1), ms.Tensor(ids2)][:len(comps.text_encoders)],
-                                        orig, crop, target)
-        acts["conditioner.context"] = context.asnumpy()
-        acts["conditioner.vector"] = y.asnumpy()
-        x = ms.Tensor(latents)
-        t0 = time.perf_counter()
-        comps.unet(x, ms.Tensor(np.full((latents.shape[0],), o.timestep, np.float32)), context, y)
-        acts["_unet_seconds"] = np.array(time.perf_counter() - t0)
-        if comps.vae is not None:
-            comps.vae(x)
+    be = MindSporeBackend(o.pt_base, o.ms_base, o.ms_lora, o.alpha)
+    acts, seconds = be.activations(ids1, ids2, latents, o.timestep, size_cond)
+    acts["_unet_seconds"] = np.array(seconds)
     return acts
 
 

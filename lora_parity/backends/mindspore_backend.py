@@ -1,0 +1,87 @@
+"""The MindSpore backend: SGM-layout SDXL cells, MindONE base weights and LoRA, captured per block.
+
+Loads a base ``.ckpt`` (SGM names) with ``load_param_into_net`` semantics,
+injects a MindONE LoRA unmerged (scale alpha/r, as MindONE runs it), and
+records every block's output under its SGM name.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LoraParityError
+from ..layout import layout_from_pipeline_dir
+
+# the VAE encoder is not part of the decode path the backend runs
+_UNUSED_BASE_PREFIXES = ("first_stage_model.encoder.", "first_stage_model.quant_conv.")
+
+
+class MindSporeBackend:
+    name = "mindspore"
+
+    @classmethod
+    def is_available(cls) -> tuple[bool, str]:
+        try:
+            import mindspore  # noqa: F401
+        except ImportError:
+            return False, "mindspore is not installed"
+        return True, ""
+
+    def __init__(self, pipeline_dir: Path, ms_base: Path, ms_lora: Path | None = None, alpha: float | None = None):
+        ok, why = self.is_available()
+        if not ok:
+            raise LoraParityError(why)
+        import mindspore as ms
+
+        from .. import ckpt_io
+        from .mindspore.lora import inject_lora
+        from .mindspore.model import build_sdxl
+
+        base = Path(pipeline_dir)
+        self.layout = layout_from_pipeline_dir(base)
+        te_cfgs = tuple(json.loads((base / d / "config.json").read_text()) for d in ("text_encoder", "text_encoder_2")
+                        if (base / d / "config.json").is_file())
+        self.comps = build_sdxl(self.layout, te_cfgs, json.loads((base / "vae" / "config.json").read_text()))
+        weights = ckpt_io.read_ckpt(ms_base)
+        params = {k: ms.Parameter(ms.Tensor(t.to_float("float32")), name=k) for k, t in weights.items()}
+        missing, unused = self.comps.load(params, strict=False)
+        unused = [k for k in unused if not k.startswith(_UNUSED_BASE_PREFIXES)]
+        if missing or unused:
+            raise LoraParityError(f"base weights do not fit the model: {len(missing)} missing, {len(unused)} unexpected",
+                                  path=ms_base, key=(missing or unused)[0])
+        if ms_lora is not None:
+            from ..convert import load_lora
+            from ..formats import tensors_for
+
+            lora = load_lora(Path(ms_lora), layout=self.layout, alpha=alpha)
+            if lora.source_format != "ms":
+                raise LoraParityError("--ms-lora must be a MindONE LoRA (.ckpt)", path=ms_lora)
+            tensors = {k: t.to_float("float32") for k, t in tensors_for(lora, "ms")[0].items()}
+            alphas = {p.module.sgm: p.alpha for p in lora.pairs.values()}
+            for cell in self.comps.cells():
+                inject_lora(cell, tensors, alphas)
+
+    def activations(self, ids1: np.ndarray, ids2: np.ndarray, latents: np.ndarray, timestep: float,
+                    size_cond) -> tuple[dict[str, np.ndarray], float]:
+        """Every recorded block (SGM names) plus ``conditioner.context``/``vector``; and UNet seconds."""
+        import mindspore as ms
+
+        from .mindspore.layers import capture_activations
+
+        orig, crop, target = size_cond
+        comps = self.comps
+        with capture_activations(*comps.cells()) as acts:
+            ids = [ms.Tensor(ids1), ms.Tensor(ids2)][-len(comps.text_encoders):]
+            context, y = comps.conditioning(ids, orig, crop, target)
+            acts["conditioner.context"] = context.asnumpy()
+            acts["conditioner.vector"] = y.asnumpy()
+            x = ms.Tensor(latents)
+            t0 = time.perf_counter()
+            comps.unet(x, ms.Tensor(np.full((latents.shape[0],), timestep, np.float32)), context, y)
+            seconds = time.perf_counter() - t0
+            if comps.vae is not None:
+                comps.vae(x)
+        return acts, seconds
