@@ -48,3 +48,9 @@ def layer_tolerance(dtype: str, overrides: dict[str, float] | None = None) -> To
     if overrides and dtype in overrides and overrides[dtype] is not None:
         tol = replace(tol, rel=float(overrides[dtype]))
     return tol
+
+# Two code paths within one framework (e.g. hook capture vs direct call, im2col vs native conv):
+# only float32 reassociation separates them.
+SAME_FRAMEWORK = Tolerance(rel=1e-6, rtol=1e-6, atol=1e-6)
+# A LoRA that is applied must move an activation by more than this (absolute, float32 scale ~1).
+LORA_EFFECT_MIN_ABS = 1e-4
