@@ -64,7 +64,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         latents=Path(args.latents) if args.latents else None, prompt=args.prompt, alpha=args.alpha,
         timestep=args.timestep, tol_overrides=overrides,
         report_dir=Path(args.report) if args.report else None))
-    print(report.table())
+    print(report.layers_table() if args.all_layers else report.table())
     if args.report:
         print(f"report: {Path(args.report) / 'report.json'}")
     return 0 if report.passed else 1
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
     m.add_argument("--timestep", type=float, default=500.0, help="UNet timestep (default 500)")
     m.add_argument("--report", help="write report.json (and images) into this folder")
+    m.add_argument("--all-layers", action="store_true", help="print every aligned layer, not one row per component")
     m.add_argument("--tol-f32", type=float, help="override the fp32 per-layer relative error bound")
     m.add_argument("--tol-f16", type=float, help=argparse.SUPPRESS)
     m.add_argument("--tol-bf16", type=float, help=argparse.SUPPRESS)

@@ -110,6 +110,22 @@ class ParityReport:
         return path
 
     def table(self) -> str:
+        """Short: one row per component (layers, error at the first and last layer, worst layer)."""
+        rows = [f"{'component':<15} {'layers':>6} {'first':>9} {'last':>9} {'max':>9} {'tol':>8}  ok   worst layer"]
+        for comp in dict.fromkeys(m.component for m in self.layers):
+            ms = self.by_component(comp)
+            worst = max(ms, key=lambda m: m.rel_err)
+            rows.append(f"{comp:<15} {len(ms):>6} {ms[0].rel_err:>9.2e} {ms[-1].rel_err:>9.2e} {worst.rel_err:>9.2e} "
+                        f"{worst.tol_rel:>8.1e}  {'yes' if all(m.passed for m in ms) else 'NO ':<3}  {worst.sgm}")
+        for name in self.missing:
+            rows.append(f"missing: {name}")
+        first = self.first_failure
+        rows.append("PASS: every aligned layer within tolerance" if self.passed else
+                    f"FAIL: first diverging layer: {first.message() if first else self.missing[0]}")
+        return "\n".join(rows)
+
+    def layers_table(self) -> str:
+        """Long: every aligned layer in forward order (how error grows through the network)."""
         rows = [f"{'component':<15} {'layer (SGM)':<44} {'rel err':>9} {'tol':>8}  ok"]
         for m in self.layers:
             rows.append(f"{m.component:<15} {m.sgm[-44:]:<44} {m.rel_err:>9.2e} {m.tol_rel:>8.1e}  "
