@@ -55,6 +55,7 @@ def _cmd_fixture(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import CompareOptions, run_compare
+    from .tensor import DTYPE_ALIASES
 
     overrides = {"F32": args.tol_f32, "F16": args.tol_f16, "BF16": args.tol_bf16}
     report = run_compare(CompareOptions(
@@ -62,7 +63,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         ms_lora=Path(args.ms_lora) if args.ms_lora else None,
         pt_lora=Path(args.pt_lora) if args.pt_lora else None,
         latents=Path(args.latents) if args.latents else None, prompt=args.prompt, alpha=args.alpha,
-        timestep=args.timestep, tol_overrides=overrides,
+        timestep=args.timestep, tol_overrides=overrides, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
         report_dir=Path(args.report) if args.report else None))
     print(report.layers_table() if args.all_layers else report.table())
     if args.report:
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
     m.add_argument("--timestep", type=float, default=500.0, help="UNet timestep (default 500)")
     m.add_argument("--report", help="write report.json (and images) into this folder")
+    m.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="precision of both runs; fp16/bf16 are judged against the fp32 reference")
+    m.add_argument("--ms-merge", action="store_true", help="fold the LoRA into the MindSpore weights")
     m.add_argument("--all-layers", action="store_true", help="print every aligned layer, not one row per component")
     m.add_argument("--tol-f32", type=float, help="override the fp32 per-layer relative error bound")
     m.add_argument("--tol-f16", type=float, help=argparse.SUPPRESS)

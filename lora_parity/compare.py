@@ -16,7 +16,7 @@ import numpy as np
 from .align import conditioning_alignment, text_alignment, unet_alignment, vae_alignment
 from .errors import LoraParityError
 from .layout import layout_from_pipeline_dir
-from .parity import ParityReport, compare
+from .parity import ParityReport, compare, compare_low_precision
 from .tolerances import layer_tolerance
 
 DEFAULT_TIMESTEP = 500.0
@@ -34,6 +34,7 @@ class CompareOptions:
     alpha: float | None = None
     timestep: float = DEFAULT_TIMESTEP
     dtype: str = "F32"
+    merge: bool = False  # fold the LoRA into the MindSpore weights instead of running it unmerged
     tol_overrides: dict = field(default_factory=dict)
     report_dir: Path | None = None
 
@@ -68,18 +69,19 @@ def ms_side(o: CompareOptions, ids1, ids2, latents, size_cond) -> dict[str, np.n
     """Build the SGM model in MindSpore, load base + MindONE LoRA, capture every block."""
     from .backends.mindspore_backend import MindSporeBackend
 
-    be = MindSporeBackend(o.pt_base, o.ms_base, o.ms_lora, o.alpha)
+    be = MindSporeBackend(o.pt_base, o.ms_base, o.ms_lora, o.alpha, dtype=o.dtype, merge=o.merge)
     acts, seconds = be.activations(ids1, ids2, latents, o.timestep, size_cond)
     acts["_unet_seconds"] = np.array(seconds)
     return acts
 
 
-def pt_side(o: CompareOptions, pt_lora: Path | None, prompt: str, latents, size_cond):
+def pt_side(o: CompareOptions, pt_lora: Path | None, prompt: str, latents, size_cond, dtype: str = "F32"):
     import torch
 
     from .backends.torch_backend import TorchBackend
 
-    be = TorchBackend(o.pt_base, lora=pt_lora)
+    be = TorchBackend(o.pt_base, lora=pt_lora, dtype={"F32": torch.float32, "F16": torch.float16,
+                                                     "BF16": torch.bfloat16}[dtype])
     ids1, ids2 = be.tokenize(prompt)
     acts = dict(be.text_encoder_activations(input_ids=ids1, input_ids_2=ids2).values)
     embeds, pooled = be.encode_prompt(input_ids=ids1, input_ids_2=ids2)
@@ -97,6 +99,12 @@ def pt_side(o: CompareOptions, pt_lora: Path | None, prompt: str, latents, size_
 
 def run_compare(o: CompareOptions) -> ParityReport:
     _check_inputs(o)
+    if o.dtype != "F32":
+        from .backends.mindspore_backend import MindSporeBackend
+
+        ok, why = MindSporeBackend.supports(o.dtype)
+        if not ok:
+            raise LoraParityError(f"--dtype {o.dtype}: {why}")
     from .fixtures.tiny_pipeline import DEFAULT_PROMPT
 
     prompt = o.prompt if o.prompt is not None else DEFAULT_PROMPT
@@ -109,12 +117,16 @@ def run_compare(o: CompareOptions) -> ParityReport:
             pt_lora = Path(tmp) / "converted_pt.safetensors"
             convert(ConvertOptions(src=Path(o.ms_lora), dst=pt_lora, layout=str(o.pt_base), alpha=o.alpha))
         pt, ids1, ids2, pt_unet_s = pt_side(o, pt_lora, prompt, latents, SIZE_COND)
+        pt_low = pt_side(o, pt_lora, prompt, latents, SIZE_COND, o.dtype)[0] if o.dtype != "F32" else None
     ms_acts = ms_side(o, ids1, ids2, latents, SIZE_COND)
     layout = layout_from_pipeline_dir(Path(o.pt_base))
     vae_blocks = len(_json(Path(o.pt_base) / "vae" / "config.json")["block_out_channels"])
     alignment = (text_alignment(layout) + conditioning_alignment() + unet_alignment(layout)
                  + vae_alignment(vae_blocks))
-    report = compare(alignment, ms_acts, pt, layer_tolerance(o.dtype, o.tol_overrides), o.dtype)
+    if pt_low is None:
+        report = compare(alignment, ms_acts, pt, layer_tolerance(o.dtype, o.tol_overrides), o.dtype)
+    else:
+        report = compare_low_precision(alignment, ms_acts, pt_low, pt, o.dtype)
     report.meta.update({
         "dtype": o.dtype, "timestep": o.timestep, "prompt": prompt, "latents_shape": list(latents.shape),
         "ms_lora": str(o.ms_lora) if o.ms_lora else None, "pt_lora": str(o.pt_lora) if o.pt_lora else "converted",

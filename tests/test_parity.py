@@ -119,3 +119,35 @@ def test_compare_command_exit_codes(fx, tmp_path):
     assert (tmp_path / "rep" / "report.json").is_file()
     code, _, err = run_cli(["compare", "--pt-base", str(tmp_path), "--ms-base", str(bad)])
     assert code == 2 and "model_index.json" in err
+
+
+LOW_PRECISION = ["F16", "BF16"]
+
+
+def _skip_unsupported(dtype):
+    from lora_parity.backends.mindspore_backend import MindSporeBackend
+
+    ok, why = MindSporeBackend.supports(dtype)
+    if not ok:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_within_budget_of_fp32_reference(fx, dtype, record_property):
+    _skip_unsupported(dtype)
+    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, dtype=dtype))
+    assert all(m.ref_rel_err is not None and m.ref_rel_err > 0 for m in report.layers if m.depth > 0)
+    assert_report(report, record_property)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_still_catches_a_wrong_scale(fx, tmp_path, dtype):
+    _skip_unsupported(dtype)
+    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, dtype=dtype,
+                               pt_lora=_faulty_pt_lora(fx, tmp_path, faults.wrong_scale)))
+    assert not report.passed
+
+
+def test_merged_lora_agrees_too(fx, record_property):
+    """MindSpore with the LoRA folded into the weights (merge option) matches diffusers as well."""
+    assert_report(run_compare(_opts(fx, ms_lora=fx.ms_lora, merge=True)), record_property)

@@ -30,7 +30,19 @@ class MindSporeBackend:
             return False, "mindspore is not installed"
         return True, ""
 
-    def __init__(self, pipeline_dir: Path, ms_base: Path, ms_lora: Path | None = None, alpha: float | None = None):
+    # MindSpore 2.10's CPU MatMul has no bfloat16 kernel ("Select CPU operator[MatMul] fail")
+    CPU_DTYPES = ("F32", "F16")
+
+    @classmethod
+    def supports(cls, dtype: str) -> tuple[bool, str]:
+        import mindspore as ms
+
+        if ms.get_context("device_target") == "CPU" and dtype not in cls.CPU_DTYPES:
+            return False, f"MindSpore {ms.__version__} on CPU has no {dtype} MatMul kernel"
+        return True, ""
+
+    def __init__(self, pipeline_dir: Path, ms_base: Path, ms_lora: Path | None = None, alpha: float | None = None,
+                 *, dtype: str = "F32", merge: bool = False):
         ok, why = self.is_available()
         if not ok:
             raise LoraParityError(why)
@@ -63,6 +75,20 @@ class MindSporeBackend:
             alphas = {p.module.sgm: p.alpha for p in lora.pairs.values()}
             for cell in self.comps.cells():
                 inject_lora(cell, tensors, alphas)
+                if merge:
+                    from .mindspore.lora import merge_lora
+
+                    merge_lora(cell)
+        self.dtype = dtype
+        if dtype != "F32":
+            from .mindspore.model import cast_params
+
+            ok, why = self.supports(dtype)
+            if not ok:
+                raise LoraParityError(why)
+            target = {"F16": ms.float16, "BF16": ms.bfloat16}[dtype]
+            for cell in self.comps.cells():
+                cast_params(cell, target)
 
     def activations(self, ids1: np.ndarray, ids2: np.ndarray, latents: np.ndarray, timestep: float,
                     size_cond) -> tuple[dict[str, np.ndarray], float]:
@@ -78,7 +104,7 @@ class MindSporeBackend:
             context, y = comps.conditioning(ids, orig, crop, target)
             acts["conditioner.context"] = context.asnumpy()
             acts["conditioner.vector"] = y.asnumpy()
-            x = ms.Tensor(latents)
+            x = ms.Tensor(latents, {"F32": ms.float32, "F16": ms.float16, "BF16": ms.bfloat16}[self.dtype])
             t0 = time.perf_counter()
             comps.unet(x, ms.Tensor(np.full((latents.shape[0],), timestep, np.float32)), context, y)
             seconds = time.perf_counter() - t0

@@ -159,8 +159,10 @@ class Conv2d(nn.Cell):
             col = x.transpose(0, 2, 3, 1).reshape(b * h * w, c)
         else:
             xp = ops.pad(x, (p, p, p, p)) if p else x
-            wins = [xp[:, :, i: i + s * (ho - 1) + 1: s, j: j + s * (wo - 1) + 1: s]
-                    for i in range(k) for j in range(k)]
+            wins = []  # plain loops: graph mode parses one comprehension level only
+            for i in range(k):
+                for j in range(k):
+                    wins.append(xp[:, :, i: i + s * (ho - 1) + 1: s, j: j + s * (wo - 1) + 1: s])
             col = ops.stack(wins, axis=2)                       # (B, C, k*k, Ho, Wo)
             col = col.transpose(0, 3, 4, 1, 2).reshape(b * ho * wo, c * k * k)
         wmat = self.weight.astype(x.dtype).reshape(self.cout, c * k * k)

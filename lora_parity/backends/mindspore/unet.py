@@ -102,12 +102,14 @@ class EmbedSequential(nn.Cell):
         self.n = len(layers)
         for i, layer in enumerate(layers):
             self.insert_child_to_cell(str(i), layer)
+        # a plain list attribute (as nn.SequentialCell keeps): graph mode iterates it unrolled
+        self.cell_list = list(layers)
 
     def layers(self) -> list[nn.Cell]:
         return [self._cells[str(i)] for i in range(self.n)]
 
     def construct(self, x, emb, context):
-        for layer in self.layers():
+        for layer in self.cell_list:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
@@ -331,7 +333,7 @@ class UNetModel(Recordable):
         h = self.middle_block(h, emb, context)
         self._rec("middle_block", h)
         for i, block in enumerate(self.output_blocks):
-            h = ops.concat((h, hs.pop()), axis=1)
+            h = ops.concat((h, hs[len(hs) - 1 - i]), axis=1)  # no list.pop: graph mode
             h = block(h, emb, context)
             self._rec(f"output_blocks.{i}", h)
         out = self.out(h)
