@@ -134,6 +134,7 @@ def run_compare(o: CompareOptions) -> ParityReport:
         "unet_forward_seconds": {"mindspore": float(ms_acts["_unet_seconds"]), "pytorch": pt_unet_s},
     })
     if o.report_dir is not None:
-        Path(o.report_dir).mkdir(parents=True, exist_ok=True)
-        report.write_json(Path(o.report_dir) / "report.json")
+        from .report import write_report
+
+        write_report(Path(o.report_dir), report)
     return report
