@@ -35,6 +35,8 @@ class CompareOptions:
     timestep: float = DEFAULT_TIMESTEP
     dtype: str = "F32"
     merge: bool = False  # fold the LoRA into the MindSpore weights instead of running it unmerged
+    ms_device: str = "CPU"  # Ascend / CPU / GPU for the MindSpore side; PyTorch runs on pt_device
+    pt_device: str = "cpu"
     tol_overrides: dict = field(default_factory=dict)
     report_dir: Path | None = None
 
@@ -68,10 +70,13 @@ def load_latents(o: CompareOptions) -> np.ndarray:
 def ms_side(o: CompareOptions, ids1, ids2, latents, size_cond) -> dict[str, np.ndarray]:
     """Build the SGM model in MindSpore, load base + MindONE LoRA, capture every block."""
     from .backends.mindspore_backend import MindSporeBackend
+    from .device import use_device
 
+    settings = use_device(o.ms_device)
     be = MindSporeBackend(o.pt_base, o.ms_base, o.ms_lora, o.alpha, dtype=o.dtype, merge=o.merge)
     acts, seconds = be.activations(ids1, ids2, latents, o.timestep, size_cond)
     acts["_unet_seconds"] = np.array(seconds)
+    acts["_settings"] = settings
     return acts
 
 
@@ -80,7 +85,7 @@ def pt_side(o: CompareOptions, pt_lora: Path | None, prompt: str, latents, size_
 
     from .backends.torch_backend import TorchBackend
 
-    be = TorchBackend(o.pt_base, lora=pt_lora, dtype={"F32": torch.float32, "F16": torch.float16,
+    be = TorchBackend(o.pt_base, lora=pt_lora, device=o.pt_device, dtype={"F32": torch.float32, "F16": torch.float16,
                                                      "BF16": torch.bfloat16}[dtype])
     ids1, ids2 = be.tokenize(prompt)
     acts = dict(be.text_encoder_activations(input_ids=ids1, input_ids_2=ids2).values)
@@ -131,6 +136,7 @@ def run_compare(o: CompareOptions) -> ParityReport:
         "dtype": o.dtype, "timestep": o.timestep, "prompt": prompt, "latents_shape": list(latents.shape),
         "ms_lora": str(o.ms_lora) if o.ms_lora else None, "pt_lora": str(o.pt_lora) if o.pt_lora else "converted",
         "tolerance": layer_tolerance(o.dtype, o.tol_overrides).__dict__,
+        "mindspore_settings": ms_acts["_settings"],
         "unet_forward_seconds": {"mindspore": float(ms_acts["_unet_seconds"]), "pytorch": pt_unet_s},
     })
     if o.report_dir is not None:

@@ -111,3 +111,29 @@ class MindSporeBackend:
             if comps.vae is not None:
                 comps.vae(x)
         return acts, seconds
+
+    def generate_float(self, ids1: np.ndarray, ids2: np.ndarray, latents: np.ndarray, steps: int,
+                       guidance: float, size_cond=((32, 32), (0, 0), (32, 32)), progress: bool = False,
+                       *, scheduler=None) -> tuple[np.ndarray, float]:
+        """Text-to-image as diffusers' SDXL pipeline runs it (Euler, CFG with zero negative embeddings).
+
+        ``latents``: the initial noise (N, 4, h, w), scaled by ``init_noise_sigma`` here;
+        ``size_cond``: (original size, crop top-left, target size) for the time ids;
+        ``scheduler``: the diffusers pipeline folder, or a ``scheduler_config.json`` dict
+        (default: ``self.pipeline_dir`` when the constructor recorded it).
+        Returns the first image as float32 (H, W, 3) in [0, 1] and the seconds per denoising step.
+        See :mod:`.mindspore.sampler`.
+        """
+        from ..sampling import EulerSchedule
+        from .mindspore.sampler import generate_float
+
+        source = scheduler if scheduler is not None else getattr(self, "pipeline_dir", None)
+        if source is None:
+            raise LoraParityError("generate_float needs scheduler= (pipeline folder or scheduler config)")
+        if isinstance(source, dict):
+            schedule = EulerSchedule.from_config(source, int(steps))
+        else:
+            schedule = EulerSchedule.from_pipeline_dir(Path(source), int(steps))
+        ids = [ids1, ids2][-len(self.comps.text_encoders):]
+        return generate_float(self.comps, ids, np.asarray(latents, np.float32), schedule, float(guidance),
+                              size_cond, progress)

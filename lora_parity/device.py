@@ -1,0 +1,35 @@
+"""Where MindSpore runs: device detection and the settings a parity run pins and records."""
+from __future__ import annotations
+
+import glob
+import os
+
+DEVICES = ("Ascend", "CPU", "GPU")
+# Ascend: keep every op in the dtype it was given (no silent fp16 downcast of fp32 matmuls)
+ASCEND_PRECISION_MODE = "must_keep_origin_dtype"
+
+
+def ascend_present() -> tuple[bool, str]:
+    """An Ascend NPU is visible (driver device files) and mindspore is installed."""
+    try:
+        import mindspore  # noqa: F401
+    except ImportError:
+        return False, "mindspore is not installed"
+    if not glob.glob("/dev/davinci[0-9]*"):
+        return False, "no Ascend NPU on this machine (no /dev/davinci*); --ms-device CPU runs these tests on CPU"
+    return True, ""
+
+
+def use_device(device: str) -> dict:
+    """Point MindSpore at ``device`` and return the settings to record with the results."""
+    import mindspore as ms
+
+    if device not in DEVICES:
+        raise ValueError(f"unknown MindSpore device {device!r}")
+    ms.set_context(device_target=device)
+    settings = {"device_target": device, "mode": "PyNative", "mindspore": ms.__version__}
+    if device == "Ascend":
+        ms.set_context(ascend_config={"precision_mode": ASCEND_PRECISION_MODE})
+        settings["precision_mode"] = ASCEND_PRECISION_MODE
+    settings["device_id"] = int(os.environ.get("DEVICE_ID", "0"))
+    return settings
