@@ -71,6 +71,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from .infer import run_infer
+
+    out = run_infer(args.backend, Path(args.pt_base),
+                    ms_base=Path(args.ms_base) if args.ms_base else None,
+                    ms_lora=Path(args.ms_lora) if args.ms_lora else None,
+                    pt_lora=Path(args.pt_lora) if args.pt_lora else None,
+                    prompt=args.prompt, latents_npy=Path(args.latents) if args.latents else None,
+                    steps=args.steps, guidance=args.guidance, out_png=Path(args.output),
+                    progress=not args.quiet)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=(
         "Convert MindSpore (MindONE) SDXL LoRA checkpoints to PyTorch and back, "
@@ -131,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tol-f16", type=float, help=argparse.SUPPRESS)
     m.add_argument("--tol-bf16", type=float, help=argparse.SUPPRESS)
     m.set_defaults(func=_cmd_compare)
+
+    i = sub.add_parser("infer", help="text-to-image with one backend (Euler, CFG), written as a PNG",
+                       description="Generate an image from given initial noise with MindSpore (ms) or diffusers (pt).")
+    i.add_argument("--backend", required=True, choices=("ms", "pt"))
+    i.add_argument("--pt-base", required=True, help="diffusers SDXL pipeline folder (configs, tokenizers; pt weights)")
+    i.add_argument("--ms-base", help="MindSpore base .ckpt (SGM names); required for --backend ms")
+    i.add_argument("--ms-lora", help="MindONE LoRA .ckpt (for pt: converted on the fly)")
+    i.add_argument("--pt-lora", help="PyTorch LoRA .safetensors (--backend pt)")
+    i.add_argument("--prompt", help="prompt text (default: the built-in prompt)")
+    i.add_argument("--latents", help=".npy initial noise (N, 4, h, w) (default: built-in seed 0)")
+    i.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
+    i.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    i.add_argument("-o", "--output", required=True, help="output PNG")
+    i.add_argument("--quiet", action="store_true", help="no progress bar")
+    i.set_defaults(func=_cmd_infer)
 
     d = sub.add_parser("demo", help="the main job on the built-in tiny SDXL (no downloads)",
                        description="Generate a MindONE-style LoRA, convert it, and print the report.")

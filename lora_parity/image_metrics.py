@@ -18,11 +18,6 @@ class ImageMetrics:
         return asdict(self)
 
 
-def to_uint8(image01: np.ndarray) -> np.ndarray:
-    """[0, 1] float HxWx3 -> uint8, the way diffusers' numpy -> PIL path rounds."""
-    return (np.clip(np.asarray(image01, dtype=np.float64), 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
 def image_metrics(a: np.ndarray, b: np.ndarray) -> ImageMetrics:
     """Compare two uint8 HxWx3 images (``b`` is the reference)."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity

@@ -53,6 +53,7 @@ class MindSporeBackend:
         from .mindspore.model import build_sdxl
 
         base = Path(pipeline_dir)
+        self.pipeline_dir = base
         self.layout = layout_from_pipeline_dir(base)
         te_cfgs = tuple(json.loads((base / d / "config.json").read_text()) for d in ("text_encoder", "text_encoder_2")
                         if (base / d / "config.json").is_file())

@@ -441,10 +441,43 @@ class TorchBackend:
 
     @_no_grad
     def generate(self, prompt: str, latents, steps: int = 2, guidance: float = 5.0) -> np.ndarray:
-        """``pipe(prompt, latents=...)`` with ``output_type="np"``; the first image as ``uint8 (H, W, 3)``."""
+        """``pipe(prompt, latents=...)``; the first image as ``uint8 (H, W, 3)`` (diffusers' rounding)."""
+        from ..sampling import to_uint8
+
+        return to_uint8(self.generate_float(prompt, latents, steps, guidance))
+
+    @_no_grad
+    def generate_float(self, prompt: str, latents, steps: int = 2, guidance: float = 5.0,
+                       progress: bool = False) -> np.ndarray:
+        """``pipe(prompt, latents=...)`` with ``output_type="np"``: the first image as float32 (H, W, 3) in [0, 1].
+
+        The pipeline runs untouched except that an installed invisible-watermark encoder is
+        switched off for the call (the MindSpore side has none); ``progress`` shows
+        diffusers' own per-step bar.  Sets ``self.last_seconds_per_step``.  Convert with
+        :func:`lora_parity.sampling.to_uint8`.
+        """
+        import time
+
         lat = self._t(latents)
         scale = self.pipe.vae_scale_factor
         h, w = lat.shape[-2] * scale, lat.shape[-1] * scale
-        images = self.pipe(prompt, latents=lat, num_inference_steps=int(steps), guidance_scale=float(guidance),
-                           height=h, width=w, output_type="np").images
-        return (np.asarray(images[0], dtype=np.float64) * 255).round().clip(0, 255).astype(np.uint8)
+        watermark = getattr(self.pipe, "watermark", None)
+        self.pipe.watermark = None
+        self.pipe.set_progress_bar_config(disable=not progress)
+        ends: list[float] = []
+
+        def on_step_end(_pipe, _i, _t, kwargs):
+            ends.append(time.perf_counter())
+            return kwargs
+
+        try:
+            t0 = time.perf_counter()
+            images = self.pipe(prompt, latents=lat, num_inference_steps=int(steps), guidance_scale=float(guidance),
+                               height=h, width=w, output_type="np", callback_on_step_end=on_step_end).images
+        finally:
+            self.pipe.watermark = watermark
+            self.pipe.set_progress_bar_config(disable=True)
+        # seconds per denoising step: between step ends (the first step also pays prompt encoding)
+        self.last_seconds_per_step = ((ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1
+                                      else (ends[-1] - t0 if ends else float("nan")))
+        return np.asarray(images[0], dtype=np.float32)

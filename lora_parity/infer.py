@@ -1,0 +1,120 @@
+"""``lora-parity infer``: one text-to-image run on either backend, written as a PNG.
+
+Both backends start from the same noise (``--latents``, default the built-in tiny
+noise), run diffusers' Euler schedule with classifier-free guidance, and convert
+their float image to uint8 with the same function (:func:`lora_parity.sampling.to_uint8`),
+so the two PNGs can be compared pixel for pixel.
+
+The MindSpore side tokenizes with the pipeline folder's own CLIP tokenizers
+(``transformers.CLIPTokenizer.from_pretrained(DIR/tokenizer[_2])``, nothing else
+of the pipeline is loaded), padded to ``model_max_length`` as the pipeline does.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LoraParityError
+from .sampling import to_uint8
+
+BACKENDS = ("ms", "pt")
+DEFAULT_STEPS = 4
+DEFAULT_GUIDANCE = 5.0
+
+
+def tokenize(pipeline_dir: str | Path, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (1, 77) int64 for both SDXL tokenizers, as ``StableDiffusionXLPipeline.encode_prompt`` makes them."""
+    from transformers import CLIPTokenizer
+
+    out = []
+    for sub in ("tokenizer", "tokenizer_2"):
+        tok = CLIPTokenizer.from_pretrained(str(Path(pipeline_dir) / sub), local_files_only=True)
+        enc = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="np")
+        out.append(enc.input_ids.astype(np.int64))
+    return out[0], out[1]
+
+
+def vae_scale_factor(pipeline_dir: str | Path) -> int:
+    """diffusers' ``2 ** (len(vae.block_out_channels) - 1)``."""
+    cfg = json.loads((Path(pipeline_dir) / "vae" / "config.json").read_text())
+    return 2 ** (len(cfg.get("block_out_channels", [0] * 4)) - 1)
+
+
+def default_size_cond(pipeline_dir: str | Path, latents: np.ndarray):
+    """What the pipeline uses when no sizes are given: original = target = (H, W) of the image, crop (0, 0)."""
+    f = vae_scale_factor(pipeline_dir)
+    hw = (int(latents.shape[-2]) * f, int(latents.shape[-1]) * f)
+    return hw, (0, 0), hw
+
+
+def read_latents(path: str | Path | None) -> np.ndarray:
+    if path is None:
+        from .fixtures.tiny_pipeline import make_latents
+
+        return make_latents(0)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is an input error
+        raise LoraParityError(f"cannot read latents: {exc}", path=path) from None
+    if arr.ndim != 4:
+        raise LoraParityError(f"latents must be (N, C, H, W), got {list(arr.shape)}", path=path)
+    return arr.astype(np.float32)
+
+
+def generate(backend: str, pt_base: str | Path, *, ms_base=None, ms_lora=None, pt_lora=None,
+             prompt: str | None = None, latents: np.ndarray, steps: int = DEFAULT_STEPS,
+             guidance: float = DEFAULT_GUIDANCE, progress: bool = True) -> tuple[np.ndarray, float]:
+    """(float32 image (H, W, 3) in [0, 1], seconds per denoising step) from one backend."""
+    from .fixtures.tiny_pipeline import DEFAULT_PROMPT
+
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    pt_base = Path(pt_base)
+    if not (pt_base / "model_index.json").is_file():
+        raise LoraParityError("not a diffusers pipeline folder (no model_index.json)", path=pt_base)
+    if backend == "ms":
+        if ms_base is None:
+            raise LoraParityError("--backend ms needs --ms-base")
+        if pt_lora is not None:
+            raise LoraParityError("--pt-lora is for --backend pt; give the MindONE LoRA as --ms-lora")
+        from .backends.mindspore_backend import MindSporeBackend
+
+        be = MindSporeBackend(pt_base, Path(ms_base), Path(ms_lora) if ms_lora else None)
+        ids1, ids2 = tokenize(pt_base, prompt)
+        return be.generate_float(ids1, ids2, latents, steps, guidance, default_size_cond(pt_base, latents),
+                                 progress, scheduler=pt_base)
+    if backend == "pt":
+        import tempfile
+
+        from .backends.torch_backend import TorchBackend
+
+        with tempfile.TemporaryDirectory(prefix="lora-parity-infer-") as tmp:
+            lora = Path(pt_lora) if pt_lora else None
+            if lora is None and ms_lora is not None:  # convert the MindONE LoRA on the fly
+                from .convert import ConvertOptions, convert
+
+                lora = Path(tmp) / "converted_pt.safetensors"
+                convert(ConvertOptions(src=Path(ms_lora), dst=lora, layout=str(pt_base)))
+            be = TorchBackend(pt_base, lora=lora)
+        image = be.generate_float(prompt, latents, steps, guidance, progress=progress)
+        return image, be.last_seconds_per_step
+    raise LoraParityError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def run_infer(backend: str, pt_base: str | Path, ms_base=None, ms_lora=None, pt_lora=None,
+              prompt: str | None = None, latents_npy=None, steps: int = DEFAULT_STEPS,
+              guidance: float = DEFAULT_GUIDANCE, out_png: str | Path = "out.png", progress: bool = True) -> Path:
+    """Generate with ``backend`` ("ms" or "pt") and write the first image to ``out_png``; returns the path."""
+    from PIL import Image
+
+    latents = read_latents(latents_npy)
+    image, per_step = generate(backend, pt_base, ms_base=ms_base, ms_lora=ms_lora, pt_lora=pt_lora, prompt=prompt,
+                               latents=latents, steps=int(steps), guidance=float(guidance), progress=progress)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(image)).save(out)
+    print(f"{backend}: {int(steps)} steps, {per_step:.3f} s/step -> {out}", file=sys.stderr)
+    return out
