@@ -63,7 +63,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         ms_lora=Path(args.ms_lora) if args.ms_lora else None,
         pt_lora=Path(args.pt_lora) if args.pt_lora else None,
         latents=Path(args.latents) if args.latents else None, prompt=args.prompt, alpha=args.alpha,
-        timestep=args.timestep, tol_overrides=overrides, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
+        timestep=args.timestep, tol_overrides=overrides, steps=args.steps, guidance=args.guidance,
+        image_mae=args.image_mae, progress=args.steps is not None and not args.quiet, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
         report_dir=Path(args.report) if args.report else None))
     print(report.layers_table() if args.all_layers else report.table())
     if args.report:
@@ -137,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
     m.add_argument("--timestep", type=float, default=500.0, help="UNet timestep (default 500)")
     m.add_argument("--report", help="write report.json (and images) into this folder")
+    m.add_argument("--steps", type=int, help="also generate images with N denoising steps and compare them")
+    m.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance for --steps (default 5)")
+    m.add_argument("--image-mae", type=float, help="override the full-image MAE threshold (0-255)")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="precision of both runs; fp16/bf16 are judged against the fp32 reference")
     m.add_argument("--ms-merge", action="store_true", help="fold the LoRA into the MindSpore weights")

@@ -20,7 +20,6 @@ from .parity import ParityReport, compare, compare_low_precision
 from .tolerances import layer_tolerance
 
 DEFAULT_TIMESTEP = 500.0
-SIZE_COND = ((32, 32), (0, 0), (32, 32))  # original size, crop top-left, target size
 
 
 @dataclass
@@ -35,6 +34,10 @@ class CompareOptions:
     timestep: float = DEFAULT_TIMESTEP
     dtype: str = "F32"
     merge: bool = False  # fold the LoRA into the MindSpore weights instead of running it unmerged
+    steps: int | None = None  # denoising steps for the full-image comparison (None: layers only)
+    guidance: float = 5.0
+    progress: bool = False  # a bar per denoising step on both sides
+    image_mae: float | None = None  # override of tolerances.IMAGE_MAE_MAX
     ms_device: str = "CPU"  # Ascend / CPU / GPU for the MindSpore side; PyTorch runs on pt_device
     pt_device: str = "cpu"
     tol_overrides: dict = field(default_factory=dict)
@@ -77,6 +80,9 @@ def ms_side(o: CompareOptions, ids1, ids2, latents, size_cond) -> dict[str, np.n
     acts, seconds = be.activations(ids1, ids2, latents, o.timestep, size_cond)
     acts["_unet_seconds"] = np.array(seconds)
     acts["_settings"] = settings
+    if o.steps:
+        image, per_step = be.generate_float(ids1, ids2, latents, o.steps, o.guidance, size_cond, progress=o.progress)
+        acts["_image"], acts["_seconds_per_step"] = image, per_step
     return acts
 
 
@@ -99,6 +105,9 @@ def pt_side(o: CompareOptions, pt_lora: Path | None, prompt: str, latents, size_
         tproj = be.unet.add_time_proj(torch.as_tensor(time_ids).flatten()).reshape(time_ids.shape[0], -1)
     acts["conditioning.prompt_embeds"] = np.asarray(embeds)
     acts["conditioning.add_embedding_input"] = np.concatenate([np.asarray(pooled), tproj.numpy()], axis=-1)
+    if o.steps and dtype == "F32":
+        acts["_image"] = be.generate_float(prompt, latents, o.steps, o.guidance, progress=o.progress)
+        acts["_seconds_per_step"] = be.last_seconds_per_step
     return acts, ids1, ids2, unet_s
 
 
@@ -114,6 +123,9 @@ def run_compare(o: CompareOptions) -> ParityReport:
 
     prompt = o.prompt if o.prompt is not None else DEFAULT_PROMPT
     latents = load_latents(o)
+    from .infer import default_size_cond
+
+    size_cond = default_size_cond(o.pt_base, latents)
     with tempfile.TemporaryDirectory(prefix="lora-parity-") as tmp:
         pt_lora = Path(o.pt_lora) if o.pt_lora else None
         if pt_lora is None and o.ms_lora is not None:
@@ -121,9 +133,9 @@ def run_compare(o: CompareOptions) -> ParityReport:
 
             pt_lora = Path(tmp) / "converted_pt.safetensors"
             convert(ConvertOptions(src=Path(o.ms_lora), dst=pt_lora, layout=str(o.pt_base), alpha=o.alpha))
-        pt, ids1, ids2, pt_unet_s = pt_side(o, pt_lora, prompt, latents, SIZE_COND)
-        pt_low = pt_side(o, pt_lora, prompt, latents, SIZE_COND, o.dtype)[0] if o.dtype != "F32" else None
-    ms_acts = ms_side(o, ids1, ids2, latents, SIZE_COND)
+        pt, ids1, ids2, pt_unet_s = pt_side(o, pt_lora, prompt, latents, size_cond)
+        pt_low = pt_side(o, pt_lora, prompt, latents, size_cond, o.dtype)[0] if o.dtype != "F32" else None
+    ms_acts = ms_side(o, ids1, ids2, latents, size_cond)
     layout = layout_from_pipeline_dir(Path(o.pt_base))
     vae_blocks = len(_json(Path(o.pt_base) / "vae" / "config.json")["block_out_channels"])
     alignment = (text_alignment(layout) + conditioning_alignment() + unet_alignment(layout)
@@ -139,8 +151,29 @@ def run_compare(o: CompareOptions) -> ParityReport:
         "mindspore_settings": ms_acts["_settings"],
         "unet_forward_seconds": {"mindspore": float(ms_acts["_unet_seconds"]), "pytorch": pt_unet_s},
     })
+    images = None
+    if o.steps:
+        images = _image_check(o, report, ms_acts, pt)
     if o.report_dir is not None:
         from .report import write_report
 
-        write_report(Path(o.report_dir), report)
+        write_report(Path(o.report_dir), report, images)
     return report
+
+
+def _image_check(o: CompareOptions, report: ParityReport, ms_acts: dict, pt: dict) -> dict[str, np.ndarray]:
+    """Full-image metrics of the two generated images; recorded in the report, part of pass/fail."""
+    from .image_metrics import image_metrics
+    from .sampling import to_uint8
+    from .tolerances import IMAGE_MAE_MAX
+
+    ms_img, pt_img = to_uint8(ms_acts["_image"]), to_uint8(pt["_image"])
+    m = image_metrics(ms_img, pt_img)
+    threshold = IMAGE_MAE_MAX if o.image_mae is None else float(o.image_mae)
+    report.image = {**m.to_dict(), "mae_threshold": threshold, "passed": m.mae < threshold,
+                    "steps": o.steps, "guidance": o.guidance,
+                    "seconds_per_step": {"mindspore": float(ms_acts["_seconds_per_step"]),
+                                         "pytorch": float(pt["_seconds_per_step"])},
+                    "title": f"{o.steps} steps, guidance {o.guidance:g}: MAE {m.mae:.3f}, PSNR {m.psnr:.1f} dB, "
+                             f"SSIM {m.ssim:.4f}"}
+    return {"ms": ms_img, "pt": pt_img}

@@ -18,6 +18,8 @@ from .synthetic import make_lora, training_extras, write_ms_lora
 
 
 def run_demo(workdir: Path | None = None) -> int:
+    """Work files in ``workdir`` (default: a temporary folder); the report stays in ./reports/demo."""
+    report_root = Path(workdir) if workdir is not None else Path("reports") / "demo"
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="lora-parity-demo-")
         root = Path(tmp.name)
@@ -26,7 +28,7 @@ def run_demo(workdir: Path | None = None) -> int:
         root = Path(workdir)
         root.mkdir(parents=True, exist_ok=True)
     try:
-        code = _run(root)
+        code = _run(root, report_root)
         if tmp is None:
             print(f"   files are in {root}")
         return code
@@ -35,7 +37,7 @@ def run_demo(workdir: Path | None = None) -> int:
             tmp.cleanup()
 
 
-def _run(root: Path) -> int:
+def _run(root: Path, report_root: Path) -> int:
     print("1. Generating a MindONE-style SDXL-base LoRA (rank 4, 560 attention modules) "
           "with optimizer state and step counters ...")
     lora = make_lora(PRESETS["sdxl-base"], rank=4, seed=0)
@@ -58,10 +60,14 @@ def _run(root: Path) -> int:
     same = set(lora_keys) == set(again) and all(original[k].bitwise_equal(again[k]) for k in lora_keys)
     print(f"\n   round trip MS -> PT -> MS: {len(lora_keys)} tensors, "
           f"{'bitwise identical' if same else 'DIFFERENT'}\n")
-    return (0 if same else 1) or _parity(root)
+    return (0 if same else 1) or _parity(root, report_root)
 
 
-def _parity(root: Path) -> int:
+DEMO_STEPS = 4
+DEMO_GUIDANCE = 5.0
+
+
+def _parity(root: Path, report_root: Path) -> int:
     """Both frameworks on the built-in tiny SDXL with a trained-looking LoRA, layer by layer."""
     import os
 
@@ -81,10 +87,12 @@ def _parity(root: Path) -> int:
     print("5. Parity on the built-in tiny SDXL: MindSpore (SGM cells + MindONE LoRA) vs "
           "PyTorch (diffusers + load_lora_weights of the converted file):")
     fx = write_fixture(root / "tiny")
+    report_dir = report_root / "report"
     report = run_compare(CompareOptions(pt_base=fx.pt_base, ms_base=fx.ms_base, ms_lora=fx.ms_lora,
-                                        latents=fx.latents, report_dir=root / "report"))
+                                        latents=fx.latents, steps=DEMO_STEPS, guidance=DEMO_GUIDANCE,
+                                        report_dir=report_dir))
     print(report.table())
     t = report.meta["unet_forward_seconds"]
-    print(f"   UNet forward: MindSpore {t['mindspore']:.2f} s, PyTorch {t['pytorch']:.2f} s")
-    print(f"   report: {root / 'report' / 'report.json'}")
+    print(f"   one UNet forward: MindSpore {t['mindspore']:.3f} s, PyTorch {t['pytorch']:.3f} s")
+    print(f"   report: {report_dir / 'report.json'} (+ side_by_side.png, diff_heatmap.png, layer_errors.png)")
     return 0 if report.passed else 1

@@ -82,10 +82,12 @@ class ParityReport:
     layers: list[LayerMetric] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    image: dict | None = None  # full-image metrics when images were generated
 
     @property
     def passed(self) -> bool:
-        return not self.missing and all(m.passed for m in self.layers)
+        image_ok = self.image is None or bool(self.image["passed"])
+        return not self.missing and all(m.passed for m in self.layers) and image_ok
 
     @property
     def first_failure(self) -> LayerMetric | None:
@@ -103,6 +105,7 @@ class ParityReport:
                                                                   "component": first.component,
                                                                   "message": first.message()},
             "missing": self.missing,
+            "image": self.image,
             "meta": self.meta,
             "layers": [asdict(m) for m in self.layers],
         }
@@ -121,9 +124,19 @@ class ParityReport:
                         f"{worst.tol_rel:>8.1e}  {'yes' if all(m.passed for m in ms) else 'NO ':<3}  {worst.sgm}")
         for name in self.missing:
             rows.append(f"missing: {name}")
+        if self.image is not None:
+            im = self.image
+            rows.append(f"image ({im['steps']} steps, guidance {im['guidance']:g}): MAE {im['mae']:.3f} on 0-255 "
+                        f"(threshold {im['mae_threshold']:g}), max {im['max_error']}, PSNR {im['psnr']:.1f} dB, "
+                        f"SSIM {im['ssim']:.4f}; s/step MindSpore {im['seconds_per_step']['mindspore']:.3f}, "
+                        f"PyTorch {im['seconds_per_step']['pytorch']:.3f}  {'ok' if im['passed'] else 'FAIL'}")
         first = self.first_failure
-        rows.append("PASS: every aligned layer within tolerance" if self.passed else
-                    f"FAIL: first diverging layer: {first.message() if first else self.missing[0]}")
+        if self.passed:
+            rows.append("PASS: every aligned layer within tolerance" + (" and images agree" if self.image else ""))
+        elif first is not None or self.missing:
+            rows.append(f"FAIL: first diverging layer: {first.message() if first else self.missing[0]}")
+        else:
+            rows.append("FAIL: images differ beyond the threshold")
         return "\n".join(rows)
 
     def layers_table(self) -> str:

@@ -84,7 +84,7 @@ def write_report(folder: Path, report: ParityReport, images: dict | None = None)
         out["ms_png"] = save_png(folder / "ms.png", images["ms"])
         out["pt_png"] = save_png(folder / "pt.png", images["pt"])
         out["side_by_side"] = side_by_side(folder / "side_by_side.png", images["ms"], images["pt"],
-                                           report.meta.get("image", {}).get("title", ""))
+                                           (report.image or {}).get("title", ""))
         out["diff_heatmap"] = diff_heatmap(folder / "diff_heatmap.png", images["ms"], images["pt"])
     data = report.to_dict()
     data["files"] = {k: p.name for k, p in out.items()}
