@@ -74,3 +74,23 @@ def test_layer_parity_on_device(bases, ms_device, request, record_property, tmp_
     record_property("tolerance_rel", report.meta["tolerance"]["rel"])
     record_property("report_json", str(tmp_path / "report.json"))
     assert_report(report, record_property)
+
+
+ASCEND_STEPS = 4
+ASCEND_GUIDANCE = 5.0
+
+
+def test_image_parity_on_device(bases, ms_device, request, record_property, tmp_path):
+    from lora_parity.tolerances import IMAGE_MAE_MAX
+
+    pt_base, ms_base, ms_lora = bases
+    mae = request.config.getoption("--image-mae")
+    report = run_compare(CompareOptions(pt_base=pt_base, ms_base=ms_base, ms_lora=ms_lora, ms_device=ms_device,
+                                        steps=ASCEND_STEPS, guidance=ASCEND_GUIDANCE, image_mae=mae,
+                                        tol_overrides=_tolerances(request.config), report_dir=tmp_path))
+    im = report.image
+    for key in ("mae", "psnr", "ssim", "max_error", "mae_threshold"):
+        record_property(f"image_{key}", im[key])
+    record_property("seconds_per_step", im["seconds_per_step"])
+    assert im["mae_threshold"] == (IMAGE_MAE_MAX if mae is None else mae)
+    assert im["passed"], f"image MAE {im['mae']:.3f} >= {im['mae_threshold']}; images and heatmap in {tmp_path}"

@@ -63,6 +63,7 @@ def pipeline_scheduler_config(tiny_pipeline_dir) -> dict:
     return json.loads((Path(tiny_pipeline_dir) / "scheduler" / "scheduler_config.json").read_text())
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("steps", STEPS)
 def test_schedule_tables_match_diffusers_pipeline_scheduler(tiny_pipeline_dir, steps):
     diffusers = pytest.importorskip("diffusers")
@@ -75,6 +76,7 @@ def test_schedule_tables_match_diffusers_pipeline_scheduler(tiny_pipeline_dir, s
     assert ours.sigmas[-1] == 0 and len(ours.sigmas) == steps + 1
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("steps", STEPS)
@@ -96,6 +98,7 @@ def test_scale_and_step_match_diffusers(spacing, prediction, steps):
         x = nxt  # follow diffusers' trajectory: each step is checked on its own
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("steps", STEPS)
 def test_epsilon_step_arithmetic_is_bitwise_for_the_same_sigmas(steps):
     """With diffusers' own sigma table the Euler update is the same float32 operations, bit for bit."""
@@ -112,6 +115,7 @@ def test_epsilon_step_arithmetic_is_bitwise_for_the_same_sigmas(steps):
         x = nxt
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_mindspore_step_arithmetic_matches_numpy_and_diffusers(prediction):
     ms = pytest.importorskip("mindspore")
@@ -149,6 +153,7 @@ def test_mindspore_step_arithmetic_matches_numpy_and_diffusers(prediction):
     {"steps_offset": 2},
     {"beta_end": 0.0121},
 ])
+@pytest.mark.parity
 @pytest.mark.parametrize("steps", [2, 5, 30])
 def test_wrong_schedule_settings_fail_the_check(fault, steps):
     config = _sdxl_config()
@@ -157,11 +162,13 @@ def test_wrong_schedule_settings_fail_the_check(fault, steps):
     assert schedule_errors(wrong, ref), f"{fault} went unnoticed"
 
 
+@pytest.mark.parity
 def test_off_by_one_step_count_fails_the_check():
     config = _sdxl_config()
     assert schedule_errors(EulerSchedule.from_config(config, 5), _diffusers(config, 4))
 
 
+@pytest.mark.parity
 def test_unsupported_scheduler_settings_are_refused():
     config = _sdxl_config()
     for bad in ({"use_karras_sigmas": True}, {"interpolation_type": "log_linear"},
@@ -170,6 +177,7 @@ def test_unsupported_scheduler_settings_are_refused():
             EulerSchedule.from_config(dict(config, **bad), 4)
 
 
+@pytest.mark.parity
 def test_to_uint8_is_diffusers_numpy_to_pil():
     pytest.importorskip("diffusers")
     from diffusers.image_processor import VaeImageProcessor
@@ -268,6 +276,7 @@ def test_infer_writes_pngs_that_agree(fx, tmp_path):
     assert image_mae(a, b) < IMAGE_MAE_FP32_TARGET
 
 
+@pytest.mark.parity
 def test_infer_tokenizer_matches_the_pipeline(tiny_pipeline_dir):
     pytest.importorskip("diffusers")
     from lora_parity.backends.torch_backend import TorchBackend
