@@ -66,8 +66,7 @@ class ConversionReport:
             f"  bytes: {self.bytes_in:,} in, {self.bytes_out:,} out   time: {self.seconds:.2f} s",
             f"  scale: {self.scale_note}",
         ]
-        blocks = _group_blocks(self.blocks)
-        lines.append("  modules per block: " + ", ".join(f"{b} {n}" for b, n in blocks))
+        lines.append("  modules per block: " + ", ".join(f"{b} {n}" for b, n in self.blocks.items()))
         if self.skipped:
             shown = ", ".join(self.skipped[:4]) + (" ..." if len(self.skipped) > 4 else "")
             lines.append(f"  skipped {len(self.skipped)} non-LoRA entr{'y' if len(self.skipped) == 1 else 'ies'}: {shown}")
@@ -75,10 +74,6 @@ class ConversionReport:
             shown = ", ".join(self.unmapped[:4]) + (" ..." if len(self.unmapped) > 4 else "")
             lines.append(f"  NOT converted (--no-strict) {len(self.unmapped)} unmapped LoRA key(s): {shown}")
         return "\n".join(lines)
-
-
-def _group_blocks(blocks: Counter) -> list[tuple[str, int]]:
-    return list(blocks.items())
 
 
 def resolve_dtype(name: str) -> str | None:
@@ -127,8 +122,7 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     if dst_fmt == "ms":
         _check_ms_alpha(lora, src)
     lora = lora.cast(dtype)
-    nbytes = formats.write(dst, lora, dst_fmt)
-    n_tensors = len(formats.tensors_for(lora, dst_fmt)[0]) if dst_fmt != "ms" else 2 * len(lora.pairs)
+    nbytes, n_tensors = formats.write(dst, lora, dst_fmt)
     return ConversionReport(
         src=src, dst=dst, src_format=lora.source_format, dst_format=dst_fmt,
         layout_note=lora.layout_note, modules=len(lora.pairs), tensors_written=n_tensors,

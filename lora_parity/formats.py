@@ -198,18 +198,18 @@ def _adapter_metadata(lora: LoraSet) -> dict:
     return adapter
 
 
-def write(path: Path, lora: LoraSet, fmt: str) -> int:
-    """Atomically write ``lora`` as ``fmt``; the container follows the extension."""
+def write(path: Path, lora: LoraSet, fmt: str) -> tuple[int, int]:
+    """Atomically write ``lora`` as ``fmt``; the container follows the extension. Returns (bytes, tensors)."""
     tensors, meta = tensors_for(lora, fmt)
     suffix = path.suffix.lower()
     if fmt == "ms":
         if suffix == ".safetensors":
-            return write_safetensors(path, tensors, {"format": "ms"})
+            return write_safetensors(path, tensors, {"format": "ms"}), len(tensors)
         ckpt_io.write_ckpt(path, tensors)
-        return path.stat().st_size
+        return path.stat().st_size, len(tensors)
     if suffix in PICKLE_EXTS:
-        return _write_pickle(path, tensors)
-    return write_safetensors(path, tensors, meta)
+        return _write_pickle(path, tensors), len(tensors)
+    return write_safetensors(path, tensors, meta), len(tensors)
 
 
 def _write_pickle(path: Path, tensors: dict[str, Tensor]) -> int:

@@ -7,9 +7,7 @@ tolerance of the run's dtype from :mod:`lora_parity.tolerances`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -109,10 +107,6 @@ class ParityReport:
             "meta": self.meta,
             "layers": [asdict(m) for m in self.layers],
         }
-
-    def write_json(self, path: Path) -> Path:
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=float))
-        return path
 
     def table(self) -> str:
         """Short: one row per component (layers, error at the first and last layer, worst layer)."""
