@@ -13,11 +13,16 @@ MindONE checkpoint name (MindSpore spellings: ``gamma``/``beta`` for norms,
 * :func:`inject_lora` / :func:`merge_lora` / :func:`unmerge_lora` for MindONE-style LoRA;
 * :func:`capture_activations` to record per-block outputs by SGM name;
 * :func:`param_shapes` for names and shapes without loading anything;
-* :func:`configure_cpu` -- call it first on a small CPU machine (10x faster PyNative).
+* :func:`configure_cpu` -- call it first on a small CPU machine (10x faster PyNative);
+* :func:`compile_for_graph` (or ``build_sdxl(..., graph=True)``) -- optional graph mode,
+  same outputs, 1.5-4x faster on CPU after a one-off compile; PyNative is the default;
+* :func:`set_conv_impl` -- switch convolutions between im2col+MatMul (default) and
+  MindSpore's own Conv2D kernel (``"native"``), to test the native kernels.
 """
 from __future__ import annotations
 
-from .layers import Recordable, capture_activations, full_param_names
+from .graph import compile_for_graph, run_graph, structure_key, uses_graph
+from .layers import Recordable, capture_activations, full_param_names, set_conv_impl
 from .lora import LoraInjection, inject_lora, lora_state, lora_targets, merge_lora, unmerge_lora
 from .model import SDXLComponents, build_sdxl, cast_params, load_params, param_shapes
 from .runtime import configure_cpu
@@ -27,7 +32,8 @@ from .unet import (SGM_UNET_PREFIX, ConcatTimestepEmbedderND, UNetModel, sdxl_ve
 from .vae import SGM_VAE_PREFIX, VAEDecoder
 
 __all__ = [
-    "Recordable", "capture_activations", "full_param_names",
+    "Recordable", "capture_activations", "full_param_names", "set_conv_impl",
+    "compile_for_graph", "run_graph", "structure_key", "uses_graph",
     "LoraInjection", "inject_lora", "lora_state", "lora_targets", "merge_lora", "unmerge_lora",
     "SDXLComponents", "build_sdxl", "cast_params", "load_params", "param_shapes", "configure_cpu",
     "HFCLIPTextEncoder", "OpenCLIPTextEncoder", "build_text_encoder",

@@ -23,6 +23,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
+from .graph import run_graph
+
 
 def _param(shape, name: str, fill: str = "zeros", dtype=ms.float32) -> Parameter:
     return Parameter(initializer(fill, tuple(int(s) for s in shape), dtype), name=name)
@@ -33,6 +35,9 @@ def _param(shape, name: str, fill: str = "zeros", dtype=ms.float32) -> Parameter
 class Recordable(nn.Cell):
     """A top-level component that can record the outputs of its named blocks.
 
+    Calls run PyNative unless :func:`~.graph.compile_for_graph` switched the cell to graph
+    mode (``use_graph``); recording always runs PyNative.
+
     ``sgm_prefix`` is prepended to every parameter name (so the cell loads a MindONE
     checkpoint with :func:`mindspore.load_param_into_net` as is) and to every
     recorded activation name.  :meth:`parameters_and_names` yields the prefixed names.
@@ -42,6 +47,13 @@ class Recordable(nn.Cell):
         super().__init__()
         self.sgm_prefix = sgm_prefix
         self.recorder: dict | None = None
+        self.use_graph = False  # see graph.compile_for_graph
+
+    def __call__(self, *args, **kwargs):
+        # graph mode (opt-in) for plain calls; recording needs PyNative (it reads every block)
+        if self.use_graph and self.recorder is None and ms.get_context("mode") == ms.PYNATIVE_MODE:
+            return run_graph(self, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
 
     def _finish(self) -> None:
         """Call at the end of ``__init__`` (and after adding cells): stamps full names on all params."""
@@ -130,9 +142,10 @@ class Conv2d(nn.Cell):
     """2-D convolution with PyTorch semantics (symmetric zero padding, stride, NCHW).
 
     Params ``weight`` (out, in, k, k) and ``bias`` like ``mindspore.nn.Conv2d``.  The default
-    ``impl="im2col"`` gathers the k*k shifted windows and does one MatMul: MindSpore 2.10's
-    CPU Conv2D kernel is 20-100x slower than that, and the result is as accurate
-    (float32 sums of the same products).  ``impl="native"`` uses ``ops.conv2d``.
+    ``impl="im2col"`` gathers the k*k windows with one Im2Col (``ops.unfold``) and does one
+    MatMul: MindSpore 2.10's CPU Conv2D kernel is 20-100x slower than that, and the result
+    is as accurate (float32 sums of the same products).  ``impl="native"`` uses ``ops.conv2d``
+    (switch a built model with :func:`set_conv_impl`).
     """
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int | None = None,
@@ -145,7 +158,6 @@ class Conv2d(nn.Cell):
         self.impl = impl
         self.weight = _param((cout, cin, kernel, kernel), "weight")
         self.bias = _param((cout,), "bias")
-        self._matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x: Tensor) -> Tensor:
         if self.impl == "native":
@@ -156,18 +168,15 @@ class Conv2d(nn.Cell):
         ho = (h + 2 * p - k) // s + 1
         wo = (w + 2 * p - k) // s + 1
         if k == 1 and s == 1 and p == 0:
-            col = x.transpose(0, 2, 3, 1).reshape(b * h * w, c)
+            col = x.reshape(b, c, h * w)
         else:
-            xp = ops.pad(x, (p, p, p, p)) if p else x
-            wins = []  # plain loops: graph mode parses one comprehension level only
-            for i in range(k):
-                for j in range(k):
-                    wins.append(xp[:, :, i: i + s * (ho - 1) + 1: s, j: j + s * (wo - 1) + 1: s])
-            col = ops.stack(wins, axis=2)                       # (B, C, k*k, Ho, Wo)
-            col = col.transpose(0, 3, 4, 1, 2).reshape(b * ho * wo, c * k * k)
+            # Im2Col kernel: (B, C*k*k, Ho*Wo) in (c, i, j) order, the weight's own order.  One
+            # op instead of k*k strided slices + stack (CPU StridedSlice costs ~0.3 ms each)
+            col = ops.unfold(x, k, 1, p, s)
+        # (Cout, C*k*k) @ (B, C*k*k, Ho*Wo) -> (B, Cout, Ho*Wo): NCHW out, no transposes
         wmat = self.weight.astype(x.dtype).reshape(self.cout, c * k * k)
-        y = self._matmul(col, wmat) + self.bias.astype(x.dtype)
-        return y.reshape(b, ho, wo, self.cout).transpose(0, 3, 1, 2)
+        y = ops.matmul(wmat, col) + self.bias.astype(x.dtype).reshape(1, self.cout, 1)
+        return y.reshape(b, self.cout, ho, wo)
 
     def extend_repr(self):
         return (f"{self.cin}->{self.cout}, k={self.kernel}, stride={self.stride}, "
@@ -180,6 +189,17 @@ def make_conv(cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: in
 
 # "im2col" (fast, default) or "native" (MindSpore's Conv2D kernel); read when cells are built
 CONV_IMPL = "im2col"
+
+
+def set_conv_impl(cell: nn.Cell, impl: str) -> int:
+    """Switch every :class:`Conv2d` in ``cell`` to ``impl`` ("im2col" or "native") in place, weights
+    untouched; returns how many there are.  (A graph-mode cell recompiles on its next call.)"""
+    if impl not in ("im2col", "native"):
+        raise ValueError(f"unknown conv impl {impl!r}")
+    convs = [c for _, c in cell.cells_and_names() if isinstance(c, Conv2d)]
+    for c in convs:
+        c.impl = impl
+    return len(convs)
 
 
 class GroupNorm(nn.Cell):
