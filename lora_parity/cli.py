@@ -64,7 +64,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         pt_lora=Path(args.pt_lora) if args.pt_lora else None,
         latents=Path(args.latents) if args.latents else None, prompt=args.prompt, alpha=args.alpha,
         timestep=args.timestep, tol_overrides=overrides, steps=args.steps, guidance=args.guidance,
-        image_mae=args.image_mae, progress=args.steps is not None and not args.quiet, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
+        image_mae=args.image_mae, ms_graph=args.ms_graph, progress=args.steps is not None and not args.quiet, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
         report_dir=Path(args.report) if args.report else None))
     print(report.layers_table() if args.all_layers else report.table())
     if args.report:
@@ -81,7 +81,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
                     pt_lora=Path(args.pt_lora) if args.pt_lora else None,
                     prompt=args.prompt, latents_npy=Path(args.latents) if args.latents else None,
                     steps=args.steps, guidance=args.guidance, out_png=Path(args.output),
-                    progress=not args.quiet)
+                    progress=not args.quiet, ms_graph=args.ms_graph, force=args.force)
     print(out)
     return 0
 
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="precision of both runs; fp16/bf16 are judged against the fp32 reference")
     m.add_argument("--ms-merge", action="store_true", help="fold the LoRA into the MindSpore weights")
+    m.add_argument("--ms-graph", action="store_true",
+                   help="MindSpore graph mode for image generation (compiled once; same results, faster)")
     m.add_argument("--all-layers", action="store_true", help="print every aligned layer, not one row per component")
     m.add_argument("--tol-f32", type=float, help="override the fp32 per-layer relative error bound")
     m.add_argument("--tol-f16", type=float, help=argparse.SUPPRESS)
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     i.add_argument("-o", "--output", required=True, help="output PNG")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
+    i.add_argument("--ms-graph", action="store_true", help="MindSpore graph mode (compiled once; same results)")
+    i.add_argument("--force", action="store_true", help="overwrite an existing output")
     i.set_defaults(func=_cmd_infer)
 
     d = sub.add_parser("demo", help="the main job on the built-in tiny SDXL (no downloads)",

@@ -38,6 +38,7 @@ class CompareOptions:
     guidance: float = 5.0
     progress: bool = False  # a bar per denoising step on both sides
     image_mae: float | None = None  # override of tolerances.IMAGE_MAE_MAX
+    ms_graph: bool = False  # MindSpore graph mode for the image generation (activations run PyNative)
     ms_device: str = "CPU"  # Ascend / CPU / GPU for the MindSpore side; PyTorch runs on pt_device
     pt_device: str = "cpu"
     tol_overrides: dict = field(default_factory=dict)
@@ -76,7 +77,7 @@ def ms_side(o: CompareOptions, ids1, ids2, latents, size_cond) -> dict[str, np.n
     from .device import use_device
 
     settings = use_device(o.ms_device)
-    be = MindSporeBackend(o.pt_base, o.ms_base, o.ms_lora, o.alpha, dtype=o.dtype, merge=o.merge)
+    be = MindSporeBackend(o.pt_base, o.ms_base, o.ms_lora, o.alpha, dtype=o.dtype, merge=o.merge, graph=o.ms_graph)
     acts, seconds = be.activations(ids1, ids2, latents, o.timestep, size_cond)
     acts["_unet_seconds"] = np.array(seconds)
     acts["_settings"] = settings

@@ -67,7 +67,8 @@ def read_latents(path: str | Path | None) -> np.ndarray:
 
 def generate(backend: str, pt_base: str | Path, *, ms_base=None, ms_lora=None, pt_lora=None,
              prompt: str | None = None, latents: np.ndarray, steps: int = DEFAULT_STEPS,
-             guidance: float = DEFAULT_GUIDANCE, progress: bool = True) -> tuple[np.ndarray, float]:
+             guidance: float = DEFAULT_GUIDANCE, progress: bool = True, ms_graph: bool = False
+             ) -> tuple[np.ndarray, float]:
     """(float32 image (H, W, 3) in [0, 1], seconds per denoising step) from one backend."""
     from .fixtures.tiny_pipeline import DEFAULT_PROMPT
 
@@ -82,7 +83,7 @@ def generate(backend: str, pt_base: str | Path, *, ms_base=None, ms_lora=None, p
             raise LoraParityError("--pt-lora is for --backend pt; give the MindONE LoRA as --ms-lora")
         from .backends.mindspore_backend import MindSporeBackend
 
-        be = MindSporeBackend(pt_base, Path(ms_base), Path(ms_lora) if ms_lora else None)
+        be = MindSporeBackend(pt_base, Path(ms_base), Path(ms_lora) if ms_lora else None, graph=ms_graph)
         ids1, ids2 = tokenize(pt_base, prompt)
         return be.generate_float(ids1, ids2, latents, steps, guidance, default_size_cond(pt_base, latents),
                                  progress, scheduler=pt_base)
@@ -106,15 +107,23 @@ def generate(backend: str, pt_base: str | Path, *, ms_base=None, ms_lora=None, p
 
 def run_infer(backend: str, pt_base: str | Path, ms_base=None, ms_lora=None, pt_lora=None,
               prompt: str | None = None, latents_npy=None, steps: int = DEFAULT_STEPS,
-              guidance: float = DEFAULT_GUIDANCE, out_png: str | Path = "out.png", progress: bool = True) -> Path:
+              guidance: float = DEFAULT_GUIDANCE, out_png: str | Path = "out.png", progress: bool = True,
+              ms_graph: bool = False, force: bool = False) -> Path:
     """Generate with ``backend`` ("ms" or "pt") and write the first image to ``out_png``; returns the path."""
     from PIL import Image
 
+    from .atomic import atomic_output
+    from .errors import OutputExistsError
+
+    out = Path(out_png)
+    if out.exists() and not force:
+        raise OutputExistsError("output exists; pass --force to overwrite it", path=out)
     latents = read_latents(latents_npy)
     image, per_step = generate(backend, pt_base, ms_base=ms_base, ms_lora=ms_lora, pt_lora=pt_lora, prompt=prompt,
-                               latents=latents, steps=int(steps), guidance=float(guidance), progress=progress)
-    out = Path(out_png)
+                               latents=latents, steps=int(steps), guidance=float(guidance), progress=progress,
+                               ms_graph=ms_graph)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(image)).save(out)
+    with atomic_output(out) as fh:
+        Image.fromarray(to_uint8(image)).save(fh, format="PNG")
     print(f"{backend}: {int(steps)} steps, {per_step:.3f} s/step -> {out}", file=sys.stderr)
     return out

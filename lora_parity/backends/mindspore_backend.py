@@ -42,7 +42,7 @@ class MindSporeBackend:
         return True, ""
 
     def __init__(self, pipeline_dir: Path, ms_base: Path, ms_lora: Path | None = None, alpha: float | None = None,
-                 *, dtype: str = "F32", merge: bool = False):
+                 *, dtype: str = "F32", merge: bool = False, graph: bool = False):
         ok, why = self.is_available()
         if not ok:
             raise LoraParityError(why)
@@ -57,7 +57,9 @@ class MindSporeBackend:
         self.layout = layout_from_pipeline_dir(base)
         te_cfgs = tuple(json.loads((base / d / "config.json").read_text()) for d in ("text_encoder", "text_encoder_2")
                         if (base / d / "config.json").is_file())
-        self.comps = build_sdxl(self.layout, te_cfgs, json.loads((base / "vae" / "config.json").read_text()))
+        # graph mode: compiled on first call, bit-identical to PyNative; recording always runs PyNative
+        self.comps = build_sdxl(self.layout, te_cfgs, json.loads((base / "vae" / "config.json").read_text()),
+                                graph=graph)
         weights = ckpt_io.read_ckpt(ms_base)
         params = {k: ms.Parameter(ms.Tensor(t.to_float("float32")), name=k) for k, t in weights.items()}
         missing, unused = self.comps.load(params, strict=False)
