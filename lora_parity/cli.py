@@ -64,7 +64,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         pt_lora=Path(args.pt_lora) if args.pt_lora else None,
         latents=Path(args.latents) if args.latents else None, prompt=args.prompt, alpha=args.alpha,
         timestep=args.timestep, tol_overrides=overrides, steps=args.steps, guidance=args.guidance,
-        image_mae=args.image_mae, ms_graph=args.ms_graph, progress=args.steps is not None and not args.quiet, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
+        image_mae=args.image_mae, ms_graph=args.ms_graph, ms_device=args.ms_device, pt_device=args.pt_device,
+        progress=args.steps is not None and not args.quiet, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
         report_dir=Path(args.report) if args.report else None))
     print(report.layers_table() if args.all_layers else report.table())
     if args.report:
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="precision of both runs; fp16/bf16 are judged against the fp32 reference")
+    m.add_argument("--ms-device", default="CPU", choices=("CPU", "Ascend", "GPU"), help="MindSpore device (default CPU)")
+    m.add_argument("--pt-device", default="cpu", help="torch device for diffusers, e.g. cpu or cuda (default cpu)")
     m.add_argument("--ms-merge", action="store_true", help="fold the LoRA into the MindSpore weights")
     m.add_argument("--ms-graph", action="store_true",
                    help="MindSpore graph mode for image generation (compiled once; same results, faster)")
