@@ -1,7 +1,6 @@
 """Full-model weight conversion diffusers <-> SGM: complete, named as the MindSpore cells are, bitwise."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

@@ -201,9 +201,9 @@ def test_encode_prompt_and_text_activations(backend):
     assert acts["text_encoder.pooler_output"].shape == acts["text_encoder_2.text_embeds"].shape == (1, 32)
     assert acts.select("text_encoder_2").names() == expected[6:]
     # prompt_embeds = concat of both encoders' penultimate hidden states
-    np.testing.assert_allclose(embeds[..., :32], acts["text_encoder.hidden_states.2"], rtol=0, atol=SAME_FRAMEWORK.atol)
-    np.testing.assert_allclose(embeds[..., 32:], acts["text_encoder_2.hidden_states.2"], rtol=0, atol=SAME_FRAMEWORK.atol)
-    np.testing.assert_allclose(pooled, acts["text_encoder_2.text_embeds"], rtol=0, atol=SAME_FRAMEWORK.atol)
+    np.testing.assert_allclose(embeds[..., :32], acts["text_encoder.hidden_states.2"], rtol=SAME_FRAMEWORK.rtol, atol=SAME_FRAMEWORK.atol)
+    np.testing.assert_allclose(embeds[..., 32:], acts["text_encoder_2.hidden_states.2"], rtol=SAME_FRAMEWORK.rtol, atol=SAME_FRAMEWORK.atol)
+    np.testing.assert_allclose(pooled, acts["text_encoder_2.text_embeds"], rtol=SAME_FRAMEWORK.rtol, atol=SAME_FRAMEWORK.atol)
 
 
 def test_add_time_ids(backend):

@@ -311,3 +311,14 @@ def upsample_nearest2x(x: Tensor) -> Tensor:
     b, c, h, w = x.shape
     y = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2))
     return y.reshape(b, c, h * 2, w * 2)
+
+
+class Upsample(nn.Cell):
+    """Nearest-neighbour x2 then a 3x3 conv (``.conv``): the UNet's and the VAE decoder's upsampler."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = make_conv(channels, channels, 3)
+
+    def construct(self, x):
+        return self.conv(upsample_nearest2x(x))

@@ -23,7 +23,7 @@ from mindspore import Tensor, nn, ops
 
 from ...layout import UNetLayout
 from .layers import (GroupNorm, Identity, LayerNorm, Linear, Recordable, SiLU, attention, gelu,
-                     make_conv, upsample_nearest2x)
+                     Upsample, make_conv)
 
 SGM_UNET_PREFIX = "model.diffusion_model."
 
@@ -145,15 +145,6 @@ class Downsample(nn.Cell):
 
     def construct(self, x):
         return self.op(x)
-
-
-class Upsample(nn.Cell):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = make_conv(channels, channels, 3)
-
-    def construct(self, x):
-        return self.conv(upsample_nearest2x(x))
 
 
 class CrossAttention(nn.Cell):

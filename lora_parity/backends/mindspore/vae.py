@@ -14,7 +14,7 @@ import math
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from .layers import GroupNorm, Recordable, make_conv, upsample_nearest2x
+from .layers import GroupNorm, Recordable, Upsample, make_conv
 
 SGM_VAE_PREFIX = "first_stage_model."
 
@@ -73,15 +73,6 @@ class _Mid(nn.Cell):
         self.block_2 = ResnetBlock(ch, ch, groups, eps)
 
 
-class _Upsample(nn.Cell):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = make_conv(ch, ch, 3)
-
-    def construct(self, x):
-        return self.conv(upsample_nearest2x(x))
-
-
 class _UpLevel(nn.Cell):
     def __init__(self, blocks: list[nn.Cell], upsample: nn.Cell | None):
         super().__init__()
@@ -106,7 +97,7 @@ class Decoder(nn.Cell):
             for _ in range(num_res_blocks + 1):
                 blocks.append(ResnetBlock(block_in, block_out, groups, eps))
                 block_in = block_out
-            ups[level] = _UpLevel(blocks, _Upsample(block_in) if level != 0 else None)
+            ups[level] = _UpLevel(blocks, Upsample(block_in) if level != 0 else None)
         self.up = nn.CellList(ups)
         self.norm_out = GroupNorm(groups, block_in, eps)
         self.conv_out = make_conv(block_in, out_ch, 3)
