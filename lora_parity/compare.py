@@ -150,7 +150,7 @@ def run_compare(o: CompareOptions) -> ParityReport:
         "ms_lora": str(o.ms_lora) if o.ms_lora else None, "pt_lora": str(o.pt_lora) if o.pt_lora else "converted",
         "tolerance": layer_tolerance(o.dtype, o.tol_overrides).__dict__,
         "mindspore_settings": ms_acts["_settings"],
-        "unet_forward_seconds": {"mindspore": float(ms_acts["_unet_seconds"]), "pytorch": pt_unet_s},
+        "unet_first_forward_seconds": {"mindspore": float(ms_acts["_unet_seconds"]), "pytorch": pt_unet_s},
     })
     images = None
     if o.steps:

@@ -92,7 +92,5 @@ def _parity(root: Path, report_root: Path) -> int:
                                         latents=fx.latents, steps=DEMO_STEPS, guidance=DEMO_GUIDANCE,
                                         report_dir=report_dir))
     print(report.table())
-    t = report.meta["unet_forward_seconds"]
-    print(f"   one UNet forward: MindSpore {t['mindspore']:.3f} s, PyTorch {t['pytorch']:.3f} s")
     print(f"   report: {report_dir / 'report.json'} (+ side_by_side.png, diff_heatmap.png, layer_errors.png)")
     return 0 if report.passed else 1

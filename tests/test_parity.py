@@ -54,7 +54,7 @@ def test_lora_models_agree_layer_by_layer(fx, record_property, tol_overrides, tm
     report = run_compare(_opts(fx, ms_lora=fx.ms_lora, report_dir=tmp_path, tol_overrides=tol_overrides))
     assert_report(report, record_property)
     assert (tmp_path / "report.json").is_file()
-    record_property("unet_forward_seconds", report.meta["unet_forward_seconds"])
+    record_property("unet_first_forward_seconds", report.meta["unet_first_forward_seconds"])
 
 
 def test_lora_on_vs_off_differs_far_beyond_tolerance(fx, tmp_path):
