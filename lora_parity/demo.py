@@ -81,8 +81,12 @@ def _parity(root: Path, report_root: Path) -> int:
     except ImportError as exc:
         print(f"5. Parity skipped: {exc.name} is not installed (make setup installs it)")
         return 0
+    from diffusers.utils import logging as diffusers_logging
+
     from .compare import CompareOptions, run_compare
     from .fixtures.bundle import write_fixture
+
+    diffusers_logging.disable_progress_bar()
 
     print("5. Parity on the built-in tiny SDXL: MindSpore (SGM cells + MindONE LoRA) vs "
           "PyTorch (diffusers + load_lora_weights of the converted file):")

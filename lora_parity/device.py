@@ -26,7 +26,10 @@ def use_device(device: str) -> dict:
 
     if device not in DEVICES:
         raise ValueError(f"unknown MindSpore device {device!r}")
-    ms.set_context(device_target=device)
+    if hasattr(ms, "set_device"):  # 2.5+: set_context(device_target=) is deprecated
+        ms.set_device(device)
+    else:  # pragma: no cover - older MindSpore
+        ms.set_context(device_target=device)
     settings = {"device_target": device, "mode": "PyNative", "mindspore": ms.__version__}
     if device == "Ascend":
         ms.set_context(ascend_config={"precision_mode": ASCEND_PRECISION_MODE})
