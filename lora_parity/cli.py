@@ -53,7 +53,17 @@ def _cmd_fixture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_framework_loading() -> None:
+    """diffusers' 'Loading pipeline components' bars are noise here; denoising bars stay."""
+    try:
+        from diffusers.utils import logging as diffusers_logging
+    except ImportError:
+        return
+    diffusers_logging.disable_progress_bar()
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
+    _quiet_framework_loading()
     from .compare import CompareOptions, run_compare
     from .tensor import DTYPE_ALIASES
 
@@ -74,6 +84,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
+    _quiet_framework_loading()
     from .infer import run_infer
 
     out = run_infer(args.backend, Path(args.pt_base),

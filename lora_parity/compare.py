@@ -57,20 +57,6 @@ def _check_inputs(o: CompareOptions) -> None:
             raise LoraParityError("no such file", path=p)
 
 
-def load_latents(o: CompareOptions) -> np.ndarray:
-    if o.latents is None:
-        from .fixtures.tiny_pipeline import make_latents
-
-        return make_latents(0)
-    try:
-        arr = np.load(o.latents, allow_pickle=False)
-    except Exception as exc:
-        raise LoraParityError(f"cannot read latents: {exc}", path=o.latents) from None
-    if arr.ndim != 4:
-        raise LoraParityError(f"latents must be (N, C, H, W), got {list(arr.shape)}", path=o.latents)
-    return arr.astype(np.float32)
-
-
 def ms_side(o: CompareOptions, ids1, ids2, latents, size_cond) -> dict[str, np.ndarray]:
     """Build the SGM model in MindSpore, load base + MindONE LoRA, capture every block."""
     from .backends.mindspore_backend import MindSporeBackend
@@ -123,8 +109,9 @@ def run_compare(o: CompareOptions) -> ParityReport:
     from .fixtures.tiny_pipeline import DEFAULT_PROMPT
 
     prompt = o.prompt if o.prompt is not None else DEFAULT_PROMPT
-    latents = load_latents(o)
-    from .infer import default_size_cond
+    from .infer import default_size_cond, read_latents
+
+    latents = read_latents(o.latents, o.pt_base)
 
     size_cond = default_size_cond(o.pt_base, latents)
     with tempfile.TemporaryDirectory(prefix="lora-parity-") as tmp:

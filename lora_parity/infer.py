@@ -51,17 +51,35 @@ def default_size_cond(pipeline_dir: str | Path, latents: np.ndarray):
     return hw, (0, 0), hw
 
 
-def read_latents(path: str | Path | None) -> np.ndarray:
+def read_latents(path: str | Path | None, pipeline_dir: str | Path | None = None) -> np.ndarray:
+    """Initial noise from ``.npy`` (default: the built-in seed-0 noise), checked against the UNet.
+
+    The UNet needs ``C == in_channels`` and H, W divisible by 2 ** (levels - 1); a mismatch is
+    an input error named here, not a framework traceback later.
+    """
     if path is None:
         from .fixtures.tiny_pipeline import make_latents
 
-        return make_latents(0)
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is an input error
-        raise LoraParityError(f"cannot read latents: {exc}", path=path) from None
-    if arr.ndim != 4:
-        raise LoraParityError(f"latents must be (N, C, H, W), got {list(arr.shape)}", path=path)
+        arr = make_latents(0)
+    else:
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001 - any reader failure is an input error
+            raise LoraParityError(f"cannot read latents: {exc}", path=path) from None
+    where = path if path is not None else "built-in latents"
+    if arr.ndim != 4 or not np.issubdtype(arr.dtype, np.floating):
+        raise LoraParityError(f"latents must be float (N, C, H, W), got {arr.dtype} {list(arr.shape)}", path=where)
+    if pipeline_dir is not None:
+        import json
+
+        cfg = json.loads((Path(pipeline_dir) / "unet" / "config.json").read_text())
+        channels = int(cfg.get("in_channels", 4))
+        factor = 2 ** (len(cfg["block_out_channels"]) - 1)
+        if arr.shape[1] != channels or arr.shape[2] % factor or arr.shape[3] % factor:
+            raise LoraParityError(f"latents {list(arr.shape)} do not fit this UNet: need {channels} channels and "
+                                  f"H, W divisible by {factor}", path=where)
+    if not np.isfinite(arr).all():
+        raise LoraParityError("latents contain NaN or Inf", path=where)
     return arr.astype(np.float32)
 
 
@@ -118,7 +136,7 @@ def run_infer(backend: str, pt_base: str | Path, ms_base=None, ms_lora=None, pt_
     out = Path(out_png)
     if out.exists() and not force:
         raise OutputExistsError("output exists; pass --force to overwrite it", path=out)
-    latents = read_latents(latents_npy)
+    latents = read_latents(latents_npy, pt_base)
     image, per_step = generate(backend, pt_base, ms_base=ms_base, ms_lora=ms_lora, pt_lora=pt_lora, prompt=prompt,
                                latents=latents, steps=int(steps), guidance=float(guidance), progress=progress,
                                ms_graph=ms_graph)

@@ -151,3 +151,41 @@ def test_low_precision_still_catches_a_wrong_scale(fx, tmp_path, dtype):
 def test_merged_lora_agrees_too(fx, record_property):
     """MindSpore with the LoRA folded into the weights (merge option) matches diffusers as well."""
     assert_report(run_compare(_opts(fx, ms_lora=fx.ms_lora, merge=True)), record_property)
+
+
+def _bad_latents(tmp_path, shape, name):
+    path = tmp_path / name
+    np.save(path, np.zeros(shape, np.float32))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["latents_channels", "latents_size", "latents_nan", "lora_as_base",
+                                  "base_as_lora", "missing_pipeline", "bf16_on_cpu"])
+def test_compare_and_infer_bad_input_one_line(fx, tmp_path, case):
+    base = ["--pt-base", str(fx.pt_base), "--ms-base", str(fx.ms_base)]
+    if case == "latents_channels":
+        argv = ["compare", *base, "--latents", _bad_latents(tmp_path, (1, 3, 16, 16), "c.npy")]
+    elif case == "latents_size":
+        argv = ["infer", "--backend", "pt", "--pt-base", str(fx.pt_base), "-o", str(tmp_path / "x.png"),
+                "--latents", _bad_latents(tmp_path, (1, 4, 15, 16), "s.npy")]
+    elif case == "latents_nan":
+        path = tmp_path / "n.npy"
+        np.save(path, np.full((1, 4, 16, 16), np.nan, np.float32))
+        argv = ["compare", *base, "--latents", str(path)]
+    elif case == "lora_as_base":
+        argv = ["compare", "--pt-base", str(fx.pt_base), "--ms-base", str(fx.ms_lora)]
+    elif case == "base_as_lora":
+        argv = ["compare", *base, "--ms-lora", str(fx.ms_base)]
+    elif case == "missing_pipeline":
+        argv = ["compare", "--pt-base", str(tmp_path / "nope"), "--ms-base", str(fx.ms_base)]
+    else:
+        argv = ["compare", *base, "--dtype", "bf16"]
+        from lora_parity.backends.mindspore_backend import MindSporeBackend
+
+        if MindSporeBackend.supports("BF16")[0]:
+            pytest.skip("this MindSpore device supports bf16")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run_cli(argv)
+    lines = [ln for ln in err.splitlines() if ln.startswith("lora-parity: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
