@@ -26,10 +26,18 @@ def use_device(device: str) -> dict:
 
     if device not in DEVICES:
         raise ValueError(f"unknown MindSpore device {device!r}")
-    if hasattr(ms, "set_device"):  # 2.5+: set_context(device_target=) is deprecated
-        ms.set_device(device)
-    else:  # pragma: no cover - older MindSpore
-        ms.set_context(device_target=device)
+    current = ms.get_context("device_target")
+    if current != device:  # once kernels ran, MindSpore refuses to switch devices in this process
+        try:
+            if hasattr(ms, "set_device"):  # 2.5+: set_context(device_target=) is deprecated
+                ms.set_device(device)
+            else:  # pragma: no cover - older MindSpore
+                ms.set_context(device_target=device)
+        except RuntimeError:
+            from .errors import LoraParityError
+
+            raise LoraParityError(f"MindSpore already runs on {current} in this process; "
+                                  f"start a new process for --ms-device {device}") from None
     settings = {"device_target": device, "mode": "PyNative", "mindspore": ms.__version__}
     if device == "Ascend":
         ms.set_context(ascend_config={"precision_mode": ASCEND_PRECISION_MODE})
