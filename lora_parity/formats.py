@@ -109,6 +109,9 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
         mod = m.group("mod")
         if fmt == "peft":
             mod = f"{m.group('comp')}.{mod}"
+            if m.group("comp") == "text_encoder" and not mod.startswith("text_encoder.text_model."):
+                # written by diffusers with transformers 5, whose CLIPTextModel has no "text_model."
+                mod = "text_encoder.text_model." + mod[len("text_encoder."):]
         if m.groupdict().get("alpha"):
             if t.shape not in ((), (1,)):
                 raise CheckpointFormatError(f"alpha must be a scalar, got shape {list(t.shape)}", path=path, key=key)

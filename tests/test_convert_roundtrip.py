@@ -147,3 +147,15 @@ def test_real_lora_ckpt_round_trips(tmp_path, lora_ckpt_option):
                            alpha=next(iter(report.alphas))))
     orig = {k: t for k, t in _tensors(src).items() if k not in report.skipped}
     _assert_bitwise(orig, _tensors(tmp_path / "back.ckpt"))
+
+
+def test_peft_from_flattened_clip_text_model_is_understood(tmp_path):
+    """diffusers + transformers 5 save CLIP-L LoRA keys without 'text_model.': same modules."""
+    lora = make_lora(tiny_layout(), rank=2, modules="linear", seed=7)
+    tensors, meta = formats.tensors_for(lora, "peft")
+    flat = {k.replace("text_encoder.text_model.", "text_encoder.", 1) if k.startswith("text_encoder.") else k: t
+            for k, t in tensors.items()}
+    assert any(k.startswith("text_encoder.encoder.layers.") for k in flat)
+    write_safetensors(tmp_path / "flat.safetensors", flat, meta)
+    convert(ConvertOptions(src=tmp_path / "flat.safetensors", dst=tmp_path / "ms.ckpt", layout="tiny"))
+    _assert_bitwise(formats.tensors_for(lora, "ms")[0], _tensors(tmp_path / "ms.ckpt"))
