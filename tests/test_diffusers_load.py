@@ -131,3 +131,31 @@ def test_faulty_conversion_is_caught(tmp_path, tiny_pipeline_dir, ms_lora_file, 
     assert problems, f"fault '{fault}' went unnoticed"
     if fault == "drop_block":
         assert all(p.startswith("missing in diffusers") for p in problems)
+
+
+def _adapter(model) -> str:
+    (name,) = model.peft_config.keys()
+    return name
+
+
+def test_file_saved_by_diffusers_itself_converts_back_bitwise(tmp_path, tiny_pipeline_dir, ms_lora_file):
+    """Round trip through diffusers' own writer: our PEFT -> load_lora_weights -> save_lora_weights -> MS."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    src, lora = ms_lora_file
+    ours = tmp_path / "ours.safetensors"
+    convert(ConvertOptions(src=src, dst=ours, layout="tiny", alpha=8.0))
+    pipe, _ = load_into_pipeline(tiny_pipeline_dir, ours)
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "saved", weight_name="theirs.safetensors",
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name=_adapter(pipe.unet)),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name=_adapter(pipe.text_encoder)),
+        text_encoder_2_lora_layers=get_peft_model_state_dict(pipe.text_encoder_2,
+                                                             adapter_name=_adapter(pipe.text_encoder_2)))
+    back = tmp_path / "back.ckpt"
+    convert(ConvertOptions(src=tmp_path / "saved" / "theirs.safetensors", dst=back, layout="tiny", alpha=8.0))
+    original, _, _ = formats.read_tensors(src)
+    again, _, _ = formats.read_tensors(back)
+    assert set(original) == set(again)
+    assert all(original[k].bitwise_equal(again[k]) for k in original)
