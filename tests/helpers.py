@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 from pathlib import Path
 
 
@@ -47,26 +46,3 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file's bytes under ``folder`` (to prove inputs are never modified)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@contextlib.contextmanager
-def captured_logs(*names: str):
-    """Collect log records of the given loggers (diffusers/peft report dropped keys by logging)."""
-    records: list[logging.LogRecord] = []
-
-    class _H(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    h = _H(level=logging.DEBUG)
-    loggers = [logging.getLogger(n) for n in names]
-    old = [(lg.level, lg.propagate) for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(h)
-        lg.setLevel(logging.DEBUG)
-    try:
-        yield records
-    finally:
-        for lg, (lvl, _) in zip(loggers, old):
-            lg.removeHandler(h)
-            lg.setLevel(lvl)

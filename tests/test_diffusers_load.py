@@ -17,24 +17,21 @@ from lora_parity.synthetic import make_lora, write_ms_lora
 from lora_parity.tolerances import CONVERSION_DELTA
 
 from . import faults
-from .helpers import captured_logs
 
 pytestmark = pytest.mark.conversion
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-# log lines diffusers/peft emit when a LoRA is silently (partly) ignored
-DROPPED_KEY_MESSAGES = ("No LoRA keys associated", "unexpected keys", "missing", "Unexpected")
 
 
 def load_into_pipeline(pipeline_dir: Path, lora_file: Path):
-    """Load the pipeline and the LoRA; return (pipe, log messages mentioning dropped keys)."""
+    """The pipeline with the LoRA loaded by diffusers; raises LoraLoadError unless every key landed."""
     from diffusers import StableDiffusionXLPipeline
 
+    from lora_parity.backends.torch_backend import load_lora_checked
+
     pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir)
-    with captured_logs("diffusers", "peft", "transformers") as records:
-        pipe.load_lora_weights(str(lora_file))
-    bad = [r.getMessage() for r in records if any(m in r.getMessage() for m in DROPPED_KEY_MESSAGES)]
-    return pipe, bad
+    load_lora_checked(pipe, lora_file)
+    return pipe
 
 
 def pipeline_deltas(pipe) -> dict[str, np.ndarray]:
@@ -92,8 +89,7 @@ def test_converted_lora_loads_completely_and_deltas_match(tmp_path, tiny_pipelin
     src, lora = ms_lora_file
     out = tmp_path / f"{fmt}.safetensors"
     convert(ConvertOptions(src=src, dst=out, fmt=fmt, layout="tiny", alpha=8.0))
-    pipe, dropped = load_into_pipeline(tiny_pipeline_dir, out)
-    assert not dropped, dropped[:3]
+    pipe = load_into_pipeline(tiny_pipeline_dir, out)
     got = pipeline_deltas(pipe)
     expected = ms_side_deltas(load_lora(src, layout=lora.layout, alpha=8.0))
     assert len(expected) == sum(len(e.diffusers) for e in keymap_for(lora.layout).lora_entries())
@@ -107,13 +103,10 @@ def test_unconverted_mindone_file_loads_nothing_and_is_detected(tmp_path, tiny_p
 
     raw = tmp_path / "as_is.safetensors"
     write_safetensors(raw, formats.tensors_for(lora, "ms")[0])
-    try:
-        pipe, dropped = load_into_pipeline(tiny_pipeline_dir, raw)
-    except Exception as exc:  # some diffusers versions raise instead of logging
-        dropped, pipe = [str(exc)], None
-    got = pipeline_deltas(pipe) if pipe is not None else {}
-    assert dropped or not got
-    assert compare_deltas(ms_side_deltas(lora), got) != []
+    from lora_parity.backends.torch_backend import LoraLoadError
+
+    with pytest.raises(LoraLoadError, match="no LoRA weight was injected"):
+        load_into_pipeline(tiny_pipeline_dir, raw)
 
 
 @pytest.mark.parametrize("fault", ["swap_projections", "drop_block", "wrong_scale"])
@@ -126,7 +119,7 @@ def test_faulty_conversion_is_caught(tmp_path, tiny_pipeline_dir, ms_lora_file, 
     from lora_parity.safetensors_io import write_safetensors
 
     write_safetensors(out, *formats.tensors_for(broken, "peft"))
-    pipe, _ = load_into_pipeline(tiny_pipeline_dir, out)
+    pipe = load_into_pipeline(tiny_pipeline_dir, out)
     problems = compare_deltas(ms_side_deltas(truth), pipeline_deltas(pipe))
     assert problems, f"fault '{fault}' went unnoticed"
     if fault == "drop_block":
@@ -146,7 +139,7 @@ def test_file_saved_by_diffusers_itself_converts_back_bitwise(tmp_path, tiny_pip
     src, lora = ms_lora_file
     ours = tmp_path / "ours.safetensors"
     convert(ConvertOptions(src=src, dst=ours, layout="tiny", alpha=8.0))
-    pipe, _ = load_into_pipeline(tiny_pipeline_dir, ours)
+    pipe = load_into_pipeline(tiny_pipeline_dir, ours)
     StableDiffusionXLPipeline.save_lora_weights(
         tmp_path / "saved", weight_name="theirs.safetensors",
         unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name=_adapter(pipe.unet)),
