@@ -253,12 +253,11 @@ class KeyMap:
         return Counter(self.by_sgm[n].block for n in sgm_names if n in self.by_sgm)
 
 
-_CACHE: dict[int, KeyMap] = {}
+_CACHE: dict[ModelLayout, KeyMap] = {}
 
 
 def keymap_for(layout: ModelLayout) -> KeyMap:
-    """Key maps are pure functions of the (frozen) layout: build each once."""
-    key = hash(layout)
-    if key not in _CACHE:
-        _CACHE[key] = KeyMap(layout)
-    return _CACHE[key]
+    """Key maps are pure functions of the (frozen, hashable) layout: build each once."""
+    if layout not in _CACHE:  # keyed by the layout itself: equal layouts share, no hash collisions
+        _CACHE[layout] = KeyMap(layout)
+    return _CACHE[layout]

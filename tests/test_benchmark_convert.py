@@ -84,20 +84,13 @@ def _check_peft(report, dst: Path, rank: int):
     assert f'"unet.r": {rank}' in meta["lora_adapter_metadata"]
 
 
-@pytest.mark.benchmark(group="convert-rank4")
-def test_bench_ms_to_peft_rank4(benchmark, ms_rank4, tmp_path):
-    src, _ = ms_rank4
+@pytest.mark.parametrize("rank", [4, 64])
+def test_bench_ms_to_peft(benchmark, request, rank, tmp_path):
+    src, _ = request.getfixturevalue(f"ms_rank{rank}")
+    benchmark.group = f"convert-rank{rank}"
     dst = tmp_path / "out.safetensors"
     report = _bench_convert(benchmark, src, dst, "peft")
-    _check_peft(report, dst, 4)
-
-
-@pytest.mark.benchmark(group="convert-rank64")
-def test_bench_ms_to_peft_rank64(benchmark, ms_rank64, tmp_path):
-    src, _ = ms_rank64
-    dst = tmp_path / "out.safetensors"
-    report = _bench_convert(benchmark, src, dst, "peft")
-    _check_peft(report, dst, 64)
+    _check_peft(report, dst, rank)
     dst.unlink()
 
 
