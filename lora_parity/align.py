@@ -22,12 +22,22 @@ def _ending_module(diffusers_name: str) -> str:
     return diffusers_name
 
 
-def unet_alignment(layout: ModelLayout) -> list[Aligned]:
+def timestep_suffix(t, timesteps) -> str:
+    """Activation-name suffix for one of several timesteps ("" when there is only one)."""
+    return "" if len(timesteps) == 1 else f"@t{float(t):g}"
+
+
+def unet_alignment(layout: ModelLayout, timesteps=(None,)) -> list[Aligned]:
+    """Every UNet block; repeated per timestep with an ``@t<T>`` suffix when there are several."""
     last: dict[str, str] = {}
     for e in keymap_for(layout).entries:
         if e.component == "unet":
             last[e.block] = _ending_module(e.diffusers[0])
-    return [Aligned(UNET_SGM + block, dif, "unet", i) for i, (block, dif) in enumerate(last.items())]
+    out = []
+    for t in timesteps:
+        sfx = timestep_suffix(t, timesteps)
+        out += [Aligned(UNET_SGM + block + sfx, dif + sfx, "unet", i) for i, (block, dif) in enumerate(last.items())]
+    return out
 
 
 def text_alignment(layout: ModelLayout) -> list[Aligned]:

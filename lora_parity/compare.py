@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from .align import conditioning_alignment, text_alignment, unet_alignment, vae_a
 from .errors import LoraParityError
 from .layout import layout_from_pipeline_dir
 from .parity import ParityReport, compare, compare_low_precision
+from .sides.request import SideRequest, SideResult
+from .sides.run import run_side
 from .tolerances import layer_tolerance
 
 DEFAULT_TIMESTEP = 500.0
@@ -24,14 +25,20 @@ DEFAULT_TIMESTEP = 500.0
 
 @dataclass
 class CompareOptions:
-    pt_base: Path
-    ms_base: Path
+    pt_base: Path | None = None  # an explicit pair: a diffusers folder ...
+    ms_base: Path | None = None  # ... and the same weights as a MindSpore .ckpt (SGM names)
+    base: str | None = None  # or one SPEC for both sides (folder, single file, random:NAME[:SEED])
+    variant: str | None = None  # diffusers weight variant ("fp16") of a folder base
+    cache: Path | None = None  # where random:/single-file bases are materialised
     ms_lora: Path | None = None
     pt_lora: Path | None = None
     latents: Path | None = None
+    height: int | None = None  # image size (latents are height/8 x width/8 for SDXL)
+    width: int | None = None
     prompt: str | None = None
     alpha: float | None = None
     timestep: float = DEFAULT_TIMESTEP
+    timesteps: tuple[float, ...] | None = None  # several UNet timesteps (default: (timestep,))
     dtype: str = "F32"
     merge: bool = False  # fold the LoRA into the MindSpore weights instead of running it unmerged
     steps: int | None = None  # denoising steps for the full-image comparison (None: layers only)
@@ -43,105 +50,144 @@ class CompareOptions:
     pt_device: str = "cpu"
     tol_overrides: dict = field(default_factory=dict)
     report_dir: Path | None = None
+    isolate: bool = True  # each side in its own child process (one model in memory at a time)
+    aesthetic_score: float = 6.0  # refiner conditioning, diffusers' defaults
+    negative_aesthetic_score: float = 2.5
+
+
+@dataclass(frozen=True)
+class _Base:
+    """Where each side's weights come from, resolved once."""
+
+    pipeline_dir: Path
+    variant: str | None
+    base_spec: str | None
+    ms_ckpt: Path | None
+    is_refiner: bool
+    default_image_size: int | None
 
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _check_inputs(o: CompareOptions) -> None:
-    if not (Path(o.pt_base) / "model_index.json").is_file():
-        raise LoraParityError("not a diffusers pipeline folder (no model_index.json)", path=o.pt_base)
-    for p in (o.ms_base, o.ms_lora, o.pt_lora, o.latents):
+def resolve_bases(o: CompareOptions) -> _Base:
+    """``--base SPEC`` or the explicit ``--pt-base``/``--ms-base`` pair; one error if neither or both."""
+    for p in (o.ms_lora, o.pt_lora, o.latents):
         if p is not None and not Path(p).is_file():
             raise LoraParityError("no such file", path=p)
+    if o.base is not None:
+        if o.pt_base is not None or o.ms_base is not None:
+            raise LoraParityError("give --base, or the pair --pt-base/--ms-base, not both")
+        from .bases import resolve_base
+
+        b = resolve_base(o.base, variant=o.variant, cache=o.cache, progress=o.progress)
+        return _Base(b.pipeline_dir, b.variant, o.base, None, b.is_refiner, b.default_image_size)
+    if o.pt_base is None or o.ms_base is None:
+        raise LoraParityError("compare needs --base SPEC, or both --pt-base DIR and --ms-base CKPT")
+    if not (Path(o.pt_base) / "model_index.json").is_file():
+        raise LoraParityError("not a diffusers pipeline folder (no model_index.json)", path=o.pt_base)
+    if not Path(o.ms_base).is_file():
+        raise LoraParityError("no such file", path=o.ms_base)
+    index = _json(Path(o.pt_base) / "model_index.json")
+    return _Base(Path(o.pt_base), o.variant, None, Path(o.ms_base), bool(index.get("requires_aesthetics_score")),
+                 None)
 
 
-def ms_side(o: CompareOptions, ids1, ids2, latents, size_cond) -> dict[str, np.ndarray]:
-    """Build the SGM model in MindSpore, load base + MindONE LoRA, capture every block."""
-    from .backends.mindspore_backend import MindSporeBackend
-    from .device import use_device
+def compare_latents(o: CompareOptions, base: _Base) -> np.ndarray:
+    """The start latents: ``--latents``, else seed-0 noise of the requested (or the base's default) size."""
+    from .infer import read_latents, vae_scale_factor
 
-    settings = use_device(o.ms_device)
-    be = MindSporeBackend(o.pt_base, o.ms_base, o.ms_lora, o.alpha, dtype=o.dtype, merge=o.merge, graph=o.ms_graph)
-    acts, seconds = be.activations(ids1, ids2, latents, o.timestep, size_cond)
-    acts["_unet_seconds"] = np.array(seconds)
-    acts["_settings"] = settings
-    if o.steps:
-        image, per_step = be.generate_float(ids1, ids2, latents, o.steps, o.guidance, size_cond, progress=o.progress)
-        acts["_image"], acts["_seconds_per_step"] = image, per_step
-    return acts
+    if o.latents is not None or (o.height is None and o.width is None and base.default_image_size is None):
+        latents = read_latents(o.latents, base.pipeline_dir)
+        if o.height is not None or o.width is not None:
+            f = vae_scale_factor(base.pipeline_dir)
+            want = (o.height or latents.shape[2] * f, o.width or latents.shape[3] * f)
+            if want != (latents.shape[2] * f, latents.shape[3] * f):
+                raise LoraParityError(f"latents {list(latents.shape)} are not for a {want[0]}x{want[1]} image",
+                                      path=o.latents or "built-in latents")
+        return latents
+    from .fixtures.tiny_pipeline import make_latents
+
+    f = vae_scale_factor(base.pipeline_dir)
+    h = o.height or base.default_image_size
+    w = o.width or base.default_image_size
+    unet = _json(base.pipeline_dir / "unet" / "config.json")
+    step = f * 2 ** (len(unet["block_out_channels"]) - 1)
+    if h % step or w % step:
+        raise LoraParityError(f"--height/--width must be multiples of {step} for this model, got {h}x{w}")
+    return make_latents(0, (1, int(unet.get("in_channels", 4)), h // f, w // f))
 
 
-def pt_side(o: CompareOptions, pt_lora: Path | None, prompt: str, latents, size_cond, dtype: str = "F32"):
-    import torch
-
-    from .backends.torch_backend import TorchBackend
-
-    be = TorchBackend(o.pt_base, lora=pt_lora, device=o.pt_device, dtype={"F32": torch.float32, "F16": torch.float16,
-                                                     "BF16": torch.bfloat16}[dtype])
-    ids1, ids2 = be.tokenize(prompt)
-    acts = dict(be.text_encoder_activations(input_ids=ids1, input_ids_2=ids2).values)
-    embeds, pooled = be.encode_prompt(input_ids=ids1, input_ids_2=ids2)
-    time_ids = be.add_time_ids(*size_cond)
-    t0 = time.perf_counter()
-    acts.update(be.unet_activations(latents, o.timestep, embeds, pooled, time_ids).values)
-    unet_s = time.perf_counter() - t0
-    acts.update(be.vae_decode_activations(latents).values)
-    with torch.no_grad():
-        tproj = be.unet.add_time_proj(torch.as_tensor(time_ids).flatten()).reshape(time_ids.shape[0], -1)
-    acts["conditioning.prompt_embeds"] = np.asarray(embeds)
-    acts["conditioning.add_embedding_input"] = np.concatenate([np.asarray(pooled), tproj.numpy()], axis=-1)
-    if o.steps and dtype == "F32":
-        acts["_image"] = be.generate_float(prompt, latents, o.steps, o.guidance, progress=o.progress)
-        acts["_seconds_per_step"] = be.last_seconds_per_step
-    return acts, ids1, ids2, unet_s
+def _request(o: CompareOptions, base: _Base, side: str, **kw) -> SideRequest:
+    return SideRequest(
+        side=side, pipeline_dir=str(base.pipeline_dir), variant=base.variant, base_spec=base.base_spec,
+        ms_ckpt=str(base.ms_ckpt) if base.ms_ckpt else None, cache=str(o.cache) if o.cache else None,
+        alpha=o.alpha, guidance=o.guidance, merge=o.merge, graph=o.ms_graph, progress=o.progress,
+        aesthetic=[o.aesthetic_score, o.negative_aesthetic_score] if base.is_refiner else None,
+        device=o.ms_device if side == "ms" else o.pt_device, **kw)
 
 
 def run_compare(o: CompareOptions) -> ParityReport:
-    _check_inputs(o)
-    if o.dtype != "F32":
-        from .backends.mindspore_backend import MindSporeBackend
+    base = resolve_bases(o)
+    if o.dtype != "F32" and o.ms_device == "CPU":
+        from .sides.ms_side import MS_CPU_DTYPES
 
-        ok, why = MindSporeBackend.supports(o.dtype)
-        if not ok:
-            raise LoraParityError(f"--dtype {o.dtype}: {why}")
+        if o.dtype not in MS_CPU_DTYPES:
+            raise LoraParityError(f"--dtype {o.dtype}: MindSpore on CPU has no {o.dtype} MatMul kernel "
+                                  f"(run it with --ms-device Ascend)")
     from .fixtures.tiny_pipeline import DEFAULT_PROMPT
+    from .infer import default_size_cond
 
     prompt = o.prompt if o.prompt is not None else DEFAULT_PROMPT
-    from .infer import default_size_cond, read_latents
-
-    latents = read_latents(o.latents, o.pt_base)
-
-    size_cond = default_size_cond(o.pt_base, latents)
+    latents = compare_latents(o, base)
+    size_cond = [list(p) for p in default_size_cond(base.pipeline_dir, latents)]
+    timesteps = [float(t) for t in (o.timesteps or (o.timestep,))]
+    common = dict(prompt=prompt, timesteps=timesteps, size_cond=size_cond, steps=o.steps,
+                  arrays={"latents": latents})
     with tempfile.TemporaryDirectory(prefix="lora-parity-") as tmp:
         pt_lora = Path(o.pt_lora) if o.pt_lora else None
         if pt_lora is None and o.ms_lora is not None:
             from .convert import ConvertOptions, convert
 
             pt_lora = Path(tmp) / "converted_pt.safetensors"
-            convert(ConvertOptions(src=Path(o.ms_lora), dst=pt_lora, layout=str(o.pt_base), alpha=o.alpha))
-        pt, ids1, ids2, pt_unet_s = pt_side(o, pt_lora, prompt, latents, size_cond)
-        pt_low = pt_side(o, pt_lora, prompt, latents, size_cond, o.dtype)[0] if o.dtype != "F32" else None
-    ms_acts = ms_side(o, ids1, ids2, latents, size_cond)
-    layout = layout_from_pipeline_dir(Path(o.pt_base))
-    vae_blocks = len(_json(Path(o.pt_base) / "vae" / "config.json")["block_out_channels"])
-    alignment = (text_alignment(layout) + conditioning_alignment() + unet_alignment(layout)
+            convert(ConvertOptions(src=Path(o.ms_lora), dst=pt_lora, layout=str(base.pipeline_dir), alpha=o.alpha))
+        lora = str(pt_lora) if pt_lora else None
+        pt = run_side(_request(o, base, "pt", lora=lora, dtype="F32", **common), isolate=o.isolate)
+        pt_low = (run_side(_request(o, base, "pt", lora=lora, dtype=o.dtype, **common), isolate=o.isolate)
+                  if o.dtype != "F32" else None)
+    inputs = {k[len("_inputs."):]: v for k, v in pt.acts.items() if k.startswith("_inputs.")}
+    ms_common = dict(common, arrays={"latents": latents, **inputs})
+    ms = run_side(_request(o, base, "ms", lora=str(o.ms_lora) if o.ms_lora else None, dtype=o.dtype, **ms_common),
+                  isolate=o.isolate)
+    layout = layout_from_pipeline_dir(base.pipeline_dir)
+    vae_blocks = len(_json(base.pipeline_dir / "vae" / "config.json")["block_out_channels"])
+    alignment = (text_alignment(layout) + conditioning_alignment() + unet_alignment(layout, timesteps)
                  + vae_alignment(vae_blocks))
     if pt_low is None:
-        report = compare(alignment, ms_acts, pt, layer_tolerance(o.dtype, o.tol_overrides), o.dtype)
+        report = compare(alignment, ms.acts, pt.acts, layer_tolerance(o.dtype, o.tol_overrides), o.dtype)
     else:
-        report = compare_low_precision(alignment, ms_acts, pt_low, pt, o.dtype)
+        report = compare_low_precision(alignment, ms.acts, pt_low.acts, pt.acts, o.dtype)
+    sides = {"pytorch": pt.meta, "mindspore": ms.meta}
+    if pt_low is not None:
+        sides["pytorch_" + o.dtype.lower()] = pt_low.meta
     report.meta.update({
-        "dtype": o.dtype, "timestep": o.timestep, "prompt": prompt, "latents_shape": list(latents.shape),
+        "dtype": o.dtype, "timestep": timesteps[0], "timesteps": timesteps, "prompt": prompt,
+        "latents_shape": list(latents.shape), "image_size": [int(v) for v in size_cond[2]],
+        "base": o.base if o.base else {"pt_base": str(o.pt_base), "ms_base": str(o.ms_base)},
+        "variant": base.variant, "refiner": base.is_refiner,
         "ms_lora": str(o.ms_lora) if o.ms_lora else None, "pt_lora": str(o.pt_lora) if o.pt_lora else "converted",
         "tolerance": layer_tolerance(o.dtype, o.tol_overrides).__dict__,
-        "mindspore_settings": ms_acts["_settings"],
-        "unet_first_forward_seconds": {"mindspore": float(ms_acts["_unet_seconds"]), "pytorch": pt_unet_s},
+        "mindspore_settings": ms.meta.get("mindspore_settings"),
+        "unet_first_forward_seconds": {"mindspore": ms.meta["unet_forward_seconds"][0],
+                                       "pytorch": pt.meta["unet_forward_seconds"][0]},
+        "peak_rss_bytes": {name: m.get("peak_rss_bytes") for name, m in sides.items()},
+        "seconds": {name: m.get("seconds") for name, m in sides.items()},
+        "isolated_processes": o.isolate,
     })
     images = None
     if o.steps:
-        images = _image_check(o, report, ms_acts, pt)
+        images = _image_check(o, report, ms, pt, pt_low)
     if o.report_dir is not None:
         from .report import write_report
 
@@ -149,19 +195,31 @@ def run_compare(o: CompareOptions) -> ParityReport:
     return report
 
 
-def _image_check(o: CompareOptions, report: ParityReport, ms_acts: dict, pt: dict) -> dict[str, np.ndarray]:
-    """Full-image metrics of the two generated images; recorded in the report, part of pass/fail."""
+def _image_check(o: CompareOptions, report: ParityReport, ms: SideResult, pt: SideResult,
+                 pt_low: SideResult | None) -> dict[str, np.ndarray]:
+    """Full-image metrics of the two generated images; recorded in the report, part of pass/fail.
+
+    fp32: MindSpore's image against PyTorch's.  fp16/bf16: both sides generate in that dtype
+    and MindSpore's image is judged against PyTorch's fp32 image (the reference); PyTorch's own
+    low-precision image error is recorded next to it.
+    """
     from .image_metrics import image_metrics
     from .sampling import to_uint8
     from .tolerances import IMAGE_MAE_MAX
 
-    ms_img, pt_img = to_uint8(ms_acts["_image"]), to_uint8(pt["_image"])
+    ms_img, pt_img = to_uint8(ms.images["image"]), to_uint8(pt.images["image"])
     m = image_metrics(ms_img, pt_img)
     threshold = IMAGE_MAE_MAX if o.image_mae is None else float(o.image_mae)
+    per_step = {"mindspore": float(ms.meta["seconds_per_step"]), "pytorch": float(pt.meta["seconds_per_step"])}
     report.image = {**m.to_dict(), "mae_threshold": threshold, "passed": m.mae < threshold,
-                    "steps": o.steps, "guidance": o.guidance,
-                    "seconds_per_step": {"mindspore": float(ms_acts["_seconds_per_step"]),
-                                         "pytorch": float(pt["_seconds_per_step"])},
+                    "steps": o.steps, "guidance": o.guidance, "dtype": o.dtype, "reference": "pytorch fp32",
+                    "seconds_per_step": per_step,
                     "title": f"{o.steps} steps, guidance {o.guidance:g}: MAE {m.mae:.3f}, PSNR {m.psnr:.1f} dB, "
                              f"SSIM {m.ssim:.4f}"}
-    return {"ms": ms_img, "pt": pt_img}
+    out = {"ms": ms_img, "pt": pt_img}
+    if pt_low is not None:
+        low = to_uint8(pt_low.images["image"])
+        report.image["pytorch_low_precision_vs_reference"] = image_metrics(low, pt_img).to_dict()
+        report.image["seconds_per_step"]["pytorch_" + o.dtype.lower()] = float(pt_low.meta["seconds_per_step"])
+        out["pt_low"] = low
+    return out

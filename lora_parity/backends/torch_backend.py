@@ -196,8 +196,10 @@ def load_lora_checked(pipe, path: str | Path, adapter_name: str = "parity") -> L
 
     handler = _Records()
     loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    for lg in loggers:
-        lg.addHandler(handler)
+    saved = [(lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:  # only the checker hears them: their own wording is reported when it matters
+        lg.handlers = [handler]
+        lg.propagate = False
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -208,8 +210,9 @@ def load_lora_checked(pipe, path: str | Path, adapter_name: str = "parity") -> L
                 raise LoraLoadError(f"diffusers refused the LoRA: {type(exc).__name__}: {exc} "
                                     f"(diffusers/peft said: {said})", path=path) from exc
     finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
+        for lg, (handlers, propagate) in zip(loggers, saved):
+            lg.handlers = handlers
+            lg.propagate = propagate
     messages = handler.messages + [f"{w.category.__name__}: {w.message}" for w in caught
                                    if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
 
@@ -294,6 +297,17 @@ class TorchBackend:
         if lora is not None:
             self.load_lora(lora, adapter_name)
 
+    @classmethod
+    def from_pipe(cls, pipe, pipeline_dir: str | Path, dtype=None, device: str = "cpu") -> "TorchBackend":
+        """Wrap an already built pipeline (e.g. one whose other components are not loaded)."""
+        self = cls.__new__(cls)
+        self.pipeline_dir = Path(pipeline_dir)
+        self.device = torch.device(device)
+        self.dtype = torch.float32 if dtype is None else dtype
+        self.pipe = pipe
+        self.lora_report = None
+        return self
+
     # ------------------------------------------------------------ helpers
 
     def load_lora(self, path: str | Path, adapter_name: str = "parity") -> LoraLoadReport:
@@ -314,6 +328,16 @@ class TorchBackend:
 
     # ------------------------------------------------------------ text encoders
 
+    def token_ids(self, prompt: str) -> dict[str, np.ndarray]:
+        """``{"input_ids": ..., "input_ids_2": ...}`` for the tokenizers this pipeline has (refiner: only _2)."""
+        out = {}
+        for key, tok in (("input_ids", self.pipe.tokenizer), ("input_ids_2", self.pipe.tokenizer_2)):
+            if tok is not None:
+                enc = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="np")
+                out[key] = enc.input_ids.astype(np.int64)
+        return out
+
     def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         ids = []
         for tok in (self.pipe.tokenizer, self.pipe.tokenizer_2):
@@ -330,12 +354,14 @@ class TorchBackend:
             embeds, _, pooled, _ = pipe.encode_prompt(
                 prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
             return embeds, pooled
-        if input_ids is None or input_ids_2 is None:
-            raise ValueError("give token ids for both tokenizers")
+        if input_ids_2 is None or (input_ids is None and pipe.text_encoder is not None):
+            raise ValueError("give token ids for every tokenizer of the pipeline")
         # the pipeline's encode_prompt for already tokenized input (clip_skip=None)
         embeds = []
         pooled = None
         for ids, te in ((input_ids, pipe.text_encoder), (input_ids_2, pipe.text_encoder_2)):
+            if te is None:  # the refiner has only the OpenCLIP encoder
+                continue
             out = te(self._t(ids, torch.long), output_hidden_states=True)
             pooled = out[0]
             embeds.append(out.hidden_states[-2])
@@ -363,7 +389,8 @@ class TorchBackend:
         """
         outs: dict[str, Any] = {}
         handles = []
-        for comp in ("text_encoder", "text_encoder_2"):
+        comps = [c for c in ("text_encoder", "text_encoder_2") if getattr(self.pipe, c, None) is not None]
+        for comp in comps:
             def hook(_m, _i, output, comp=comp):
                 outs[comp] = output
             handles.append(getattr(self.pipe, comp).register_forward_hook(hook))
@@ -373,7 +400,7 @@ class TorchBackend:
             for h in handles:
                 h.remove()
         acts = Activations()
-        for comp in ("text_encoder", "text_encoder_2"):
+        for comp in comps:
             out = outs[comp]
             for i, h in enumerate(out.hidden_states):
                 acts.add(f"{comp}.hidden_states.{i}", to_numpy(h), comp)
@@ -385,11 +412,24 @@ class TorchBackend:
     # ------------------------------------------------------------ UNet
 
     def add_time_ids(self, original_size=(32, 32), crops_coords_top_left=(0, 0), target_size=(32, 32),
-                     as_numpy: bool = True):
-        """``(1, 6)`` time ids exactly as ``StableDiffusionXLPipeline`` builds them."""
-        ids = self.pipe._get_add_time_ids(
-            tuple(original_size), tuple(crops_coords_top_left), tuple(target_size), dtype=self.dtype,
-            text_encoder_projection_dim=int(self.pipe.text_encoder_2.config.projection_dim))
+                     as_numpy: bool = True, *, aesthetic: tuple[float, float] | None = None,
+                     pooled_dim: int | None = None):
+        """Time ids exactly as the pipeline builds them: ``(1, 6)`` for the base pipeline,
+        ``(1, 5)`` (original size, crop, aesthetic score) for the refiner's img2img pipeline.
+
+        ``pooled_dim`` stands in for ``text_encoder_2.config.projection_dim`` when the text
+        encoders are not loaded (as diffusers itself does with ``pooled_prompt_embeds``).
+        """
+        te2 = getattr(self.pipe, "text_encoder_2", None)
+        proj = int(te2.config.projection_dim) if te2 is not None else int(pooled_dim)
+        orig, crop, target = tuple(original_size), tuple(crops_coords_top_left), tuple(target_size)
+        if getattr(self.pipe.config, "requires_aesthetics_score", None) is not None:  # img2img signature
+            score, negative = aesthetic if aesthetic is not None else (6.0, 2.5)
+            ids, _ = self.pipe._get_add_time_ids(orig, crop, target, score, negative, orig, crop, target,
+                                                 dtype=self.dtype, text_encoder_projection_dim=proj)
+        else:
+            ids = self.pipe._get_add_time_ids(orig, crop, target, dtype=self.dtype,
+                                              text_encoder_projection_dim=proj)
         return to_numpy(ids, np.float32) if as_numpy else ids.to(self.device)
 
     def unet_hook_names(self) -> list[str]:

@@ -1,0 +1,112 @@
+"""The exact inputs of one side's capture, and what it hands back; both serialisable.
+
+Requests and results cross a process boundary as a folder: ``request.json`` /
+``result.json`` (numbers, names, settings) and ``arrays.safetensors`` (latents, token ids,
+activations, images).  No pickle anywhere: a result folder can be read back safely.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..safetensors_io import read_safetensors, write_safetensors
+from ..tensor import Tensor
+
+REQUEST_JSON = "request.json"
+RESULT_JSON = "result.json"
+ARRAYS = "arrays.safetensors"
+
+
+@dataclass
+class SideRequest:
+    """Everything one side needs; arrays live in ``arrays`` (written beside the JSON)."""
+
+    side: str  # "pt" | "ms"
+    pipeline_dir: str  # diffusers folder: configs, tokenizers, scheduler (and the PyTorch weights)
+    variant: str | None = None  # diffusers weight variant of pipeline_dir ("fp16") or None
+    base_spec: str | None = None  # --base SPEC (MindSpore weights from it) ...
+    ms_ckpt: str | None = None  # ... or an explicit MindSpore base .ckpt (SGM names)
+    cache: str | None = None
+    lora: str | None = None  # pt: a PyTorch LoRA file; ms: a MindONE .ckpt
+    alpha: float | None = None
+    prompt: str = ""
+    timesteps: list[float] = field(default_factory=lambda: [500.0])
+    size_cond: list = field(default_factory=list)  # [[oh, ow], [top, left], [th, tw]]
+    aesthetic: list | None = None  # [score, negative score] for refiners, else None
+    steps: int | None = None
+    guidance: float = 5.0
+    dtype: str = "F32"
+    image_dtype: str | None = None  # dtype of the image run (default: F32 reference, or dtype)
+    merge: bool = False
+    graph: bool = False
+    device: str = "CPU"  # MindSpore device target, or the torch device for pt
+    progress: bool = False
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # latents, input_ids, ...
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {k: v for k, v in asdict(self).items() if k != "arrays"}
+        (folder / REQUEST_JSON).write_text(json.dumps(meta, indent=1, allow_nan=False))
+        _write_arrays(folder / ARRAYS, self.arrays)
+
+    @classmethod
+    def load(cls, folder: Path) -> "SideRequest":
+        meta = json.loads((folder / REQUEST_JSON).read_text())
+        return cls(**meta, arrays=_read_arrays(folder / ARRAYS))
+
+
+@dataclass
+class SideResult:
+    """Activations by the side's own names, images, and measurements (``meta``)."""
+
+    acts: dict[str, np.ndarray] = field(default_factory=dict)
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # "image" (float32 H,W,3 in [0,1])
+    meta: dict = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {f"act/{k}": v for k, v in self.acts.items()}
+        arrays.update({f"img/{k}": v for k, v in self.images.items()})
+        _write_arrays(folder / ARRAYS, arrays)
+        (folder / RESULT_JSON).write_text(json.dumps(
+            {"meta": self.meta, "order": list(self.acts)}, indent=1, allow_nan=False, default=_jsonable))
+
+    @classmethod
+    def load(cls, folder: Path) -> "SideResult":
+        info = json.loads((folder / RESULT_JSON).read_text())
+        arrays = _read_arrays(folder / ARRAYS)
+        acts = {k: arrays[f"act/{k}"] for k in info["order"]}
+        images = {k[4:]: v for k, v in arrays.items() if k.startswith("img/")}
+        return cls(acts, images, info["meta"])
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    # activations are float32 or lower computed values: float64 copies are widened exactly,
+    # so storing float32 loses nothing
+    out = {}
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        if v.dtype == np.float64:
+            v = v.astype(np.float32)
+        out[k] = Tensor.from_numpy(np.ascontiguousarray(v))
+    write_safetensors(path, out)
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        return {}
+    tensors, _ = read_safetensors(path)
+    return {k: np.array(t.data) for k, t in tensors.items()}

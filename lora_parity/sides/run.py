@@ -1,0 +1,98 @@
+"""Run one side's capture, in a child process by default.
+
+A child per side means the two frameworks never hold their models in one address space
+(full-size SDXL fits a 24 GB machine only that way), each side's peak memory is its own,
+and a framework's global state (MindSpore's device, torch's threads) cannot leak into the
+other side.  The child gets a request folder and writes a result folder (JSON +
+safetensors, no pickle); a user error in the child comes back as the same one-line error.
+``python -m lora_parity.sides.run REQUEST_DIR RESULT_DIR`` is that child.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import LoraParityError
+from .request import SideRequest, SideResult
+
+ERROR_FILE = "error.txt"
+
+
+def capture(req: SideRequest) -> SideResult:
+    """Run the side named by ``req.side`` in this process."""
+    if req.side == "pt":
+        from .pt_side import capture_pt
+
+        return capture_pt(req)
+    if req.side == "ms":
+        from .ms_side import capture_ms
+
+        return capture_ms(req)
+    raise LoraParityError(f"unknown side {req.side!r}")
+
+
+def run_side(req: SideRequest, *, isolate: bool = True, python: str | None = None) -> SideResult:
+    """The side's result; in a child process (``python``, default this interpreter) unless ``isolate`` is off."""
+    if not isolate:
+        return capture(req)
+    with tempfile.TemporaryDirectory(prefix=f"lora-parity-{req.side}-") as tmp:
+        request, result = Path(tmp) / "request", Path(tmp) / "result"
+        req.save(request)
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        cmd = [python or sys.executable, "-m", "lora_parity.sides.run", str(request), str(result)]
+        proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)
+        err = result / ERROR_FILE
+        if proc.returncode != 0:
+            if err.is_file():
+                raise LoraParityError(err.read_text().strip())
+            raise LoraParityError(f"the {_label(req.side)} side stopped with exit code {proc.returncode} "
+                                  f"(its messages are above)")
+        return SideResult.load(result)
+
+
+def _label(side: str) -> str:
+    return {"pt": "PyTorch", "ms": "MindSpore"}.get(side, side)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    request, result = Path(argv[0]), Path(argv[1])
+    result.mkdir(parents=True, exist_ok=True)
+    try:
+        out = capture(SideRequest.load(request))
+    except LoraParityError as exc:
+        (result / ERROR_FILE).write_text(str(exc) + "\n")
+        return exc.exit_code
+    out.save(result)
+    return 0
+
+
+def quiet_frameworks() -> None:
+    """No weight-loading bars or import chatter from transformers/diffusers; denoising bars are ours."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    quiet_frameworks()
+    sys.exit(main())
