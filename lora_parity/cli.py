@@ -69,7 +69,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     overrides = {"F32": args.tol_f32, "F16": args.tol_f16, "BF16": args.tol_bf16}
     report = run_compare(CompareOptions(
-        pt_base=Path(args.pt_base), ms_base=Path(args.ms_base),
+        pt_base=Path(args.pt_base) if args.pt_base else None, ms_base=Path(args.ms_base) if args.ms_base else None,
+        base=args.base, variant=args.variant, cache=Path(args.cache) if args.cache else None,
+        height=args.height, width=args.width, timesteps=_timesteps(args.timesteps, args.timestep),
+        isolate=not args.in_process,
         ms_lora=Path(args.ms_lora) if args.ms_lora else None,
         pt_lora=Path(args.pt_lora) if args.pt_lora else None,
         latents=Path(args.latents) if args.latents else None, prompt=args.prompt, alpha=args.alpha,
@@ -83,11 +86,35 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _timesteps(text: str | None, single: float) -> tuple[float, ...]:
+    if not text:
+        return (single,)
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise LoraParityError(f"--timesteps takes comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 <= t < 1000 for t in values):
+        raise LoraParityError(f"--timesteps must be in [0, 1000), got {text!r}")
+    return values
+
+
+def _add_base_args(p: argparse.ArgumentParser, *, pair_help: bool = True) -> None:
+    p.add_argument("--base", metavar="SPEC",
+                   help="the base model for both sides: a diffusers pipeline folder, an official single-file "
+                        "checkpoint (sd_xl_base_1.0.safetensors), or random:sdxl-base|sdxl-refiner|tiny[:SEED] "
+                        "(generated once into --cache)")
+    p.add_argument("--variant", help="diffusers weight variant of a folder base, e.g. fp16 (*.fp16.safetensors)")
+    p.add_argument("--cache", help="folder for generated / materialised bases (default: ~/.cache/lora-parity)")
+    p.add_argument("--height", type=int, help="image height (default: the model's; README uses 256 on CPU)")
+    p.add_argument("--width", type=int, help="image width (default: the model's)")
+
+
 def _cmd_infer(args: argparse.Namespace) -> int:
     _quiet_framework_loading()
     from .infer import run_infer
 
-    out = run_infer(args.backend, Path(args.pt_base),
+    out = run_infer(args.backend, Path(args.pt_base) if args.pt_base else None,
+                    base=args.base, variant=args.variant, cache=args.cache, height=args.height, width=args.width,
                     ms_base=Path(args.ms_base) if args.ms_base else None,
                     ms_lora=Path(args.ms_lora) if args.ms_lora else None,
                     pt_lora=Path(args.pt_lora) if args.pt_lora else None,
@@ -141,14 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("compare", help="run MindSpore and PyTorch on the same inputs and compare every layer",
                        description="Exit 0 on parity, 1 on a parity failure, 2 on bad input.")
-    m.add_argument("--pt-base", required=True, help="diffusers SDXL pipeline folder")
-    m.add_argument("--ms-base", required=True, help="the same base weights as a MindSpore .ckpt (SGM names)")
+    _add_base_args(m)
+    m.add_argument("--pt-base", help="an explicit pair instead of --base: a diffusers SDXL pipeline folder ...")
+    m.add_argument("--ms-base", help="... and the same base weights as a MindSpore .ckpt (SGM names)")
     m.add_argument("--ms-lora", help="MindONE LoRA .ckpt (omit to compare the base models)")
     m.add_argument("--pt-lora", help="PyTorch LoRA to compare against (default: convert --ms-lora)")
     m.add_argument("--latents", help=".npy latents (N, 4, H, W) (default: built-in seed 0)")
     m.add_argument("--prompt", help="prompt text (default: the built-in prompt)")
     m.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
     m.add_argument("--timestep", type=float, default=500.0, help="UNet timestep (default 500)")
+    m.add_argument("--timesteps", help="compare the UNet at several timesteps, e.g. 999,500,1")
+    m.add_argument("--in-process", action="store_true",
+                   help="run both sides in this process (default: one child process per side, so only one "
+                        "model is in memory at a time)")
     m.add_argument("--report", help="write report.json (and images) into this folder")
     m.add_argument("--steps", type=int, help="also generate images with N denoising steps and compare them")
     m.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance for --steps (default 5)")
@@ -170,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("infer", help="text-to-image with one backend (Euler, CFG), written as a PNG",
                        description="Generate an image from given initial noise with MindSpore (ms) or diffusers (pt).")
     i.add_argument("--backend", required=True, choices=("ms", "pt"))
-    i.add_argument("--pt-base", required=True, help="diffusers SDXL pipeline folder (configs, tokenizers; pt weights)")
+    _add_base_args(i)
+    i.add_argument("--pt-base", help="instead of --base: a diffusers SDXL pipeline folder (configs, tokenizers; pt weights)")
     i.add_argument("--ms-base", help="MindSpore base .ckpt (SGM names); required for --backend ms")
     i.add_argument("--ms-lora", help="MindONE LoRA .ckpt (for pt: converted on the fly)")
     i.add_argument("--pt-lora", help="PyTorch LoRA .safetensors (--backend pt)")

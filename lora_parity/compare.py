@@ -71,8 +71,10 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def resolve_bases(o: CompareOptions) -> _Base:
-    """``--base SPEC`` or the explicit ``--pt-base``/``--ms-base`` pair; one error if neither or both."""
+def resolve_bases(o: CompareOptions, sides: tuple[str, ...] = ("pt", "ms")) -> _Base:
+    """``--base SPEC`` or the explicit ``--pt-base``/``--ms-base`` pair; one error if neither or both.
+
+    ``sides``: which sides will run (``infer --backend pt`` needs no MindSpore weights)."""
     for p in (o.ms_lora, o.pt_lora, o.latents):
         if p is not None and not Path(p).is_file():
             raise LoraParityError("no such file", path=p)
@@ -83,15 +85,16 @@ def resolve_bases(o: CompareOptions) -> _Base:
 
         b = resolve_base(o.base, variant=o.variant, cache=o.cache, progress=o.progress)
         return _Base(b.pipeline_dir, b.variant, o.base, None, b.is_refiner, b.default_image_size)
-    if o.pt_base is None or o.ms_base is None:
-        raise LoraParityError("compare needs --base SPEC, or both --pt-base DIR and --ms-base CKPT")
+    if o.pt_base is None or (o.ms_base is None and "ms" in sides):
+        need = "--pt-base DIR and --ms-base CKPT" if "ms" in sides else "--pt-base DIR"
+        raise LoraParityError(f"give --base SPEC, or {need}")
     if not (Path(o.pt_base) / "model_index.json").is_file():
         raise LoraParityError("not a diffusers pipeline folder (no model_index.json)", path=o.pt_base)
-    if not Path(o.ms_base).is_file():
+    if o.ms_base is not None and not Path(o.ms_base).is_file():
         raise LoraParityError("no such file", path=o.ms_base)
     index = _json(Path(o.pt_base) / "model_index.json")
-    return _Base(Path(o.pt_base), o.variant, None, Path(o.ms_base), bool(index.get("requires_aesthetics_score")),
-                 None)
+    return _Base(Path(o.pt_base), o.variant, None, Path(o.ms_base) if o.ms_base else None,
+                 bool(index.get("requires_aesthetics_score")), None)
 
 
 def compare_latents(o: CompareOptions, base: _Base) -> np.ndarray:

@@ -83,50 +83,55 @@ def read_latents(path: str | Path | None, pipeline_dir: str | Path | None = None
     return arr.astype(np.float32)
 
 
-def generate(backend: str, pt_base: str | Path, *, ms_base=None, ms_lora=None, pt_lora=None,
-             prompt: str | None = None, latents: np.ndarray, steps: int = DEFAULT_STEPS,
-             guidance: float = DEFAULT_GUIDANCE, progress: bool = True, ms_graph: bool = False
-             ) -> tuple[np.ndarray, float]:
-    """(float32 image (H, W, 3) in [0, 1], seconds per denoising step) from one backend."""
+def generate(backend: str, pt_base: str | Path | None = None, *, base: str | None = None, variant=None,
+             cache=None, ms_base=None, ms_lora=None, pt_lora=None, prompt: str | None = None,
+             latents: np.ndarray | None = None, latents_npy=None, height: int | None = None, width: int | None = None,
+             steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, progress: bool = True,
+             ms_graph: bool = False) -> tuple[np.ndarray, float]:
+    """(float32 image (H, W, 3) in [0, 1], seconds per denoising step) from one backend.
+
+    The same capture as ``compare`` runs (one component at a time), without recording layers.
+    """
+    import tempfile
+
+    from .compare import CompareOptions, _request, compare_latents, resolve_bases
     from .fixtures.tiny_pipeline import DEFAULT_PROMPT
+    from .sides.run import run_side
 
+    if backend not in BACKENDS:
+        raise LoraParityError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "ms" and pt_lora is not None:
+        raise LoraParityError("--pt-lora is for --backend pt; give the MindONE LoRA as --ms-lora")
+    o = CompareOptions(pt_base=Path(pt_base) if pt_base else None, ms_base=Path(ms_base) if ms_base else None,
+                       base=base, variant=variant, cache=Path(cache) if cache else None, ms_lora=ms_lora,
+                       pt_lora=pt_lora, latents=latents_npy, height=height, width=width, guidance=guidance,
+                       progress=progress, ms_graph=ms_graph)
+    b = resolve_bases(o, sides=("pt",) if backend == "pt" else ("pt", "ms"))
+    if latents is None:
+        latents = compare_latents(o, b)
     prompt = DEFAULT_PROMPT if prompt is None else prompt
-    pt_base = Path(pt_base)
-    if not (pt_base / "model_index.json").is_file():
-        raise LoraParityError("not a diffusers pipeline folder (no model_index.json)", path=pt_base)
-    if backend == "ms":
-        if ms_base is None:
-            raise LoraParityError("--backend ms needs --ms-base")
-        if pt_lora is not None:
-            raise LoraParityError("--pt-lora is for --backend pt; give the MindONE LoRA as --ms-lora")
-        from .backends.mindspore_backend import MindSporeBackend
-
-        be = MindSporeBackend(pt_base, Path(ms_base), Path(ms_lora) if ms_lora else None, graph=ms_graph)
-        ids1, ids2 = tokenize(pt_base, prompt)
-        return be.generate_float(ids1, ids2, latents, steps, guidance, default_size_cond(pt_base, latents),
-                                 progress, scheduler=pt_base)
-    if backend == "pt":
-        import tempfile
-
-        from .backends.torch_backend import TorchBackend
-
-        with tempfile.TemporaryDirectory(prefix="lora-parity-infer-") as tmp:
+    common = dict(prompt=prompt, steps=int(steps), activations=False, arrays={"latents": latents},
+                  size_cond=[list(p) for p in default_size_cond(b.pipeline_dir, latents)])
+    with tempfile.TemporaryDirectory(prefix="lora-parity-infer-") as tmp:
+        if backend == "ms":
+            req = _request(o, b, "ms", lora=str(ms_lora) if ms_lora else None, **common)
+        else:
             lora = Path(pt_lora) if pt_lora else None
             if lora is None and ms_lora is not None:  # convert the MindONE LoRA on the fly
                 from .convert import ConvertOptions, convert
 
                 lora = Path(tmp) / "converted_pt.safetensors"
-                convert(ConvertOptions(src=Path(ms_lora), dst=lora, layout=str(pt_base)))
-            be = TorchBackend(pt_base, lora=lora)
-        image = be.generate_float(prompt, latents, steps, guidance, progress=progress)
-        return image, be.last_seconds_per_step
-    raise LoraParityError(f"backend must be one of {BACKENDS}, got {backend!r}")
+                convert(ConvertOptions(src=Path(ms_lora), dst=lora, layout=str(b.pipeline_dir)))
+            req = _request(o, b, "pt", lora=str(lora) if lora else None, **common)
+        out = run_side(req, isolate=False)
+    return out.images["image"], float(out.meta["seconds_per_step"])
 
 
-def run_infer(backend: str, pt_base: str | Path, ms_base=None, ms_lora=None, pt_lora=None,
+def run_infer(backend: str, pt_base: str | Path | None = None, ms_base=None, ms_lora=None, pt_lora=None,
               prompt: str | None = None, latents_npy=None, steps: int = DEFAULT_STEPS,
               guidance: float = DEFAULT_GUIDANCE, out_png: str | Path = "out.png", progress: bool = True,
-              ms_graph: bool = False, force: bool = False) -> Path:
+              ms_graph: bool = False, force: bool = False, *, base: str | None = None, variant=None, cache=None,
+              height: int | None = None, width: int | None = None) -> Path:
     """Generate with ``backend`` ("ms" or "pt") and write the first image to ``out_png``; returns the path."""
     from PIL import Image
 
@@ -136,10 +141,10 @@ def run_infer(backend: str, pt_base: str | Path, ms_base=None, ms_lora=None, pt_
     out = Path(out_png)
     if out.exists() and not force:
         raise OutputExistsError("output exists; pass --force to overwrite it", path=out)
-    latents = read_latents(latents_npy, pt_base)
-    image, per_step = generate(backend, pt_base, ms_base=ms_base, ms_lora=ms_lora, pt_lora=pt_lora, prompt=prompt,
-                               latents=latents, steps=int(steps), guidance=float(guidance), progress=progress,
-                               ms_graph=ms_graph)
+    image, per_step = generate(backend, pt_base, base=base, variant=variant, cache=cache, ms_base=ms_base,
+                               ms_lora=ms_lora, pt_lora=pt_lora, prompt=prompt, latents_npy=latents_npy,
+                               height=height, width=width, steps=int(steps), guidance=float(guidance),
+                               progress=progress, ms_graph=ms_graph)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out) as fh:
         Image.fromarray(to_uint8(image)).save(fh, format="PNG")

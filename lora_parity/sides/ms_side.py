@@ -112,6 +112,21 @@ class _Loader:
         return cell
 
 
+class _InDtype:
+    """The UNet called in a low precision with the sampler's float32 tensors: inputs cast down,
+    the noise prediction cast back up, so the Euler update runs in float32 as diffusers'
+    scheduler does (it upcasts the sample for the step)."""
+
+    def __init__(self, unet, dtype):
+        self.unet, self.dtype = unet, dtype
+
+    def __call__(self, x, t, context, y):
+        import mindspore as ms
+
+        out = self.unet(x.astype(self.dtype), t, context.astype(self.dtype), y.astype(self.dtype))
+        return out.astype(ms.float32)
+
+
 def _lora_tensors(req: SideRequest, layout):
     if not req.lora:
         return {}, {}
@@ -169,6 +184,10 @@ def capture_ms(req: SideRequest) -> SideResult:
     t0 = time.perf_counter()
     encoders = [loader.fill(build_text_encoder(te, cfg)) for te, cfg in zip(layout.text_encoders,
                                                                              _te_configs(pdir, layout))]
+    if "input_ids_2" not in req.arrays:  # run alone (``infer``): the folder's own tokenizers
+        from .tokens import token_ids
+
+        req.arrays.update(token_ids(pdir, req.prompt, negative=cfg_on and refiner))
     ids = [req.arrays[k] for k in ("input_ids", "input_ids_2") if k in req.arrays][-len(encoders):]
     from ..backends.mindspore.unet import sdxl_vector
 
@@ -183,7 +202,8 @@ def capture_ms(req: SideRequest) -> SideResult:
 
     with capture_activations(*encoders) as acts:
         context, y = condition(ids, req.aesthetic[0] if refiner else None)
-    result.acts.update(acts)
+    if req.activations:
+        result.acts.update(acts)
     result.acts["conditioner.context"] = context.asnumpy()
     result.acts["conditioner.vector"] = y.asnumpy()
     negative = None
@@ -198,7 +218,7 @@ def capture_ms(req: SideRequest) -> SideResult:
     unet = loader.fill(UNetModel(layout.unet))
     x = Tensor(latents, x_dtype)
     forward_s = []
-    for t in req.timesteps:
+    for t in (req.timesteps if req.activations else ()):
         with capture_activations(unet) as acts:
             t1 = time.perf_counter()
             unet(x, Tensor(np.full((latents.shape[0],), t, np.float32)), context.astype(x_dtype), y.astype(x_dtype))
@@ -211,7 +231,8 @@ def capture_ms(req: SideRequest) -> SideResult:
         from ..backends.mindspore.sampler import denoise
 
         schedule = EulerSchedule.from_pipeline_dir(pdir, int(req.steps))
-        final, per_step = denoise(unet, np.asarray(latents, np.float32), context, y, schedule, float(req.guidance),
+        model = unet if req.dtype == "F32" else _InDtype(unet, x_dtype)
+        final, per_step = denoise(model, np.asarray(latents, np.float32), context, y, schedule, float(req.guidance),
                                   dim, req.progress, negative=negative, scale_initial_noise=not refiner)
         result.meta["seconds_per_step"] = per_step
     del unet
@@ -227,9 +248,10 @@ def capture_ms(req: SideRequest) -> SideResult:
         from ..backends.mindspore.model import cast_params
 
         cast_params(vae, loader.ms_dtype)
-    with capture_activations(vae) as acts:
-        vae(Tensor(latents, x_dtype))
-    result.acts.update(acts)
+    if req.activations:
+        with capture_activations(vae) as acts:
+            vae(Tensor(latents, x_dtype))
+        result.acts.update(acts)
     if final is not None:
         if upcast:
             from ..backends.mindspore.model import cast_params

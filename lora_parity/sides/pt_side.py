@@ -173,8 +173,8 @@ def capture_pt(req: SideRequest) -> SideResult:
     ids = be.token_ids(req.prompt)
     for name, value in ids.items():
         result.acts[f"_inputs.{name}"] = value
-    acts = be.text_encoder_activations(**ids)
-    result.acts.update(acts.values)
+    if req.activations:
+        result.acts.update(be.text_encoder_activations(**ids).values)
     with torch.no_grad():
         embeds, pooled = be.encode_prompt(**ids, as_numpy=False)
         gen = None
@@ -206,7 +206,7 @@ def capture_pt(req: SideRequest) -> SideResult:
     result.acts["conditioning.add_embedding_input"] = np.concatenate(
         [pooled.float().numpy(), tproj.float().numpy()], axis=-1)
     forward_s = []
-    for t in req.timesteps:
+    for t in (req.timesteps if req.activations else ()):
         t1 = time.perf_counter()
         acts = be.unet_activations(latents, t, embeds, pooled, time_ids)
         forward_s.append(time.perf_counter() - t1)
@@ -226,7 +226,8 @@ def capture_pt(req: SideRequest) -> SideResult:
     vae = loader.load("vae")
     pipe = _pipe(cls, vae=vae, scheduler=loader.scheduler(), config=config)
     be = TorchBackend.from_pipe(pipe, loader.dir, dtype=dtype)
-    result.acts.update(be.vae_decode_activations(latents).values)
+    if req.activations:
+        result.acts.update(be.vae_decode_activations(latents).values)
     if final is not None:
         result.images["image"] = _decode(pipe, final)
     del pipe, be, vae

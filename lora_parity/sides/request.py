@@ -44,6 +44,7 @@ class SideRequest:
     graph: bool = False
     device: str = "CPU"  # MindSpore device target, or the torch device for pt
     progress: bool = False
+    activations: bool = True  # False: image only (``infer``), no per-layer recording
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # latents, input_ids, ...
 
     def save(self, folder: Path) -> None:
