@@ -25,6 +25,7 @@ test-conversion: setup
 
 bench: setup
 	$(PY) -m pytest -m benchmark --benchmark-only --benchmark-enable --benchmark-columns=min,median,mean,max,rounds
+	$(PY) scripts/bench_fullsize_unet.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks

@@ -25,6 +25,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="a real SDXL base (diffusers folder) for the ascend layer")
     g.addoption("--ms-device", action="store", default=None, choices=("Ascend", "CPU", "GPU"),
                 help="device for the MindSpore side of the ascend layer (default: Ascend)")
+    g.addoption("--fullsize-cache", action="store", default=None, metavar="DIR",
+                help="where the fullsize layer generates its random SDXL bases (default: ~/.cache/lora-parity)")
     g.addoption("--tol-f32", type=float, default=None, help="override the fp32 per-layer relative error bound")
     g.addoption("--tol-f16", type=float, default=None, help="override the fp16 per-layer relative error bound")
     g.addoption("--tol-bf16", type=float, default=None, help="override the bf16 per-layer relative error bound")

@@ -51,6 +51,8 @@ class CompareOptions:
     tol_overrides: dict = field(default_factory=dict)
     report_dir: Path | None = None
     isolate: bool = True  # each side in its own child process (one model in memory at a time)
+    keep_captures: Path | None = None  # save each side's capture here (pt/, ms/, pt_<dtype>/)
+    reuse_captures: dict = field(default_factory=dict)  # side -> a kept capture folder made from the same inputs
     aesthetic_score: float = 6.0  # refiner conditioning, diffusers' defaults
     negative_aesthetic_score: float = 2.5
 
@@ -131,6 +133,24 @@ def _request(o: CompareOptions, base: _Base, side: str, **kw) -> SideRequest:
         device=o.ms_device if side == "ms" else o.pt_device, **kw)
 
 
+def _side(o: CompareOptions, name: str, req: SideRequest) -> SideResult:
+    """Run one side, or take a kept capture of it after checking it was made from these inputs."""
+    kept = o.reuse_captures.get(name)
+    if kept is not None:
+        out = SideResult.load(Path(kept))
+        want, got = req.fingerprint(), out.meta.get("inputs", {})
+        skip = {"arrays"} | ({"steps", "guidance"} if req.steps is None else set())  # no images compared
+        diff = sorted(k for k in want if k not in skip and want[k] != got.get(k))
+        diff += sorted(f"arrays.{k}" for k, v in want["arrays"].items() if got.get("arrays", {}).get(k) != v)
+        if diff:
+            raise LoraParityError(f"kept capture was made from other inputs ({', '.join(diff)})", path=kept)
+        return out
+    out = run_side(req, isolate=o.isolate)
+    if o.keep_captures is not None:
+        out.save(Path(o.keep_captures) / name)
+    return out
+
+
 def run_compare(o: CompareOptions) -> ParityReport:
     base = resolve_bases(o)
     if o.dtype != "F32" and o.ms_device == "CPU":
@@ -156,13 +176,13 @@ def run_compare(o: CompareOptions) -> ParityReport:
             pt_lora = Path(tmp) / "converted_pt.safetensors"
             convert(ConvertOptions(src=Path(o.ms_lora), dst=pt_lora, layout=str(base.pipeline_dir), alpha=o.alpha))
         lora = str(pt_lora) if pt_lora else None
-        pt = run_side(_request(o, base, "pt", lora=lora, dtype="F32", **common), isolate=o.isolate)
-        pt_low = (run_side(_request(o, base, "pt", lora=lora, dtype=o.dtype, **common), isolate=o.isolate)
+        pt = _side(o, "pt", _request(o, base, "pt", lora=lora, dtype="F32", **common))
+        pt_low = (_side(o, "pt_" + o.dtype.lower(), _request(o, base, "pt", lora=lora, dtype=o.dtype, **common))
                   if o.dtype != "F32" else None)
     inputs = {k[len("_inputs."):]: v for k, v in pt.acts.items() if k.startswith("_inputs.")}
     ms_common = dict(common, arrays={"latents": latents, **inputs})
-    ms = run_side(_request(o, base, "ms", lora=str(o.ms_lora) if o.ms_lora else None, dtype=o.dtype, **ms_common),
-                  isolate=o.isolate)
+    ms = _side(o, "ms", _request(o, base, "ms", lora=str(o.ms_lora) if o.ms_lora else None, dtype=o.dtype,
+                                 **ms_common))
     layout = layout_from_pipeline_dir(base.pipeline_dir)
     vae_blocks = len(_json(base.pipeline_dir / "vae" / "config.json")["block_out_channels"])
     alignment = (text_alignment(layout) + conditioning_alignment() + unet_alignment(layout, timesteps)

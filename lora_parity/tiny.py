@@ -60,6 +60,21 @@ TINY_VAE_CONFIG = {
     "scaling_factor": 0.13025,
 }
 
+# The tiny SDXL refiner: bigG-style TE2 only (cross_attention_dim = its hidden size), attention on the
+# middle level only (like the refiner's [0, 4, 4, 0]), depth 2, aesthetic-score conditioning:
+# 5 size/crop/aesthetic numbers * addition_time_embed_dim + TE2 projection_dim.
+TINY_REFINER_UNET_CONFIG = {
+    **TINY_UNET_CONFIG,
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": 2,
+    "attention_head_dim": [2, 4, 4],
+    "cross_attention_dim": TINY_TE2_CONFIG["hidden_size"],
+    "projection_class_embeddings_input_dim": 5 * TINY_UNET_CONFIG["addition_time_embed_dim"]
+    + TINY_TE2_CONFIG["projection_dim"],
+}
+
 TINY_LATENT_SHAPE = (1, 4, 16, 16)
 TINY_IMAGE_SIZE = 32
 
@@ -70,3 +85,12 @@ def tiny_layout():
 
     return ModelLayout("tiny", UNetLayout.from_diffusers_config(TINY_UNET_CONFIG, name="tiny"),
                        sdxl_text_encoders(TINY_TE1_CONFIG, TINY_TE2_CONFIG))
+
+
+def tiny_refiner_layout():
+    """The tiny refiner's layout (UNet + the bigG-style encoder at ``conditioner.embedders.0``)."""
+    from .layout import ModelLayout, UNetLayout, sdxl_text_encoders
+
+    return ModelLayout("tiny-refiner", UNetLayout.from_diffusers_config(TINY_REFINER_UNET_CONFIG,
+                                                                        name="tiny-refiner"),
+                       sdxl_text_encoders(None, TINY_TE2_CONFIG, refiner=True))

@@ -59,3 +59,7 @@ def layer_tolerance(dtype: str, overrides: dict[str, float] | None = None) -> To
 SAME_FRAMEWORK = Tolerance(rel=1e-6, rtol=1e-6, atol=1e-6)
 # A LoRA that is applied must move an activation by more than this (absolute, float32 scale ~1).
 LORA_EFFECT_MIN_ABS = 1e-4
+
+# Random full-depth weights must keep every compared activation alive: the reference's max |value|
+# per layer at least this (finite is checked too).  Far below real activations (order 1).
+LAYER_ACTIVITY_MIN = 1e-3

@@ -41,3 +41,33 @@ def qkv_wrong_order(sgm: dict[str, np.ndarray], prefix: str, layer: int = 0) -> 
         q, k, v = np.split(sgm[key], 3, axis=0)
         out[key] = np.concatenate([k, q, v], axis=0)
     return out
+
+
+def write_fullsize_lora(layout, path, *, rank: int = 4, alpha: float = 8.0, seed: int = 1, b_std: float = 0.1):
+    """What MindONE trains at full size: q/k/v/out of all UNet attention modules, plus the text
+    encoders' attention (CLIP-L q/k/v/out, bigG in_proj/out_proj), alpha != rank."""
+    from lora_parity.keymap import keymap_for
+    from lora_parity.synthetic import make_lora, write_ms_lora
+
+    km = keymap_for(layout)
+    modules = [e.sgm for e in km.attention_entries()]
+    modules += [e.sgm for e in km.lora_entries() if e.component.startswith("text_encoder") and e.kind == "linear"
+                and "attn" in e.sgm]
+    lora = make_lora(layout, rank=rank, alpha=alpha, modules=modules, seed=seed, b_std=b_std)
+    write_ms_lora(path, lora)
+    return lora
+
+
+def plant_keymap_swap(monkeypatch, layout, sgm_a: str, sgm_b: str) -> None:
+    """A key map whose entries for two modules point at each other's diffusers names: the converter
+    then writes their LoRA crosswise (shapes equal, every key mapped, nothing reported)."""
+    from dataclasses import replace
+
+    from lora_parity import keymap
+
+    km = keymap.KeyMap(layout)
+    by = {e.sgm: e for e in km.entries}
+    a, b = by[sgm_a], by[sgm_b]
+    swapped = {sgm_a: replace(a, diffusers=b.diffusers), sgm_b: replace(b, diffusers=a.diffusers)}
+    km.entries = tuple(swapped.get(e.sgm, e) for e in km.entries)
+    monkeypatch.setitem(keymap._CACHE, layout, km)

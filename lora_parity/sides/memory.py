@@ -22,6 +22,18 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def rss_bytes() -> int:
+    """Resident memory now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss_bytes() -> int:
     try:
         with open("/proc/self/status") as fh:

@@ -18,7 +18,7 @@ import numpy as np
 from ..align import timestep_suffix
 from ..errors import LoraParityError
 from ..layout import layout_from_pipeline_dir
-from .memory import free_memory, peak_rss_bytes, reset_peak_rss
+from .memory import free_memory, peak_rss_bytes, reset_peak_rss, rss_bytes
 from .request import SideRequest, SideResult
 
 MS_CPU_DTYPES = ("F32", "F16")  # MindSpore 2.10's CPU MatMul has no bfloat16 kernel
@@ -212,6 +212,7 @@ def capture_ms(req: SideRequest) -> SideResult:
     del encoders
     free_memory()
     result.meta["seconds"]["text_encoders"] = time.perf_counter() - t0
+    result.meta["rss_after_bytes"] = {"text_encoders": rss_bytes(), "peak_so_far": peak_rss_bytes()}
 
     # ---- phase 2: UNet forwards (one per timestep), then the denoising loop
     t0 = time.perf_counter()
@@ -238,6 +239,7 @@ def capture_ms(req: SideRequest) -> SideResult:
     del unet
     free_memory()
     result.meta["seconds"]["unet"] = time.perf_counter() - t0
+    result.meta["rss_after_bytes"].update(unet=rss_bytes(), peak_so_far_unet=peak_rss_bytes())
 
     # ---- phase 3: VAE decoder (a float16 VAE decodes the image in float32 when its config asks, as diffusers)
     t0 = time.perf_counter()

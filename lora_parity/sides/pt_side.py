@@ -22,7 +22,7 @@ import numpy as np
 
 from ..align import timestep_suffix
 from ..errors import LoraParityError
-from .memory import free_memory, peak_rss_bytes, reset_peak_rss
+from .memory import free_memory, peak_rss_bytes, reset_peak_rss, rss_bytes
 from .request import SideRequest, SideResult
 
 TORCH_DTYPES = ("F32", "F16", "BF16")
@@ -189,6 +189,7 @@ def capture_pt(req: SideRequest) -> SideResult:
     del pipe, be, te
     free_memory()
     result.meta["seconds"]["text_encoders"] = time.perf_counter() - t0
+    result.meta["rss_after_bytes"] = {"text_encoders": rss_bytes(), "peak_so_far": peak_rss_bytes()}
 
     # ---- phase 2: UNet, one forward per timestep, then the denoising loop
     t0 = time.perf_counter()
@@ -220,6 +221,7 @@ def capture_pt(req: SideRequest) -> SideResult:
     del pipe, be, unet
     free_memory()
     result.meta["seconds"]["unet"] = time.perf_counter() - t0
+    result.meta["rss_after_bytes"].update(unet=rss_bytes(), peak_so_far_unet=peak_rss_bytes())
 
     # ---- phase 3: VAE decoder
     t0 = time.perf_counter()

@@ -47,6 +47,16 @@ class SideRequest:
     activations: bool = True  # False: image only (``infer``), no per-layer recording
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # latents, input_ids, ...
 
+    def fingerprint(self) -> dict:
+        """What two captures must share to be compared: the exact inputs (arrays by SHA-256)."""
+        import hashlib
+
+        keys = ("prompt", "timesteps", "size_cond", "aesthetic", "steps", "guidance")
+        out = {k: getattr(self, k) for k in keys}
+        out["arrays"] = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()[:16]
+                         for k, v in sorted(self.arrays.items())}
+        return out
+
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         meta = {k: v for k, v in asdict(self).items() if k != "arrays"}

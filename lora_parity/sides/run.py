@@ -22,16 +22,20 @@ ERROR_FILE = "error.txt"
 
 
 def capture(req: SideRequest) -> SideResult:
-    """Run the side named by ``req.side`` in this process."""
+    """Run the side named by ``req.side`` in this process; the result records the inputs' fingerprint."""
+    fingerprint = req.fingerprint()  # before the side adds token ids of its own
     if req.side == "pt":
         from .pt_side import capture_pt
 
-        return capture_pt(req)
-    if req.side == "ms":
+        out = capture_pt(req)
+    elif req.side == "ms":
         from .ms_side import capture_ms
 
-        return capture_ms(req)
-    raise LoraParityError(f"unknown side {req.side!r}")
+        out = capture_ms(req)
+    else:
+        raise LoraParityError(f"unknown side {req.side!r}")
+    out.meta["inputs"] = fingerprint
+    return out
 
 
 def run_side(req: SideRequest, *, isolate: bool = True, python: str | None = None) -> SideResult:
@@ -95,4 +99,7 @@ def quiet_frameworks() -> None:
 
 if __name__ == "__main__":
     quiet_frameworks()
-    sys.exit(main())
+    # run the imported module's main, not this __main__ copy: one module object, one ``capture``
+    from lora_parity.sides import run as _module
+
+    sys.exit(_module.main())

@@ -146,10 +146,16 @@ class Conv2d(nn.Cell):
     MatMul: MindSpore 2.10's CPU Conv2D kernel is 20-100x slower than that, and the result
     is as accurate (float32 sums of the same products).  ``impl="native"`` uses ``ops.conv2d``
     (switch a built model with :func:`set_conv_impl`).
+
+    With a LoCon LoRA (see :mod:`.lora`): ``y = conv(x) + scale * conv1x1_B(conv_A(x))``, where
+    the children ``lora_A`` (weight (r, in, k, k): the base kernel, stride and padding, no bias)
+    and ``lora_B`` (weight (out, r, 1, 1), no bias) are themselves :class:`Conv2d` cells, so the
+    LoRA path runs through the same convolution implementation as the base (im2col or native).
+    This is the PEFT / diffusers / kohya LoCon formulation.
     """
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int | None = None,
-                 impl: str = "im2col"):
+                 impl: str = "im2col", bias: bool = True):
         super().__init__()
         self.cin, self.cout, self.kernel, self.stride = int(cin), int(cout), int(kernel), int(stride)
         self.padding = kernel // 2 if padding is None else int(padding)
@@ -157,12 +163,19 @@ class Conv2d(nn.Cell):
             raise ValueError(f"unknown conv impl {impl!r}")
         self.impl = impl
         self.weight = _param((cout, cin, kernel, kernel), "weight")
-        self.bias = _param((cout,), "bias")
+        self.has_bias = bool(bias)
+        self.bias = _param((cout,), "bias") if bias else None
+        self.lora_A = None
+        self.lora_B = None
+        self.lora_scale = 0.0
+        self.lora_merged = False
 
-    def construct(self, x: Tensor) -> Tensor:
+    def _conv(self, x: Tensor) -> Tensor:
         if self.impl == "native":
             y = ops.conv2d(x, self.weight.astype(x.dtype), None, self.stride, "pad", self.padding)
-            return y + self.bias.astype(y.dtype).reshape(1, -1, 1, 1)
+            if self.bias is not None:
+                y = y + self.bias.astype(y.dtype).reshape(1, -1, 1, 1)
+            return y
         b, c, h, w = x.shape
         k, s, p = self.kernel, self.stride, self.padding
         ho = (h + 2 * p - k) // s + 1
@@ -175,16 +188,26 @@ class Conv2d(nn.Cell):
             col = ops.unfold(x, k, 1, p, s)
         # (Cout, C*k*k) @ (B, C*k*k, Ho*Wo) -> (B, Cout, Ho*Wo): NCHW out, no transposes
         wmat = self.weight.astype(x.dtype).reshape(self.cout, c * k * k)
-        y = ops.matmul(wmat, col) + self.bias.astype(x.dtype).reshape(1, self.cout, 1)
+        y = ops.matmul(wmat, col)
+        if self.bias is not None:
+            y = y + self.bias.astype(x.dtype).reshape(1, self.cout, 1)
         return y.reshape(b, self.cout, ho, wo)
 
+    def construct(self, x: Tensor) -> Tensor:
+        y = self._conv(x)
+        if self.lora_A is not None and not self.lora_merged:
+            y = y + self.lora_B(self.lora_A(x)) * self.lora_scale
+        return y
+
     def extend_repr(self):
+        lora = "" if self.lora_A is None else f", lora_r={self.lora_A.cout}"
         return (f"{self.cin}->{self.cout}, k={self.kernel}, stride={self.stride}, "
-                f"padding={self.padding}, impl={self.impl}")
+                f"padding={self.padding}, impl={self.impl}{lora}")
 
 
-def make_conv(cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int | None = None) -> Conv2d:
-    return Conv2d(cin, cout, kernel, stride, padding, impl=CONV_IMPL)
+def make_conv(cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int | None = None,
+              bias: bool = True) -> Conv2d:
+    return Conv2d(cin, cout, kernel, stride, padding, impl=CONV_IMPL, bias=bias)
 
 
 # "im2col" (fast, default) or "native" (MindSpore's Conv2D kernel); read when cells are built

@@ -11,6 +11,12 @@ values with :func:`mindspore.load_param_into_net`.  :func:`merge_lora` folds
 OpenCLIP's fused attention has no Dense for q/k/v: a LoRA on
 ``...resblocks.N.attn.in_proj`` (A (r, W), B (3W, r)) becomes a ``_LoRAPair`` cell named
 ``attn.in_proj`` whose output is added to the fused in-projection.
+
+Convolutions take a LoCon LoRA (the PEFT / diffusers / kohya form): ``lora_A`` (r, in, kh, kw)
+is a convolution with the base layer's kernel, stride and padding, ``lora_B`` (out, r, 1, 1) a
+1x1 convolution, ``y = conv(x) + scale * B(A(x))``.  Merging folds
+``W += scale * (B[:, :, 0, 0] @ A.reshape(r, -1)).reshape(W.shape)``: exact because a 1x1
+convolution after a kxk one is the kxk convolution with the product kernel.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
 from ...errors import LoraParityError
-from .layers import Linear, Recordable
+from .layers import Conv2d, Linear, Recordable
 from .text import MultiheadAttention, _LoRAPair
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -38,10 +44,10 @@ class LoraInjection:
 
 
 def _layer_index(net: Recordable) -> dict[str, nn.Cell]:
-    """SGM layer name -> the Linear / fused attention cell a LoRA may target."""
+    """SGM layer name -> the Linear / Conv2d / fused attention cell a LoRA may target."""
     out: dict[str, nn.Cell] = {}
     for path, cell in net.cells_and_names():
-        if isinstance(cell, Linear) and not path.endswith((".lora_A", ".lora_B")):
+        if isinstance(cell, (Linear, Conv2d)) and not path.endswith((".lora_A", ".lora_B")):
             out[net.sgm_prefix + path] = cell
         elif isinstance(cell, MultiheadAttention):
             out[net.sgm_prefix + path + ".in_proj"] = cell
@@ -49,7 +55,7 @@ def _layer_index(net: Recordable) -> dict[str, nn.Cell]:
 
 
 def lora_targets(net: Recordable) -> list[str]:
-    """Names of every layer of ``net`` a LoRA may target (Dense layers and OpenCLIP ``attn.in_proj``)."""
+    """Names of every layer of ``net`` a LoRA may target (Dense and Conv2d layers, OpenCLIP ``attn.in_proj``)."""
     return sorted(_layer_index(net))
 
 
@@ -95,15 +101,22 @@ def inject_lora(net: Recordable, lora_params: dict, alpha: float | dict | None =
             result.skipped_keys.extend(f"{layer}.lora_{w}.weight" for w in ab)
             continue
         a, b = ab["A"], ab["B"]
-        if isinstance(cell, MultiheadAttention):
-            fan_in, fan_out = cell.width, 3 * cell.width
-        else:
-            fan_in, fan_out = cell.in_features, cell.out_features
         r = a.shape[0]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape != (fan_out, r):
+        if isinstance(cell, Conv2d):
+            k = cell.kernel
+            ok = a.shape == (r, cell.cin, k, k) and b.shape == (cell.cout, r, 1, 1)
+            expected = f"a ({cell.cout}, {cell.cin}, {k}, {k}) convolution"
+            fan_in, fan_out = cell.cin, cell.cout
+        else:
+            if isinstance(cell, MultiheadAttention):
+                fan_in, fan_out = cell.width, 3 * cell.width
+            else:
+                fan_in, fan_out = cell.in_features, cell.out_features
+            ok = a.ndim == 2 and b.ndim == 2 and a.shape[1] == fan_in and b.shape == (fan_out, r)
+            expected = f"a ({fan_out}, {fan_in}) layer"
+        if not ok:
             raise LoraParityError(
-                f"LoRA shapes for {layer} do not fit a ({fan_out}, {fan_in}) layer: "
-                f"A {tuple(a.shape)}, B {tuple(b.shape)}")
+                f"LoRA shapes for {layer} do not fit {expected}: A {tuple(a.shape)}, B {tuple(b.shape)}")
         layer_alpha = alpha.get(layer) if isinstance(alpha, dict) else alpha
         scale = 1.0 if layer_alpha is None else float(layer_alpha) / r
         holder = _attach(cell, fan_in, fan_out, r, scale)
@@ -132,8 +145,13 @@ def _attach(cell: nn.Cell, fan_in: int, fan_out: int, r: int, scale: float) -> n
         return cell.in_proj
     if cell.lora_A is not None and cell.lora_merged:
         raise LoraParityError("a merged LoRA is already folded into this layer; unmerge first")
-    cell.lora_A = Linear(fan_in, r, bias=False)
-    cell.lora_B = Linear(r, fan_out, bias=False)
+    if isinstance(cell, Conv2d):
+        # the "down" convolution sees the same windows as the base; the "up" one mixes channels
+        cell.lora_A = Conv2d(fan_in, r, cell.kernel, cell.stride, cell.padding, impl=cell.impl, bias=False)
+        cell.lora_B = Conv2d(r, fan_out, 1, 1, 0, impl=cell.impl, bias=False)
+    else:
+        cell.lora_A = Linear(fan_in, r, bias=False)
+        cell.lora_B = Linear(r, fan_out, bias=False)
     cell.lora_scale = float(scale)
     cell.lora_merged = False
     return cell
@@ -141,7 +159,7 @@ def _attach(cell: nn.Cell, fan_in: int, fan_out: int, r: int, scale: float) -> n
 
 def _lora_cells(net: nn.Cell):
     for _, cell in net.cells_and_names():
-        if isinstance(cell, Linear) and cell.lora_A is not None:
+        if isinstance(cell, (Linear, Conv2d)) and cell.lora_A is not None:
             yield cell, cell.weight, cell.lora_A.weight, cell.lora_B.weight, cell.lora_scale
         elif isinstance(cell, MultiheadAttention) and cell.in_proj is not None:
             p = cell.in_proj
@@ -149,18 +167,27 @@ def _lora_cells(net: nn.Cell):
 
 
 def _is_merged(cell) -> bool:
-    return cell.lora_merged if isinstance(cell, Linear) else cell.in_proj.merged
+    return cell.in_proj.merged if isinstance(cell, MultiheadAttention) else cell.lora_merged
 
 
 def _set_merged(cell, value: bool) -> None:
-    if isinstance(cell, Linear):
-        cell.lora_merged = value
-    else:
+    if isinstance(cell, MultiheadAttention):
         cell.in_proj.merged = value
+    else:
+        cell.lora_merged = value
+
+
+def _delta(w, a, b, scale: float) -> np.ndarray:
+    """``scale * B @ A`` in float64, in the base weight's shape (conv: (out, r, 1, 1) x (r, in, k, k))."""
+    a64 = a.asnumpy().astype(np.float64)
+    b64 = b.asnumpy().astype(np.float64)
+    prod = b64.reshape(b64.shape[0], -1) @ a64.reshape(a64.shape[0], -1)
+    return (scale * prod).reshape(tuple(w.shape))
 
 
 def merge_lora(net: nn.Cell) -> int:
-    """Fold every injected LoRA into its base weight (``W += scale * B @ A``); returns the count.
+    """Fold every injected LoRA into its base weight (``W += scale * B @ A``, convolutions
+    included: the product kernel reshaped to ``W``); returns the count.
 
     The LoRA parameters stay (so the names still match the checkpoint) but are no
     longer applied in ``construct``.  Computed in float64, stored in the weight's dtype.
@@ -169,7 +196,7 @@ def merge_lora(net: nn.Cell) -> int:
     for cell, w, a, b, scale in _lora_cells(net):
         if _is_merged(cell):
             continue
-        delta = scale * (b.asnumpy().astype(np.float64) @ a.asnumpy().astype(np.float64))
+        delta = _delta(w, a, b, scale)
         w.set_data(Tensor((w.asnumpy().astype(np.float64) + delta).astype(w.asnumpy().dtype), w.dtype))
         _set_merged(cell, True)
         n += 1
@@ -182,7 +209,7 @@ def unmerge_lora(net: nn.Cell) -> int:
     for cell, w, a, b, scale in _lora_cells(net):
         if not _is_merged(cell):
             continue
-        delta = scale * (b.asnumpy().astype(np.float64) @ a.asnumpy().astype(np.float64))
+        delta = _delta(w, a, b, scale)
         w.set_data(Tensor((w.asnumpy().astype(np.float64) - delta).astype(w.asnumpy().dtype), w.dtype))
         _set_merged(cell, False)
         n += 1

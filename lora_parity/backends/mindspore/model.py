@@ -14,7 +14,7 @@ from .graph import compile_for_graph
 from .layers import Recordable
 from .runtime import configure_cpu
 from .text import build_text_encoder
-from .unet import UNetModel, sdxl_vector
+from .unet import REFINER_TIME_IDS, UNetModel, sdxl_vector, time_id_count
 from .vae import VAEDecoder
 
 # diffusers AutoencoderKL config of the released SDXL VAE (public facts)
@@ -79,10 +79,36 @@ class SDXLComponents:
                              f"{len(unused)} unexpected (e.g. {unused[:3]})")
         return missing, unused
 
-    def conditioning(self, ids_per_encoder, original_size, crop_coords_top_left, target_size
-                     ) -> tuple[Tensor, Tensor]:
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled embedding in ``y``: the last (OpenCLIP) encoder's projection."""
+        te = self.text_encoders[-1].layout
+        return int(te.projection_dim or te.hidden_size)
+
+    @property
+    def time_id_count(self) -> int:
+        """6 (SDXL base: sizes, crop, target size) or 5 (refiner: sizes, crop, aesthetic score)."""
+        lay = self.unet.layout
+        return time_id_count(lay.adm_in_channels, self.pooled_dim, lay.addition_time_embed_dim)
+
+    @property
+    def uses_aesthetic_score(self) -> bool:
+        """Whether the UNet is conditioned on an aesthetic score (the SDXL refiner layout).
+
+        Read from the layout, ``(adm_in_channels - pooled_dim) / addition_time_embed_dim == 5``,
+        not from the encoder count: that is what ``label_emb`` really consumes.
+        """
+        return self.time_id_count == REFINER_TIME_IDS
+
+    def conditioning(self, ids_per_encoder, original_size, crop_coords_top_left, target_size=None, *,
+                     aesthetic_score: float | None = None) -> tuple[Tensor, Tensor]:
         """SGM conditioner: ``context`` = penultimate states concatenated on features; ``y`` vector
-        = [pooled projected output of the last (OpenCLIP) encoder, size/crop/target sinusoids]."""
+        = [pooled projected output of the last (OpenCLIP) encoder, size/crop/target sinusoids]
+        (refiner: size/crop/aesthetic-score sinusoids; ``aesthetic_score`` is then required and
+        ``target_size`` unused, see :func:`~.unet.sdxl_vector`)."""
+        ids_per_encoder = list(ids_per_encoder)
+        if len(ids_per_encoder) != len(self.text_encoders):
+            raise ValueError(f"{len(ids_per_encoder)} token id arrays for {len(self.text_encoders)} text encoders")
         hidden, pooled = [], None
         for enc, ids in zip(self.text_encoders, ids_per_encoder):
             h, p = enc(ids)
@@ -90,7 +116,8 @@ class SDXLComponents:
             pooled = p
         context = ops.concat(hidden, axis=-1) if len(hidden) > 1 else hidden[0]
         y = sdxl_vector(pooled, original_size, crop_coords_top_left, target_size,
-                        self.unet.layout.addition_time_embed_dim)
+                        self.unet.layout.addition_time_embed_dim, aesthetic_score=aesthetic_score,
+                        adm_in_channels=self.unet.layout.adm_in_channels)
         return context, y
 
 

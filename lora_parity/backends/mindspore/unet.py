@@ -75,20 +75,75 @@ class ConcatTimestepEmbedderND(nn.Cell):
         return emb.reshape(b, -1)
 
 
-def sdxl_vector(pooled: Tensor, original_size, crop_coords_top_left, target_size, dim: int) -> Tensor:
+# SDXL's y vector ends in the sinusoids of this many numbers: base = original size (h, w), crop
+# (top, left), target size (h, w); refiner = original size, crop, aesthetic score
+BASE_TIME_IDS = 6
+REFINER_TIME_IDS = 5
+
+
+def time_id_count(adm_in_channels: int, pooled_dim: int, addition_time_embed_dim: int) -> int:
+    """How many numbers the UNet's ``label_emb`` expects after the pooled text embedding.
+
+    ``(adm_in_channels - pooled_dim) / addition_time_embed_dim``: 6 for SDXL base (2816 =
+    1280 + 6 * 256), 5 for the refiner (2560 = 1280 + 5 * 256, the aesthetic score instead of
+    the target size).  Anything else is not an SDXL layout and raises ``ValueError``.
+    """
+    rest = int(adm_in_channels) - int(pooled_dim)
+    n, rem = divmod(rest, int(addition_time_embed_dim))
+    if rem or n not in (BASE_TIME_IDS, REFINER_TIME_IDS):
+        raise ValueError(
+            f"adm_in_channels {adm_in_channels} = pooled {pooled_dim} + {rest}: not {BASE_TIME_IDS} (SDXL base) "
+            f"or {REFINER_TIME_IDS} (SDXL refiner) numbers of {addition_time_embed_dim} sinusoids")
+    return n
+
+
+def _as_rows(value, b: int, width: int, what: str) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.astype(ms.float32).reshape(-1, width)
+    arr = np.asarray(value, dtype=np.float32).reshape(-1, width)
+    if arr.shape[0] not in (1, b):
+        raise ValueError(f"{what}: {arr.shape[0]} rows for a batch of {b}")
+    return Tensor(np.broadcast_to(arr, (b, width)).copy())
+
+
+def sdxl_vector(pooled: Tensor, original_size, crop_coords_top_left, target_size, dim: int, *,
+                aesthetic_score: float | None = None, adm_in_channels: int | None = None) -> Tensor:
     """The SDXL ``y`` vector: ``[pooled TE2 output, emb(orig h,w), emb(crop top,left), emb(target h,w)]``.
 
     ``original_size`` etc. are (B, 2) arrays/tensors (or a single pair, broadcast over
     the batch); ``dim`` is ``UNetLayout.addition_time_embed_dim``.  Same values as
     diffusers' ``text_embeds`` + ``time_ids`` path.
+
+    The refiner (SGM ``aesthetic_score`` embedder, diffusers ``requires_aesthetics_score``)
+    replaces the target size by one number: ``y = [pooled, emb(orig), emb(crop), emb(score)]``
+    (diffusers' ``original_size + crops_coords_top_left + (aesthetic_score,)``).  Which one
+    the UNet wants follows from ``adm_in_channels`` (see :func:`time_id_count`); pass it so a
+    score given to a base UNet, or missing for a refiner, is an error here rather than a shape
+    error (or a silently wrong vector) later.  Without it, ``aesthetic_score`` decides.
+    ``aesthetic_score`` may be a float or a (B,) array; ``target_size`` is ignored (may be None)
+    for the refiner.
     """
     b = pooled.shape[0]
+    if adm_in_channels is not None:
+        refiner = time_id_count(adm_in_channels, pooled.shape[-1], dim) == REFINER_TIME_IDS
+        if refiner and aesthetic_score is None:
+            raise ValueError("this UNet is conditioned on an aesthetic score (SDXL refiner layout, "
+                             f"adm_in_channels {adm_in_channels}): pass aesthetic_score")
+        if not refiner and aesthetic_score is not None:
+            raise ValueError("this UNet has no aesthetic-score conditioning (SDXL base layout, "
+                             f"adm_in_channels {adm_in_channels}): it takes target_size instead")
+    else:
+        refiner = aesthetic_score is not None
     parts = [pooled.astype(ms.float32)]
     emb = ConcatTimestepEmbedderND(dim)
-    for pair in (original_size, crop_coords_top_left, target_size):
-        arr = pair if isinstance(pair, Tensor) else Tensor(
-            np.broadcast_to(np.asarray(pair, dtype=np.float32).reshape(-1, 2), (b, 2)).copy())
-        parts.append(emb(arr))
+    parts.append(emb(_as_rows(original_size, b, 2, "original_size")))
+    parts.append(emb(_as_rows(crop_coords_top_left, b, 2, "crop_coords_top_left")))
+    if refiner:
+        parts.append(emb(_as_rows(aesthetic_score, b, 1, "aesthetic_score")))
+    else:
+        if target_size is None:
+            raise ValueError("target_size is required for an SDXL base UNet")
+        parts.append(emb(_as_rows(target_size, b, 2, "target_size")))
     return ops.concat(parts, axis=-1)
 
 

@@ -1,0 +1,131 @@
+"""``random:NAME[:SEED]``: a complete diffusers pipeline folder with generated weights, made once.
+
+Lets both backends run a full-size SDXL base or refiner (or the tiny ones) with no
+download.  The tensor list (names, shapes) comes from the diffusers/transformers
+models built on the meta device from the built-in configs, so the folder holds
+exactly what ``from_pretrained`` loads.  Values come from numpy only, one RNG per
+tensor seeded with ``(seed, crc32(component-prefixed name))``, so the order of
+generation never matters and two machines write identical bytes.
+
+INIT RULE (:func:`init_spec`; version ``INIT_VERSION``), chosen so activations stay
+finite and non-trivial through every block of the full-depth UNet, both text
+encoders and the VAE:
+
+* norm weights 1, norm biases 0 (every 1-D ``weight`` is a norm scale in these models);
+* Linear / Conv weights ~ N(0, (gain / sqrt(fan_in))^2), fan_in = prod(shape[1:]), gain 1:
+  unit-variance inputs give unit-variance outputs;
+* except the last projection of every residual branch (UNet/VAE resnet ``conv2``,
+  attention ``to_out.0``, ``ff.net.2``, transformer ``proj_out``, CLIP ``out_proj`` and
+  ``fc2``), gain ``RESIDUAL_GAIN`` = 0.5, so the residual stream grows slowly with depth
+  (each branch adds ~1/4 of a unit of variance) instead of doubling per block;
+* other biases ~ N(0, 0.02^2); token / position embeddings ~ N(0, 0.02^2) (CLIP's own init);
+  ``text_projection`` ~ N(0, 1/fan_in) (the general rule).
+
+Values are drawn in float32 and rounded to fp16 for storage (``*.fp16.safetensors``, the
+diffusers "fp16" variant).  Folders are written to ``<dir>.tmp-<pid>`` and renamed, so a
+reader never sees a partial one; ``lora-parity-random.json`` records spec, seed, rule.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import zlib
+from typing import NamedTuple
+from pathlib import Path
+
+import numpy as np
+
+from .configs import PipelineConfigs, meta_state_shapes, write_skeleton
+from .sources import write_component_weights
+
+INIT_VERSION = 2  # 2: UNet weights in 1 GiB shards
+VARIANT = "fp16"
+RESIDUAL_GAIN = 0.5
+BIAS_STD = 0.02
+EMBEDDING_STD = 0.02
+MARKER = "lora-parity-random.json"
+# What "finite and non-trivial" means for the rule: every block's output RMS, for unit-variance
+# latents and the generated weights, lies within this range (checked on the tiny models in the tests).
+ACTIVATION_RMS_RANGE = (1e-2, 1e2)
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+                "text_encoder": "model", "text_encoder_2": "model"}
+
+_RESIDUAL_OUT = re.compile(r"(\.conv2|\.to_out\.0|\.ff\.net\.2|\.proj_out|\.out_proj|\.fc2)\.weight$")
+_EMBEDDING = re.compile(r"(token_embedding|position_embedding)\.weight$")
+
+
+class InitSpec(NamedTuple):
+    """A tensor's values are ``mean + std * N(0, 1)``."""
+
+    mean: float
+    std: float
+
+
+def init_spec(name: str, shape: tuple[int, ...]) -> InitSpec:
+    """The init rule (see the module docstring) for one diffusers/transformers parameter."""
+    module, _, leaf = name.rpartition(".")
+    if len(shape) == 1 and leaf == "weight":
+        return InitSpec(1.0, 0.0)
+    if leaf == "bias":
+        return InitSpec(0.0, 0.0 if "norm" in module.rpartition(".")[2] else BIAS_STD)
+    if _EMBEDDING.search(name):
+        return InitSpec(0.0, EMBEDDING_STD)
+    gain = RESIDUAL_GAIN if _RESIDUAL_OUT.search(name) else 1.0
+    return InitSpec(0.0, gain / math.sqrt(math.prod(shape[1:])))
+
+
+def random_tensor(seed: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The fp16 values of one tensor: depends on (seed, name, shape) only."""
+    spec = init_spec(name, shape)
+    if spec.std == 0.0:
+        return np.full(shape, spec.mean, dtype=np.float16)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    x = rng.standard_normal(shape, dtype=np.float32)
+    x *= np.float32(spec.std)
+    if spec.mean:
+        x += np.float32(spec.mean)
+    return x.astype(np.float16)
+
+
+def write_component(out_dir: Path, component: str, cfg: dict, seed: int) -> None:
+    """Stream one component's generated weights into ``<out_dir>/<component>/<file>.fp16.safetensors``."""
+    shapes = meta_state_shapes(component, cfg)
+    entries = [(k, "F16", s) for k, s in shapes.items()]
+    arrays = (random_tensor(seed, f"{component}.{k}", s) for k, s in shapes.items())
+    write_component_weights(out_dir / component, WEIGHT_FILES[component], VARIANT, entries, arrays, {"format": "pt"})
+
+
+def folder_name(cfgs: PipelineConfigs, seed: int) -> str:
+    return f"{cfgs.name}-seed{seed}-v{INIT_VERSION}"
+
+
+def ensure_random_pipeline(cache: Path, cfgs: PipelineConfigs, seed: int, spec: str, *,
+                           progress: bool = False) -> Path:
+    """``<cache>/random/<name>-seed<S>-v1/``, generated on first use, reused afterwards."""
+    final = Path(cache) / "random" / folder_name(cfgs, seed)
+    if (final / MARKER).is_file():
+        return final
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)  # only ever renamed complete: without its marker it is debris
+    if progress and cfgs.real_size:
+        print(f"lora-parity: generating {spec} into {final} once (a minute or two)", file=sys.stderr, flush=True)
+    try:
+        write_skeleton(tmp, cfgs)
+        for comp, cfg in cfgs.components().items():
+            write_component(tmp, comp, cfg, seed)
+        marker = {"spec": f"random:{cfgs.name}:{seed}", "model": cfgs.name, "seed": seed, "version": INIT_VERSION,
+                  "variant": VARIANT, "init": (__doc__ or "").split("INIT RULE", 1)[-1].strip()}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first: keep theirs
+            if not (final / MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,144 @@
+"""The ``fullsize`` layer: SDXL base and refiner at their real architecture, through ``compare``.
+
+Random weights (``random:sdxl-base`` / ``random:sdxl-refiner``, generated once into the
+cache), a LoRA on all 560 UNet attention modules plus the text encoders' attention, alpha
+different from the rank, a 256x256 image (32x32 latents) on CPU: per-layer parity at one
+timestep, then a 2-step image with guidance.  Each side runs in its own child process, as
+``compare`` does by default.  The fault tests plant faults that only exist at real size on
+that same default path and reuse the kept capture of the side the fault does not touch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lora_parity.compare import CompareOptions, run_compare
+from lora_parity.layout import PRESETS, layout_from_pipeline_dir
+from lora_parity.parity import ParityReport, assert_report
+from lora_parity.tolerances import LAYER_ACTIVITY_MIN
+
+from . import faults
+
+pytestmark = pytest.mark.fullsize
+
+# the issue's CPU targets: 256x256 (32x32 latents), a 2-step image with guidance, rank 4 at alpha 8 (scale 2)
+FULLSIZE_IMAGE_SIZE = 256
+FULLSIZE_STEPS = 2
+FULLSIZE_ALPHA = 8.0
+
+CHILD_FAULTS = Path(__file__).parent / "child_faults"
+QK_BLOCK = "model.diffusion_model.input_blocks.8.1.transformer_blocks.9.attn1"
+
+
+@dataclass
+class Run:
+    report: ParityReport
+    lora: Path
+    captures: Path
+    options: CompareOptions
+
+
+def _full_run(tmp: Path, preset: str, cache) -> Run:
+    lora = tmp / f"{preset}_lora.ckpt"
+    faults.write_fullsize_lora(PRESETS[preset], lora, alpha=FULLSIZE_ALPHA)
+    o = CompareOptions(base=f"random:{preset}", cache=cache, ms_lora=lora, alpha=FULLSIZE_ALPHA,
+                       height=FULLSIZE_IMAGE_SIZE, width=FULLSIZE_IMAGE_SIZE, steps=FULLSIZE_STEPS,
+                       report_dir=tmp / "report", keep_captures=tmp / "captures")
+    return Run(run_compare(o), lora, tmp / "captures", o)
+
+
+@pytest.fixture(scope="module")
+def cache(request):
+    return request.config.getoption("--fullsize-cache")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, cache) -> Run:
+    return _full_run(tmp_path_factory.mktemp("sdxl_base"), "sdxl-base", cache)
+
+
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory, cache) -> Run:
+    return _full_run(tmp_path_factory.mktemp("sdxl_refiner"), "sdxl-refiner", cache)
+
+
+def _record(run: Run, record_property, name: str) -> None:
+    meta = run.report.meta
+    for side, peak in meta["peak_rss_bytes"].items():
+        record_property(f"{name}_peak_rss_gb[{side}]", round(peak / 2**30, 2))
+    for side, secs in meta["seconds"].items():
+        record_property(f"{name}_seconds[{side}]", round(secs["total"], 1))
+    record_property(f"{name}_image_mae", run.report.image["mae"])
+
+
+def _assert_alive(report: ParityReport) -> None:
+    """Random weights at full depth must keep every activation finite and non-trivial."""
+    dead = [m.sgm for m in report.layers if not math.isfinite(m.ref_max) or m.ref_max < LAYER_ACTIVITY_MIN]
+    assert not dead, f"activations vanish or blow up at full size: {dead[:5]}"
+
+
+def _fault_options(run: Run, keep_side: str, **kw) -> CompareOptions:
+    """The run's options without the image, reusing the kept capture of the untouched side."""
+    o = run.options
+    return CompareOptions(base=o.base, cache=o.cache, ms_lora=o.ms_lora, alpha=o.alpha, height=o.height,
+                          width=o.width, reuse_captures={keep_side: run.captures / keep_side}, **kw)
+
+
+def test_sdxl_base_fullsize_parity(base, record_property):
+    report = base.report
+    unet_layers = [m for m in report.layers if m.component == "unet"]
+    assert len(unet_layers) == len({m.sgm for m in unet_layers}) > 30  # every SDXL-base block compared
+    assert {m.component for m in report.layers} == {"text_encoder", "text_encoder_2", "conditioning", "unet", "vae"}
+    _assert_alive(report)
+    assert_report(report, record_property)
+    assert report.image["passed"], report.image["title"]
+    assert report.meta["isolated_processes"]
+    _record(base, record_property, "base")
+
+
+def test_sdxl_refiner_fullsize_parity_with_aesthetic_score(refiner, record_property):
+    report = refiner.report
+    assert report.meta["refiner"]
+    assert {m.component for m in report.layers} == {"text_encoder_2", "conditioning", "unet", "vae"}
+    y = next(m for m in report.layers if m.sgm == "conditioner.vector")
+    assert y.shape[-1] == PRESETS["sdxl-refiner"].unet.adm_in_channels  # 2560: pooled + 5 sinusoids
+    _assert_alive(report)
+    assert_report(report, record_property)
+    assert report.image["passed"], report.image["title"]
+    _record(refiner, record_property, "refiner")
+
+
+def test_qk_swap_in_the_tenth_block_of_input_blocks_8_is_caught(base, monkeypatch):
+    """A converter whose key map routes to_q/to_k of transformer_blocks.9 crosswise (a block the
+    tiny model does not have): a plain compare of the MindONE .ckpt fails naming that block."""
+    layout = layout_from_pipeline_dir(_pipeline_dir(base))
+    faults.plant_keymap_swap(monkeypatch, layout, f"{QK_BLOCK}.to_q", f"{QK_BLOCK}.to_k")
+    report = run_compare(_fault_options(base, "ms"))
+    assert not report.passed
+    assert report.first_failure.sgm == "model.diffusion_model.input_blocks.8", report.first_failure.message()
+
+
+def test_truncated_middle_transformer_stack_is_caught(base, monkeypatch):
+    """The port's middle block runs 9 of its 10 transformer blocks."""
+    monkeypatch.setenv("PYTHONPATH", str(CHILD_FAULTS))
+    monkeypatch.setenv("LORA_PARITY_TEST_FAULT", "truncate_middle")
+    report = run_compare(_fault_options(base, "pt"))
+    assert not report.passed
+    assert report.first_failure.sgm == "model.diffusion_model.middle_block", report.first_failure.message()
+
+
+def test_refiner_dropped_aesthetic_score_is_caught(refiner, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(CHILD_FAULTS))
+    monkeypatch.setenv("LORA_PARITY_TEST_FAULT", "drop_aesthetic")
+    report = run_compare(_fault_options(refiner, "pt"))
+    assert not report.passed
+    assert report.first_failure.sgm == "conditioner.vector", report.first_failure.message()
+
+
+def _pipeline_dir(run: Run) -> Path:
+    from lora_parity.bases import resolve_base
+
+    return resolve_base(run.options.base, cache=run.options.cache).pipeline_dir
