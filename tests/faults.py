@@ -71,3 +71,9 @@ def plant_keymap_swap(monkeypatch, layout, sgm_a: str, sgm_b: str) -> None:
     swapped = {sgm_a: replace(a, diffusers=b.diffusers), sgm_b: replace(b, diffusers=a.diffusers)}
     km.entries = tuple(swapped.get(e.sgm, e) for e in km.entries)
     monkeypatch.setitem(keymap._CACHE, layout, km)
+
+
+def keymap_entries(layout):
+    from lora_parity.keymap import keymap_for
+
+    return keymap_for(layout).entries
