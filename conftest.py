@@ -21,8 +21,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("lora-parity")
     g.addoption("--lora-ckpt", action="store", default=None, metavar="PATH",
                 help="a real MindONE LoRA .ckpt: the conversion layer also runs on it (no NPU needed)")
-    g.addoption("--sdxl-base", action="store", default=None, metavar="DIR",
-                help="a real SDXL base (diffusers folder) for the ascend layer")
+    g.addoption("--sdxl-base", action="store", default=None, metavar="SPEC",
+                help="the SDXL base for the ascend layer: a diffusers folder, an official single-file checkpoint "
+                     "or random:sdxl-base (as compare --base)")
     g.addoption("--ms-device", action="store", default=None, choices=("Ascend", "CPU", "GPU"),
                 help="device for the MindSpore side of the ascend layer (default: Ascend)")
     g.addoption("--fullsize-cache", action="store", default=None, metavar="DIR",

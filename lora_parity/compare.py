@@ -205,6 +205,7 @@ def run_compare(o: CompareOptions) -> ParityReport:
         "unet_first_forward_seconds": {"mindspore": ms.meta["unet_forward_seconds"][0],
                                        "pytorch": pt.meta["unet_forward_seconds"][0]},
         "peak_rss_bytes": {name: m.get("peak_rss_bytes") for name, m in sides.items()},
+        "rss_after_bytes": {name: m.get("rss_after_bytes") for name, m in sides.items()},
         "seconds": {name: m.get("seconds") for name, m in sides.items()},
         "isolated_processes": o.isolate,
     })

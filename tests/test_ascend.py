@@ -1,6 +1,6 @@
 """The `ascend` layer: parity (and images) on real checkpoints with MindSpore on the Ascend NPU.
 
-``pytest -m ascend --lora-ckpt PATH --sdxl-base DIR``.  Without an NPU every test here is
+``pytest -m ascend --lora-ckpt PATH --sdxl-base SPEC``.  Without an NPU every test here is
 skipped with the reason; ``--ms-device CPU`` runs the very same tests on CPU, and without
 ``--sdxl-base`` they use the built-in tiny SDXL with a generated LoRA (which is how the
 suite itself exercises this layer on every CI run: tests/test_ascend_layer_runs.py).
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from lora_parity.compare import CompareOptions, run_compare
@@ -32,32 +31,27 @@ def ms_device(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def bases(request, tmp_path_factory, ms_device):
-    """(pipeline folder, MindSpore base .ckpt, MindONE LoRA .ckpt) — real ones when given."""
-    from lora_parity import ckpt_io
-    from lora_parity.fixtures.bundle import sgm_weights_from_pipeline, write_fixture
-    from lora_parity.layout import layout_from_pipeline_dir
+def bases(request, tmp_path_factory, ms_device) -> dict:
+    """CompareOptions for the base and LoRA: ``--sdxl-base SPEC`` (a diffusers folder, an official
+    single-file checkpoint or ``random:sdxl-base``; both sides built from it) with ``--lora-ckpt``
+    (or a generated LoRA), else the built-in tiny SDXL with its LoRA."""
+    from lora_parity.fixtures.bundle import write_fixture
     from lora_parity.synthetic import make_lora, write_ms_lora
-    from lora_parity.tensor import Tensor
 
     root = tmp_path_factory.mktemp("ascend")
-    sdxl, lora = request.config.getoption("--sdxl-base"), request.config.getoption("--lora-ckpt")
-    if sdxl is None:
+    spec, lora = request.config.getoption("--sdxl-base"), request.config.getoption("--lora-ckpt")
+    if spec is None:
         if lora is not None:
-            pytest.skip("--lora-ckpt needs --sdxl-base DIR (the base model it was trained on) for this layer")
+            pytest.skip("--lora-ckpt needs --sdxl-base SPEC (the base model it was trained on) for this layer")
         fx = write_fixture(root / "tiny")
-        return fx.pt_base, fx.ms_base, fx.ms_lora
-    pt_base = Path(sdxl)
-    ms_base = pt_base / "ms_base.ckpt"
-    if not ms_base.is_file():  # a diffusers folder only: convert the MindSpore weights on the fly
-        ms_base = root / "ms_base.ckpt"
-        ckpt_io.write_ckpt(ms_base, {k: Tensor.from_numpy(np.ascontiguousarray(v, np.float32))
-                                     for k, v in sgm_weights_from_pipeline(pt_base).items()})
+        return {"pt_base": fx.pt_base, "ms_base": fx.ms_base, "ms_lora": fx.ms_lora}
     if lora is None:
-        ms_lora = write_ms_lora(root / "generated_lora.ckpt", make_lora(layout_from_pipeline_dir(pt_base), rank=4))
-    else:
-        ms_lora = Path(lora)
-    return pt_base, ms_base, ms_lora
+        from lora_parity.bases import resolve_base
+        from lora_parity.layout import layout_from_pipeline_dir
+
+        layout = layout_from_pipeline_dir(resolve_base(spec).pipeline_dir)
+        lora = write_ms_lora(root / "generated_lora.ckpt", make_lora(layout, rank=4))
+    return {"base": spec, "ms_lora": Path(lora)}
 
 
 def _tolerances(config) -> dict:
@@ -66,9 +60,7 @@ def _tolerances(config) -> dict:
 
 
 def test_layer_parity_on_device(bases, ms_device, request, record_property, tmp_path):
-    pt_base, ms_base, ms_lora = bases
-    report = run_compare(CompareOptions(pt_base=pt_base, ms_base=ms_base, ms_lora=ms_lora, ms_device=ms_device,
-                                        tol_overrides=_tolerances(request.config), report_dir=tmp_path))
+    report = run_compare(CompareOptions(**bases, ms_device=ms_device, tol_overrides=_tolerances(request.config), report_dir=tmp_path))
     for key, value in report.meta["mindspore_settings"].items():
         record_property(f"mindspore.{key}", value)
     record_property("tolerance_rel", report.meta["tolerance"]["rel"])
@@ -83,10 +75,8 @@ ASCEND_GUIDANCE = 5.0
 def test_image_parity_on_device(bases, ms_device, request, record_property, tmp_path):
     from lora_parity.tolerances import IMAGE_MAE_MAX
 
-    pt_base, ms_base, ms_lora = bases
     mae = request.config.getoption("--image-mae")
-    report = run_compare(CompareOptions(pt_base=pt_base, ms_base=ms_base, ms_lora=ms_lora, ms_device=ms_device,
-                                        steps=ASCEND_STEPS, guidance=ASCEND_GUIDANCE, image_mae=mae,
+    report = run_compare(CompareOptions(**bases, ms_device=ms_device, steps=ASCEND_STEPS, guidance=ASCEND_GUIDANCE, image_mae=mae,
                                         tol_overrides=_tolerances(request.config), report_dir=tmp_path))
     im = report.image
     for key in ("mae", "psnr", "ssim", "max_error", "mae_threshold"):

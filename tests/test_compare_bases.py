@@ -176,3 +176,22 @@ def test_height_width_give_the_latent_size(tiny, cache):
     assert latents.shape == (1, 4, 32, 24) and latents.dtype == np.float32
     with pytest.raises(LoraParityError, match="multiples"):
         compare_latents(CompareOptions(base="random:tiny", cache=cache, height=30), resolve_bases(o))
+
+
+@pytest.mark.image
+def test_infer_takes_a_base_spec_and_both_backends_agree(refiner, cache, tmp_path):
+    """``infer --base random:tiny-refiner`` on each backend (the refiner's img2img path, aesthetic score)."""
+    from PIL import Image
+
+    from lora_parity.sampling import image_mae
+    from lora_parity.tolerances import IMAGE_MAE_FP32_TARGET
+
+    _, lora, _, _ = refiner
+    pngs = []
+    for backend in ("ms", "pt"):
+        out = tmp_path / f"{backend}.png"
+        code, _, err = run_cli(["infer", "--backend", backend, "--base", "random:tiny-refiner", "--cache", str(cache),
+                                "--ms-lora", str(lora), "--steps", "2", "-o", str(out), "--quiet"])
+        assert code == 0, err
+        pngs.append(np.asarray(Image.open(out).convert("RGB")))
+    assert image_mae(*pngs) < IMAGE_MAE_FP32_TARGET

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_parity.align import unet_alignment
 from lora_parity.compare import CompareOptions, run_compare
 from lora_parity.layout import PRESETS, layout_from_pipeline_dir
 from lora_parity.parity import ParityReport, assert_report
@@ -74,6 +75,13 @@ def _record(run: Run, record_property, name: str) -> None:
     record_property(f"{name}_image_mae", run.report.image["mae"])
 
 
+def _assert_phases_freed(report: ParityReport) -> None:
+    """One component at a time: after the UNet phase its weights are gone on both sides."""
+    for side in ("pytorch", "mindspore"):
+        after = report.meta["rss_after_bytes"][side]
+        assert after["unet"] < report.meta["peak_rss_bytes"][side] / 2, (side, after)
+
+
 def _assert_alive(report: ParityReport) -> None:
     """Random weights at full depth must keep every activation finite and non-trivial."""
     dead = [m.sgm for m in report.layers if not math.isfinite(m.ref_max) or m.ref_max < LAYER_ACTIVITY_MIN]
@@ -89,10 +97,11 @@ def _fault_options(run: Run, keep_side: str, **kw) -> CompareOptions:
 
 def test_sdxl_base_fullsize_parity(base, record_property):
     report = base.report
-    unet_layers = [m for m in report.layers if m.component == "unet"]
-    assert len(unet_layers) == len({m.sgm for m in unet_layers}) > 30  # every SDXL-base block compared
+    unet_layers = {m.sgm for m in report.layers if m.component == "unet"}
+    assert unet_layers == {a.sgm for a in unet_alignment(PRESETS["sdxl-base"])}  # every SDXL-base block
     assert {m.component for m in report.layers} == {"text_encoder", "text_encoder_2", "conditioning", "unet", "vae"}
     _assert_alive(report)
+    _assert_phases_freed(report)
     assert_report(report, record_property)
     assert report.image["passed"], report.image["title"]
     assert report.meta["isolated_processes"]
@@ -106,6 +115,7 @@ def test_sdxl_refiner_fullsize_parity_with_aesthetic_score(refiner, record_prope
     y = next(m for m in report.layers if m.sgm == "conditioner.vector")
     assert y.shape[-1] == PRESETS["sdxl-refiner"].unet.adm_in_channels  # 2560: pooled + 5 sinusoids
     _assert_alive(report)
+    _assert_phases_freed(report)
     assert_report(report, record_property)
     assert report.image["passed"], report.image["title"]
     _record(refiner, record_property, "refiner")

@@ -236,6 +236,7 @@ def capture_ms(req: SideRequest) -> SideResult:
         final, per_step = denoise(model, np.asarray(latents, np.float32), context, y, schedule, float(req.guidance),
                                   dim, req.progress, negative=negative, scale_initial_noise=not refiner)
         result.meta["seconds_per_step"] = per_step
+        del model  # the last reference to the UNet besides ``unet``: both must go before the VAE is built
     del unet
     free_memory()
     result.meta["seconds"]["unet"] = time.perf_counter() - t0
