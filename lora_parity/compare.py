@@ -153,12 +153,11 @@ def _side(o: CompareOptions, name: str, req: SideRequest) -> SideResult:
 
 def run_compare(o: CompareOptions) -> ParityReport:
     base = resolve_bases(o)
-    if o.dtype != "F32" and o.ms_device == "CPU":
-        from .sides.ms_side import MS_CPU_DTYPES
+    from .backends.mindspore_backend import CPU_DTYPES
 
-        if o.dtype not in MS_CPU_DTYPES:
-            raise LoraParityError(f"--dtype {o.dtype}: MindSpore on CPU has no {o.dtype} MatMul kernel "
-                                  f"(run it with --ms-device Ascend)")
+    if o.ms_device == "CPU" and o.dtype not in CPU_DTYPES:  # before any side runs
+        raise LoraParityError(f"--dtype {o.dtype}: MindSpore on CPU has no {o.dtype} MatMul kernel "
+                              f"(run it with --ms-device Ascend)")
     from .fixtures.tiny_pipeline import DEFAULT_PROMPT
     from .infer import default_size_cond
 

@@ -27,15 +27,10 @@ DEFAULT_GUIDANCE = 5.0
 
 def tokenize(pipeline_dir: str | Path, prompt: str) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (1, 77) int64 for both SDXL tokenizers, as ``StableDiffusionXLPipeline.encode_prompt`` makes them."""
-    from transformers import CLIPTokenizer
+    from .sides.tokens import token_ids
 
-    out = []
-    for sub in ("tokenizer", "tokenizer_2"):
-        tok = CLIPTokenizer.from_pretrained(str(Path(pipeline_dir) / sub), local_files_only=True)
-        enc = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="np")
-        out.append(enc.input_ids.astype(np.int64))
-    return out[0], out[1]
+    ids = token_ids(pipeline_dir, prompt)
+    return ids["input_ids"], ids["input_ids_2"]
 
 
 def vae_scale_factor(pipeline_dir: str | Path) -> int:

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from ..align import timestep_suffix
+from ..backends.mindspore_backend import MindSporeBackend
 from ..errors import LoraParityError
 from ..layout import layout_from_pipeline_dir
 from .memory import free_memory, peak_rss_bytes, reset_peak_rss, rss_bytes
 from .request import SideRequest, SideResult
 
-MS_CPU_DTYPES = ("F32", "F16")  # MindSpore 2.10's CPU MatMul has no bfloat16 kernel
 
 
 class CkptWeights:
@@ -165,8 +165,9 @@ def capture_ms(req: SideRequest) -> SideResult:
     reset_peak_rss()
     t_start = time.perf_counter()
     settings = use_device(req.device)
-    if req.device == "CPU" and req.dtype not in MS_CPU_DTYPES:
-        raise LoraParityError(f"--dtype {req.dtype}: MindSpore {ms.__version__} on CPU has no {req.dtype} MatMul kernel")
+    ok, why = MindSporeBackend.supports(req.dtype, req.device)
+    if not ok:
+        raise LoraParityError(f"--dtype {req.dtype}: {why}")
     configure_cpu()
     pdir = Path(req.pipeline_dir)
     layout = layout_from_pipeline_dir(pdir)
