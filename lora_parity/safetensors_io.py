@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -22,12 +23,25 @@ from .tensor import Tensor, from_st_name, itemsize, st_name
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Return (tensors in file order, ``__metadata__``); data are copies, the file is closed."""
+@dataclass(frozen=True)
+class StEntry:
+    """One tensor of a safetensors header, checked: dtype, shape and its byte range in the data."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(path: str | Path) -> tuple[dict[str, StEntry], dict[str, str], int]:
+    """(entries in file order, ``__metadata__``, offset of the data); every entry checked against the file size.
+
+    The one safetensors header parser: whole-file reads and lazy per-tensor reads both use it.
+    """
     path = Path(path)
     try:
+        size = path.stat().st_size
         with open(path, "rb") as fh:
-            size = path.stat().st_size
             if size < 8:
                 raise CheckpointFormatError("not a safetensors file (shorter than its 8-byte header length)", path=path)
             (n,) = struct.unpack("<Q", fh.read(8))
@@ -37,24 +51,36 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str
                 header = json.loads(fh.read(n))
             except ValueError as exc:
                 raise CheckpointFormatError(f"corrupt safetensors header: {exc}", path=path) from None
-            if not isinstance(header, dict):
-                raise CheckpointFormatError("corrupt safetensors header (not a JSON object)", path=path)
-            meta = header.pop("__metadata__", None) or {}
-            data_len = size - 8 - n
+    except OSError as exc:
+        raise CheckpointFormatError(f"cannot read: {exc.strerror or exc}", path=path) from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError("corrupt safetensors header (not a JSON object)", path=path)
+    meta = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - n
+    entries = {key: _entry(path, key, info, data_len) for key, info in header.items()}
+    return entries, {str(k): str(v) for k, v in meta.items()}, 8 + n
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Return (tensors in file order, ``__metadata__``); data are copies, the file is closed."""
+    path = Path(path)
+    entries, meta, base = read_header(path)
+    try:
+        with open(path, "rb") as fh:
+            size = path.stat().st_size
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
             try:
-                out = {}
-                for key, info in header.items():
-                    out[key] = _tensor(path, key, info, mm, 8 + n, data_len)
+                out = {key: Tensor.from_bytes(e.dtype, e.shape, mm[base + e.begin: base + e.end] if e.end > e.begin
+                                              else b"") for key, e in entries.items()}
             finally:
                 if mm is not None:
                     mm.close()
     except OSError as exc:
         raise CheckpointFormatError(f"cannot read: {exc.strerror or exc}", path=path) from None
-    return out, {str(k): str(v) for k, v in meta.items()}
+    return out, meta
 
 
-def _tensor(path, key, info, mm, base, data_len) -> Tensor:
+def _entry(path, key, info, data_len) -> StEntry:
     try:
         dtype = from_st_name(info["dtype"])
         shape = tuple(int(d) for d in info["shape"])
@@ -68,8 +94,7 @@ def _tensor(path, key, info, mm, base, data_len) -> Tensor:
         raise CheckpointFormatError(
             f"data offsets {begin}..{end} do not hold shape {list(shape)} {dtype} "
             f"({expected} bytes) within {data_len} data bytes (truncated or corrupt)", path=path, key=key)
-    raw = mm[base + begin: base + end] if expected else b""
-    return Tensor.from_bytes(dtype, shape, raw)
+    return StEntry(dtype, shape, begin, end)
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor],

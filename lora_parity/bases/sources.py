@@ -26,9 +26,9 @@ from ..errors import CheckpointFormatError, LoraParityError
 from ..fullweights import (ParamMap, VaeLayout, diffusers_to_sgm, normalize_diffusers_names, param_maps,
                            sgm_only_params)
 from ..layout import ModelLayout, layout_from_pipeline_dir
+from ..safetensors_io import read_header
 from ..tensor import Tensor, from_st_name, itemsize, st_name, storage_dtype
 
-_MAX_HEADER = 100 * 1024 * 1024
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 # diffusers / transformers weight file names: stem, optional .variant, optional -0000i-of-0000n shard
 _WEIGHT_FILE = re.compile(r"^(?P<stem>[^.]+?)(?:\.(?P<variant>[^.]+?))?(?:-\d+-of-\d+)?\.safetensors$")
@@ -47,38 +47,9 @@ class LazySafetensors:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as fh:
-                if size < 8:
-                    raise CheckpointFormatError("not a safetensors file (shorter than 8 bytes)", path=path)
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n > min(size - 8, _MAX_HEADER):
-                    raise CheckpointFormatError(f"not a safetensors file (header length {n})", path=path)
-                header = json.loads(fh.read(n))
-        except OSError as exc:
-            raise CheckpointFormatError(f"cannot read: {exc.strerror or exc}", path=path) from None
-        except ValueError as exc:
-            raise CheckpointFormatError(f"corrupt safetensors header: {exc}", path=path) from None
-        if not isinstance(header, dict):
-            raise CheckpointFormatError("corrupt safetensors header (not a JSON object)", path=path)
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._base, data_len = 8 + n, size - 8 - n
-        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for key, info in header.items():
-            try:
-                dtype = from_st_name(info["dtype"])
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointFormatError("corrupt safetensors entry", path=path, key=key) from None
-            if dtype is None:
-                raise CheckpointFormatError(f"unsupported dtype {info.get('dtype')!r}", path=path, key=key)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize(dtype)
-            if not (0 <= begin <= end <= data_len) or end - begin != nbytes:
-                raise CheckpointFormatError(f"data offsets {begin}..{end} do not hold shape {list(shape)} "
-                                            f"{dtype} (truncated or corrupt)", path=path, key=key)
-            self.entries[key] = (dtype, shape, begin, end)
+        entries, self.metadata, self._base = read_header(self.path)
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {
+            k: (e.dtype, e.shape, e.begin, e.end) for k, e in entries.items()}
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][1]
@@ -87,7 +58,7 @@ class LazySafetensors:
         return self.entries[key][0]
 
     def read(self, key: str) -> Tensor:
-        """The raw tensor (file dtype, bitwise), read with one seek + read."""
+        """The raw tensor (file dtype, bitwise), read with one seek + read (no mapping stays resident)."""
         dtype, shape, begin, end = self.entries[key]
         with open(self.path, "rb") as fh:
             fh.seek(self._base + begin)

@@ -22,26 +22,26 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def rss_bytes() -> int:
-    """Resident memory now (0 where /proc is missing)."""
+def _status_bytes(field: str) -> int | None:
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def rss_bytes() -> int:
+    """Resident memory now (0 where /proc is missing)."""
+    return _status_bytes("VmRSS") or 0
 
 
 def peak_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     scale = 1 if sys.platform == "darwin" else 1024
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 

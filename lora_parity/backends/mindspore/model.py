@@ -17,18 +17,7 @@ from .text import build_text_encoder
 from .unet import REFINER_TIME_IDS, UNetModel, sdxl_vector, time_id_count
 from .vae import VAEDecoder
 
-# diffusers AutoencoderKL config of the released SDXL VAE (public facts)
-SDXL_VAE_CONFIG = {
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "in_channels": 3,
-    "out_channels": 3,
-    "norm_num_groups": 32,
-    "scaling_factor": 0.13025,
-}
+from ...bases.configs import SDXL_VAE_CONFIG  # noqa: E402  (the released SDXL VAE, one copy)
 
 
 _IGNORED = re.compile(r"^first_stage_model\.(encoder\.|quant_conv\.)|\.embeddings\.position_ids$")
