@@ -26,7 +26,7 @@ from lora_parity.fullweights import VaeLayout, normalize_diffusers_names, param_
 from lora_parity.safetensors_io import read_safetensors, write_safetensors
 from lora_parity.tiny import TINY_IMAGE_SIZE
 
-pytestmark = pytest.mark.conversion
+# conversion: names, files, bytes; parity: tests that run a forward pass (the init rule's health)
 
 TINY = ("tiny", "tiny-refiner")
 PIPELINE_CLASS = {"tiny": "StableDiffusionXLPipeline", "tiny-refiner": "StableDiffusionXLImg2ImgPipeline"}
@@ -54,6 +54,7 @@ def _same_tensors(a: dict, b: dict) -> bool:
 # ----------------------------------------------------------------------------------------- random:
 
 
+@pytest.mark.conversion
 def test_random_tiny_is_complete_deterministic_and_reused(tiny_base, cache, tmp_path):
     b = tiny_base
     name = b.layout_name
@@ -87,6 +88,7 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@pytest.mark.parity
 def test_random_tiny_loads_in_diffusers_with_every_weight(tiny_base):
     import diffusers
     import torch
@@ -121,6 +123,7 @@ def test_random_tiny_loads_in_diffusers_with_every_weight(tiny_base):
             assert torch.equal(state[k].detach().to(torch.float32), torch.from_numpy(t.to_float("float32"))), k
 
 
+@pytest.mark.conversion
 def test_tokenizers_emit_ids_the_text_encoders_accept(tiny_base, tmp_path):
     from transformers import CLIPTokenizer
 
@@ -145,6 +148,7 @@ def _fast_and_slow(folder: Path, slow_dir: Path):
     return CLIPTokenizer.from_pretrained(folder), CLIPTokenizer.from_pretrained(slow_dir)
 
 
+@pytest.mark.conversion
 def test_full_size_tokenizer_matches_the_sdxl_text_encoder_configs(tmp_path):
     vocab = clip_vocab()
     assert len(vocab) == CLIP_VOCAB_SIZE == SDXL_TE1_CONFIG["vocab_size"] == SDXL_TE2_CONFIG["vocab_size"]
@@ -156,6 +160,7 @@ def test_full_size_tokenizer_matches_the_sdxl_text_encoder_configs(tmp_path):
             assert ids[0] == cfg["bos_token_id"] and cfg["eos_token_id"] in ids
 
 
+@pytest.mark.conversion
 def test_init_rule():
     fan = 320 * 3 * 3
     assert init_spec("unet.down_blocks.0.resnets.0.norm1.weight", (320,)) == (1.0, 0.0)
@@ -178,6 +183,7 @@ def test_init_rule():
         assert init_spec(name, (49408, 768)) == (0.0, EMBEDDING_STD)
 
 
+@pytest.mark.parity
 def test_random_tiny_activations_stay_finite_and_nontrivial(tiny_base):
     """Every UNet block of the generated tiny model, in float32, has an RMS within the rule's range."""
     import diffusers
@@ -208,6 +214,7 @@ def test_random_tiny_activations_stay_finite_and_nontrivial(tiny_base):
 # ----------------------------------------------------------------------------------------- diffusers folders
 
 
+@pytest.mark.conversion
 def test_folder_weights_cover_the_mindspore_port(tiny_base):
     pytest.importorskip("mindspore")
     from lora_parity.backends.mindspore.model import build_sdxl
@@ -224,6 +231,7 @@ def test_folder_weights_cover_the_mindspore_port(tiny_base):
         next(src.load(["model.diffusion_model.no_such_weight"]))
 
 
+@pytest.mark.conversion
 def test_diffusers_folder_spec_sharded_and_transformers4_names(tiny_base, tmp_path):
     """A copy with the UNet in two fp16 shards and transformers-4 ``text_model.`` names reads the same."""
     b = tiny_base
@@ -256,6 +264,7 @@ def test_diffusers_folder_spec_sharded_and_transformers4_names(tiny_base, tmp_pa
 # ----------------------------------------------------------------------------------------- single files
 
 
+@pytest.mark.conversion
 def test_single_file_round_trip_is_bitwise(tiny_base, tmp_path):
     b = tiny_base
     sf = write_single_file(b.pipeline_dir, tmp_path / f"{b.layout_name}.safetensors", b.variant)
@@ -285,6 +294,7 @@ def test_single_file_round_trip_is_bitwise(tiny_base, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in got.pipeline_dir.rglob("*")} == mtimes
 
 
+@pytest.mark.conversion
 def test_single_file_extra_and_missing_names_are_errors(tiny_base, tmp_path):
     b = tiny_base
     sf = write_single_file(b.pipeline_dir, tmp_path / "m.safetensors", b.variant)
@@ -302,6 +312,7 @@ def test_single_file_extra_and_missing_names_are_errors(tiny_base, tmp_path):
 
 
 @pytest.mark.parametrize("width,refiner,model", [(320, False, "sdxl-base"), (384, True, "sdxl-refiner")])
+@pytest.mark.conversion
 def test_single_file_detects_full_size_models(tmp_path, width, refiner, model):
     """Detection by names and shapes (a header-sized stand-in: the check then lists what is missing)."""
     from lora_parity.tensor import Tensor
@@ -318,6 +329,7 @@ def test_single_file_detects_full_size_models(tmp_path, width, refiner, model):
 
 
 @pytest.mark.parametrize("model", ["sdxl-base", "sdxl-refiner"])
+@pytest.mark.conversion
 def test_full_size_tensor_list_is_what_param_maps_expects(model):
     """The generator's tensor list (meta device) is exactly the diffusers side of ``param_maps``."""
     cfgs = PIPELINES[model]
@@ -330,6 +342,7 @@ def test_full_size_tensor_list_is_what_param_maps_expects(model):
 
 
 @pytest.mark.parametrize("model", ["sdxl-base", "sdxl-refiner"])
+@pytest.mark.conversion
 def test_full_size_sgm_shapes_equal_the_mindspore_cells(model):
     pytest.importorskip("mindspore")
     from lora_parity.backends.mindspore.model import SDXL_VAE_CONFIG as PORT_VAE, param_shapes
@@ -349,6 +362,7 @@ def test_full_size_sgm_shapes_equal_the_mindspore_cells(model):
 # ----------------------------------------------------------------------------------------- bad specs, cache dir
 
 
+@pytest.mark.conversion
 def test_bad_specs_name_the_spec(tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
@@ -366,6 +380,7 @@ def test_bad_specs_name_the_spec(tmp_path):
         resolve_base(str(tmp_path / "lora.safetensors"), cache=tmp_path / "c")
 
 
+@pytest.mark.conversion
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_PARITY_CACHE", str(tmp_path / "a"))
     assert default_cache_dir() == tmp_path / "a"
@@ -414,6 +429,7 @@ def _rms(x) -> float:
 
 
 @pytest.mark.parametrize("which", sorted(DEEP_NARROW))
+@pytest.mark.parity
 def test_init_rule_keeps_full_depth_activations_finite_and_nontrivial(which):
     import torch
 
@@ -452,6 +468,7 @@ def test_init_rule_keeps_full_depth_activations_finite_and_nontrivial(which):
     assert lo < _rms(out) < hi
 
 
+@pytest.mark.parity
 def test_sharded_writer_loads_shard_by_shard_in_diffusers(tiny_base, tmp_path):
     """``write_component_weights`` with a small shard limit writes save_pretrained's shard and index
     names; diffusers loads them (the full-size UNet is written in 1 GiB shards so it loads one shard
