@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-conversion bench clean
+.PHONY: setup demo test test-conversion bench mutants clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test-conversion: setup
 bench: setup
 	$(PY) -m pytest -m benchmark --benchmark-only --benchmark-enable --benchmark-columns=min,median,mean,max,rounds
 	$(PY) scripts/bench_fullsize_unet.py
+
+# mutation score of compare: ~35 realistic faults planted one at a time on the tiny SDXL (a few minutes)
+mutants: setup
+	$(PY) scripts/mutants.py $(MUTANTS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks

@@ -28,10 +28,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="device for the MindSpore side of the ascend layer (default: Ascend)")
     g.addoption("--fullsize-cache", action="store", default=None, metavar="DIR",
                 help="where the fullsize layer generates its random SDXL bases (default: ~/.cache/lora-parity)")
-    g.addoption("--tol-f32", type=float, default=None, help="override the fp32 per-layer relative error bound")
-    g.addoption("--tol-f16", type=float, default=None, help="override the fp16 per-layer relative error bound")
-    g.addoption("--tol-bf16", type=float, default=None, help="override the bf16 per-layer relative error bound")
-    g.addoption("--image-mae", type=float, default=None, help="override the full-image MAE threshold (0-255)")
+    for dt in ("f32", "f16", "bf16"):  # as compare's flags; lora_parity.tolerances documents what they replace
+        g.addoption(f"--tol-{dt}", type=float, default=None,
+                    help=f"override the {dt} per-layer bound on max|a-b|/max|ref|")
+        g.addoption(f"--mismatch-{dt}", type=float, default=None,
+                    help=f"override the {dt} per-layer bound on the mismatched-element fraction")
+    g.addoption("--image-mae", type=float, default=None, help="override the full-image MAE bound (0-255)")
+    g.addoption("--image-max-error", type=int, default=None, help="override the full-image max-error bound (0-255)")
+
+
+def gate_overrides(config) -> dict:
+    """The CompareOptions fields the threshold options set (None: the table's value)."""
+    tol = {dt.upper(): config.getoption(f"--tol-{dt}") for dt in ("f32", "f16", "bf16")}
+    mismatch = {dt.upper(): config.getoption(f"--mismatch-{dt}") for dt in ("f32", "f16", "bf16")}
+    return {"tol_overrides": tol, "mismatch_overrides": mismatch, "image_mae": config.getoption("--image-mae"),
+            "image_max_error": config.getoption("--image-max-error")}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -39,12 +39,14 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _quiet_framework_loading()
     from .demo import run_demo
 
     return run_demo(Path(args.workdir) if args.workdir else None)
 
 
 def _cmd_fixture(args: argparse.Namespace) -> int:
+    _quiet_framework_loading()
     from .fixtures.bundle import write_fixture
 
     paths = write_fixture(Path(args.dir), seed=args.seed)
@@ -54,12 +56,15 @@ def _cmd_fixture(args: argparse.Namespace) -> int:
 
 
 def _quiet_framework_loading() -> None:
-    """diffusers' 'Loading pipeline components' bars are noise here; denoising bars stay."""
-    try:
-        from diffusers.utils import logging as diffusers_logging
-    except ImportError:
-        return
-    diffusers_logging.disable_progress_bar()
+    """transformers/diffusers loading bars and import warnings are noise here; denoising bars stay.
+
+    Runs first in every command that loads a model (fixture, compare, infer, demo), before
+    either framework is imported; the side processes of ``compare`` inherit its environment
+    and call the same function.
+    """
+    from .sides.run import quiet_frameworks
+
+    quiet_frameworks()
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -68,16 +73,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .tensor import DTYPE_ALIASES
 
     overrides = {"F32": args.tol_f32, "F16": args.tol_f16, "BF16": args.tol_bf16}
+    mismatch = {"F32": args.mismatch_f32, "F16": args.mismatch_f16, "BF16": args.mismatch_bf16}
     report = run_compare(CompareOptions(
         pt_base=Path(args.pt_base) if args.pt_base else None, ms_base=Path(args.ms_base) if args.ms_base else None,
         base=args.base, variant=args.variant, cache=Path(args.cache) if args.cache else None,
         height=args.height, width=args.width, timesteps=_timesteps(args.timesteps, args.timestep),
-        isolate=not args.in_process,
+        isolate=not args.in_process, pt_format=args.pt_format,
         ms_lora=Path(args.ms_lora) if args.ms_lora else None,
         pt_lora=Path(args.pt_lora) if args.pt_lora else None,
         latents=Path(args.latents) if args.latents else None, prompt=args.prompt, alpha=args.alpha,
-        timestep=args.timestep, tol_overrides=overrides, steps=args.steps, guidance=args.guidance,
-        image_mae=args.image_mae, ms_graph=args.ms_graph, ms_device=args.ms_device, pt_device=args.pt_device,
+        timestep=args.timestep, tol_overrides=overrides, mismatch_overrides=mismatch, steps=args.steps,
+        guidance=args.guidance, image_mae=args.image_mae, image_max_error=args.image_max_error, ms_graph=args.ms_graph, ms_device=args.ms_device, pt_device=args.pt_device,
         progress=args.steps is not None and not args.quiet, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
         report_dir=Path(args.report) if args.report else None))
     print(report.layers_table() if args.all_layers else report.table())
@@ -173,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ms-base", help="... and the same base weights as a MindSpore .ckpt (SGM names)")
     m.add_argument("--ms-lora", help="MindONE LoRA .ckpt (omit to compare the base models)")
     m.add_argument("--pt-lora", help="PyTorch LoRA to compare against (default: convert --ms-lora)")
+    m.add_argument("--pt-format", choices=("peft", "kohya"), default="peft",
+                   help="convert --ms-lora to this format for diffusers (default peft; kohya tests the file "
+                        "ComfyUI/A1111 users get)")
     m.add_argument("--latents", help=".npy latents (N, 4, H, W) (default: built-in seed 0)")
     m.add_argument("--prompt", help="prompt text (default: the built-in prompt)")
     m.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
@@ -184,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--report", help="write report.json (and images) into this folder")
     m.add_argument("--steps", type=int, help="also generate images with N denoising steps and compare them")
     m.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance for --steps (default 5)")
-    m.add_argument("--image-mae", type=float, help="override the full-image MAE threshold (0-255)")
+    m.add_argument("--image-mae", type=float,
+                   help="override the full-image MAE bound (0-255; default per dtype and device from the table)")
+    m.add_argument("--image-max-error", type=int, help="override the full-image max-error bound (0-255)")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="precision of both runs; fp16/bf16 are judged against the fp32 reference")
@@ -194,9 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ms-graph", action="store_true",
                    help="MindSpore graph mode for image generation (compiled once; same results, faster)")
     m.add_argument("--all-layers", action="store_true", help="print every aligned layer, not one row per component")
-    m.add_argument("--tol-f32", type=float, help="override the fp32 per-layer relative error bound")
-    m.add_argument("--tol-f16", type=float, help=argparse.SUPPRESS)
-    m.add_argument("--tol-bf16", type=float, help=argparse.SUPPRESS)
+    for dt in ("f32", "f16", "bf16"):
+        low = "" if dt == "f32" else " (replaces the per-layer budget against the fp32 reference)"
+        m.add_argument(f"--tol-{dt}", type=float, metavar="REL",
+                       help=f"bound on max|a-b|/max|ref| per layer for --dtype {dt.replace('f', 'fp', 1) if dt != 'bf16' else dt}{low}")
+        m.add_argument(f"--mismatch-{dt}", type=float, metavar="FRACTION",
+                       help=f"bound on the fraction of mismatched elements per layer for that dtype{low}")
     m.set_defaults(func=_cmd_compare)
 
     i = sub.add_parser("infer", help="text-to-image with one backend (Euler, CFG), written as a PNG",

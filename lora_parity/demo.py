@@ -71,22 +71,19 @@ def _parity(root: Path, report_root: Path) -> int:
     """Both frameworks on the built-in tiny SDXL with a trained-looking LoRA, layer by layer."""
     import os
 
-    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE"):
-        os.environ.setdefault(var, "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    from .sides.run import quiet_frameworks
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_frameworks()  # before diffusers is imported (run_demo may be called without the CLI)
     try:
         import mindspore  # noqa: F401
         import diffusers  # noqa: F401
     except ImportError as exc:
         print(f"5. Parity skipped: {exc.name} is not installed (make setup installs it)")
         return 0
-    from diffusers.utils import logging as diffusers_logging
 
     from .compare import CompareOptions, run_compare
     from .fixtures.bundle import write_fixture
-
-    diffusers_logging.disable_progress_bar()
 
     print("5. Parity on the built-in tiny SDXL: MindSpore (SGM cells + MindONE LoRA) vs "
           "PyTorch (diffusers + load_lora_weights of the converted file):")

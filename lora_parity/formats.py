@@ -21,7 +21,7 @@ from .errors import CheckpointFormatError, LoraParityError
 from .keymap import UNET_DIFFUSERS, kohya_name
 from .lora_set import LoraPair, LoraSet, NamedHalves
 from .safetensors_io import is_safetensors, read_safetensors, write_safetensors
-from .tensor import Tensor
+from .tensor import Tensor, storage_dtype
 
 FORMATS = ("peft", "kohya", "ms")
 PICKLE_EXTS = (".bin", ".pt", ".pth")
@@ -162,8 +162,29 @@ def pair_tensors(p: LoraPair, fmt: str, te_kohya: dict[str, str]) -> list[tuple[
         else:
             kn = kohya_name(p.module, i, te_prefixes=te_kohya)
             out += [(f"{kn}.lora_down.weight", p.A, "A"), (f"{kn}.lora_up.weight", b, "B"),
-                    (f"{kn}.alpha", Tensor.from_numpy(np.array(p.alpha, dtype=np.float32)), "alpha")]
+                    (f"{kn}.alpha", kohya_alpha(p.alpha, p.A.dtype), "alpha")]
     return out
+
+
+def kohya_alpha(alpha: float, dtype: str) -> Tensor:
+    """A kohya ``.alpha``: a 0-d tensor in the LoRA's own dtype, as sd-scripts saves it.
+
+    sd-scripts registers alpha as a 0-d buffer and ``save_weights`` casts the whole state
+    dict to the save dtype.  A shape-[1] alpha breaks its LoRAModule: ``alpha.numpy() / rank``
+    becomes a 1-element array, which promotes an fp16 forward to float32 and fails bf16, and
+    ``load_state_dict`` (training with ``--network_weights``) rejects the shape.  If the alpha
+    is not exactly representable in a half dtype (e.g. 0.1 in fp16) it is written in float32
+    instead: scale = alpha / rank is kept exactly, and every loader reads either dtype.
+    (``Tensor.from_numpy`` cannot build it: ``np.ascontiguousarray`` turns 0-d into shape [1].)
+    """
+    if dtype == "F64":
+        return Tensor("F64", np.array(alpha, dtype=storage_dtype("F64")).reshape(()))
+    if dtype in ("F16", "BF16"):
+        narrow = Tensor.from_numpy(np.array([alpha], dtype=np.float32), dtype)
+        narrow = Tensor(dtype, narrow.data.reshape(()))
+        if float(narrow.to_float()) == float(np.float32(alpha)):
+            return narrow
+    return Tensor("F32", np.array(alpha, dtype=storage_dtype("F32")).reshape(()))
 
 
 def tensors_for(lora: LoraSet, fmt: str) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -172,10 +193,11 @@ def tensors_for(lora: LoraSet, fmt: str) -> tuple[dict[str, Tensor], dict[str, s
     out = {k: t for p in lora.ordered() for k, t, _ in pair_tensors(p, fmt, te_kohya)}
     meta: dict[str, str] = {}
     if fmt == "peft":
-        meta[ADAPTER_METADATA_KEY] = json.dumps(_adapter_metadata(lora), sort_keys=True)
+        meta[ADAPTER_METADATA_KEY] = json.dumps(_adapter_metadata(lora), sort_keys=True, allow_nan=False)
         meta["format"] = "pt"
     if fmt != "ms":
-        meta[OUR_METADATA_KEY] = json.dumps({"layout": lora.layout.name, "source_format": lora.source_format})
+        meta[OUR_METADATA_KEY] = json.dumps({"layout": lora.layout.name, "source_format": lora.source_format},
+                                            allow_nan=False)
     return out, meta
 
 

@@ -1,11 +1,18 @@
 """Report files: report.json plus PNGs (images side by side, difference heatmap, error vs depth).
 
 matplotlib runs headless (Agg); nothing here computes metrics, it only draws them.
+
+report.json is strict JSON (RFC 8259): Python's default ``json.dumps`` writes ``Infinity`` /
+``NaN``, which ``jq``, JavaScript's ``JSON.parse`` and most other parsers reject, and identical
+images have an infinite PSNR.  A non-finite number is therefore written as ``null`` with a
+boolean flag beside it (``"psnr": null, "psnr_infinite": true``; ``_neg_infinite``, ``_nan``).
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +76,8 @@ def layer_error_plot(path: Path, report: ParityReport) -> Path:
     ax.set_xlabel("depth (layer index within the component, forward order)")
     ax.set_ylabel("max|ms - pt| / max|pt|")
     ax.set_title("Per-layer error, MindSpore vs PyTorch")
-    ax.legend(fontsize=8)
+    if comps:  # an empty legend is a matplotlib warning on stderr
+        ax.legend(fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -88,5 +96,64 @@ def write_report(folder: Path, report: ParityReport, images: dict | None = None)
         out["diff_heatmap"] = diff_heatmap(folder / "diff_heatmap.png", images["ms"], images["pt"])
     data = report.to_dict()
     data["files"] = {k: p.name for k, p in out.items()}
-    out["json"].write_text(json.dumps(data, indent=2, default=float))
+    out["json"].write_text(dumps_strict(data, indent=2) + "\n")
     return out
+
+
+_NONFINITE_FLAG = {"inf": "infinite", "-inf": "neg_infinite", "nan": "nan"}
+
+
+def _nonfinite_kind(x: float) -> str:
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def strict_jsonable(obj: Any) -> Any:
+    """``obj`` with every non-finite number replaced by None, numpy values made plain Python.
+
+    A dict entry ``k`` that was non-finite gets a flag ``k_infinite`` / ``k_neg_infinite`` /
+    ``k_nan`` (true) beside it, so the information is kept; a non-finite list element becomes
+    None and its list's key gets ``k_nonfinite``: {index: "inf" | "-inf" | "nan"}.  Anything
+    else that is not JSON-native goes through ``float()``, as report.json always did.
+    """
+    if isinstance(obj, dict):
+        out: dict = {}
+        for k, v in obj.items():
+            key = str(k)
+            out[key] = strict_jsonable(v)
+            scalar = _plain(v)
+            if isinstance(scalar, float) and not math.isfinite(scalar):
+                out[f"{key}_{_NONFINITE_FLAG[_nonfinite_kind(scalar)]}"] = True
+            elif isinstance(v, (list, tuple, np.ndarray)):
+                bad = {str(i): _nonfinite_kind(x) for i, x in enumerate(map(_plain, _items(v)))
+                       if isinstance(x, float) and not math.isfinite(x)}
+                if bad:
+                    out[f"{key}_nonfinite"] = bad
+        return out
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [strict_jsonable(v) for v in _items(obj)]
+    value = _plain(obj)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _items(seq) -> list:
+    return seq.tolist() if isinstance(seq, np.ndarray) else list(seq)
+
+
+def _plain(x: Any) -> Any:
+    """A JSON-native scalar for ``x`` (containers are returned unchanged)."""
+    if x is None or isinstance(x, (bool, str, dict, list, tuple, np.ndarray)):
+        return x
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, Path):
+        return str(x)
+    return float(x)
+
+
+def dumps_strict(data: Any, **kwargs) -> str:
+    """``json.dumps`` that only ever writes strict JSON (non-finite numbers as null + flag)."""
+    return json.dumps(strict_jsonable(data), allow_nan=False, **kwargs)

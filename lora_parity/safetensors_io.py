@@ -108,7 +108,7 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor],
         header[key] = {"dtype": st_name(t.dtype), "shape": list(t.shape),
                        "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     blob += b" " * (-len(blob) % 8)
     with atomic_output(path) as fh:
         fh.write(struct.pack("<Q", len(blob)))

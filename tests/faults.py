@@ -77,3 +77,135 @@ def keymap_entries(layout):
     from lora_parity.keymap import keymap_for
 
     return keymap_for(layout).entries
+
+
+# --------------------------------------------------------------------------------------------
+# Converter faults planted in the process that converts (``compare``'s parent), for the fault
+# tests of the default path and scripts/mutants.py.  Each takes a pytest ``MonkeyPatch``.
+
+def plant_peft_alpha(monkeypatch, written, components=None) -> None:
+    """The PEFT writer puts a wrong ``<component>.lora_alpha`` in the ``lora_adapter_metadata``
+    header: ``written(r, alpha) -> alpha stored`` (e.g. ``lambda r, a: r``: alpha lost)."""
+    from lora_parity import formats
+
+    metadata = formats._adapter_metadata
+
+    def faulty(lora):
+        meta = metadata(lora)
+        for comp in {k.split(".", 1)[0] for k in meta}:
+            if components is None or comp in components:
+                meta[f"{comp}.lora_alpha"] = written(meta[f"{comp}.r"], meta[f"{comp}.lora_alpha"])
+        return meta
+
+    monkeypatch.setattr(formats, "_adapter_metadata", faulty)
+
+
+def plant_writer_drop(monkeypatch, drop) -> None:
+    """The PEFT / kohya writer leaves out every key for which ``drop(key)`` is true (a filter bug)."""
+    from lora_parity import formats
+
+    tensors_for = formats.tensors_for
+
+    def faulty(lora, fmt):
+        tensors, meta = tensors_for(lora, fmt)
+        if fmt != "ms":
+            tensors = {k: t for k, t in tensors.items() if not drop(k)}
+        return tensors, meta
+
+    monkeypatch.setattr(formats, "tensors_for", faulty)
+
+
+def plant_transposed_update(monkeypatch, sgm: str) -> None:
+    """For one square module (in == out) the writer stores the transposed update
+    ``(B A)^T = A^T B^T``: lora_A := B^T, lora_B := A^T.  Shapes fit exactly, so only values differ."""
+    from lora_parity import formats
+    from lora_parity.tensor import Tensor
+
+    pair_tensors = formats.pair_tensors
+
+    def faulty(p, fmt, te_kohya):
+        if fmt != "ms" and p.module.sgm == sgm:
+            assert p.module.in_features == p.module.out_features and p.module.kind == "linear", sgm
+            a, b = p.A.to_float("float32"), p.B.to_float("float32")
+            p = LoraPair(p.module, Tensor.from_numpy(np.ascontiguousarray(b.T)),
+                         Tensor.from_numpy(np.ascontiguousarray(a.T)), p.alpha)
+        return pair_tensors(p, fmt, te_kohya)
+
+    monkeypatch.setattr(formats, "pair_tensors", faulty)
+
+
+def plant_lora_a_layout_mixup(monkeypatch, component: str = "unet") -> None:
+    """lora_A written as ``A.T.reshape(A.shape)`` (a MindSpore (in, out) layout mix-up that a
+    reshape "fixes"), for the Linear modules of one component."""
+    from lora_parity import formats
+    from lora_parity.tensor import Tensor
+
+    pair_tensors = formats.pair_tensors
+
+    def faulty(p, fmt, te_kohya):
+        if fmt != "ms" and p.module.component == component and p.module.kind == "linear":
+            a = p.A.to_float("float32")
+            p = LoraPair(p.module, Tensor.from_numpy(np.ascontiguousarray(a.T).reshape(a.shape)), p.B, p.alpha)
+        return pair_tensors(p, fmt, te_kohya)
+
+    monkeypatch.setattr(formats, "pair_tensors", faulty)
+
+
+def plant_alpha_not_forwarded(monkeypatch) -> None:
+    """``convert`` reads the MindONE .ckpt without the user's ``--alpha`` (alpha defaults to r)."""
+    from lora_parity import convert
+
+    load_lora = convert.load_lora
+
+    def faulty(src, *, alpha=None, **kwargs):
+        return load_lora(src, alpha=None, **kwargs)
+
+    monkeypatch.setattr(convert, "load_lora", faulty)
+
+
+def plant_fused_keymap_order(monkeypatch, layout, order=(1, 0, 2)) -> None:
+    """The key map lists OpenCLIP's fused in_proj parts as k, q, v: the converter splits lora_B's
+    rows into the wrong diffusers projections."""
+    from dataclasses import replace
+
+    from lora_parity import keymap
+
+    km = keymap.KeyMap(layout)
+    km.entries = tuple(replace(e, diffusers=tuple(e.diffusers[i] for i in order)) if e.fused else e
+                       for e in km.entries)
+    monkeypatch.setitem(keymap._CACHE, layout, km)
+
+
+def plant_keymap_block_swap(monkeypatch, layout, block_a: str, block_b: str) -> None:
+    """Every module of SGM prefix ``block_a`` maps to the diffusers names of ``block_b`` and back
+    (an index off by one in the generator between two same-shaped blocks)."""
+    from dataclasses import replace
+
+    from lora_parity import keymap
+
+    km = keymap.KeyMap(layout)
+    by = {e.sgm: e for e in km.entries}
+
+    def moved(e):
+        for src, dst in ((block_a, block_b), (block_b, block_a)):
+            if e.sgm.startswith(src):
+                return replace(e, diffusers=by[dst + e.sgm[len(src):]].diffusers)
+        return e
+
+    km.entries = tuple(moved(e) for e in km.entries)
+    monkeypatch.setitem(keymap._CACHE, layout, km)
+
+
+def plant_kohya_name_swap(monkeypatch, layout, sgm_a: str, sgm_b: str) -> None:
+    """The kohya writer names module ``sgm_a`` as ``sgm_b`` and back."""
+    from lora_parity import formats
+    from lora_parity.keymap import keymap_for
+
+    by = keymap_for(layout).by_sgm
+    kohya_name = formats.kohya_name
+    other = {sgm_a: by[sgm_b], sgm_b: by[sgm_a]}
+
+    def faulty(entry, part=0, *, te_prefixes):
+        return kohya_name(other.get(entry.sgm, entry), part, te_prefixes=te_prefixes)
+
+    monkeypatch.setattr(formats, "kohya_name", faulty)

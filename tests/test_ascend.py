@@ -73,7 +73,7 @@ ASCEND_GUIDANCE = 5.0
 
 
 def test_image_parity_on_device(bases, ms_device, request, record_property, tmp_path):
-    from lora_parity.tolerances import IMAGE_MAE_MAX
+    from lora_parity.tolerances import image_gate
 
     mae = request.config.getoption("--image-mae")
     report = run_compare(CompareOptions(**bases, ms_device=ms_device, steps=ASCEND_STEPS, guidance=ASCEND_GUIDANCE, image_mae=mae,
@@ -82,5 +82,5 @@ def test_image_parity_on_device(bases, ms_device, request, record_property, tmp_
     for key in ("mae", "psnr", "ssim", "max_error", "mae_threshold"):
         record_property(f"image_{key}", im[key])
     record_property("seconds_per_step", im["seconds_per_step"])
-    assert im["mae_threshold"] == (IMAGE_MAE_MAX if mae is None else mae)
+    assert im["mae_threshold"] == image_gate("F32", ms_device=ms_device, mae=mae)["mae"]
     assert im["passed"], f"image MAE {im['mae']:.3f} >= {im['mae_threshold']}; images and heatmap in {tmp_path}"

@@ -8,7 +8,7 @@ from lora_parity.compare import CompareOptions, run_compare
 from lora_parity.convert import load_lora
 from lora_parity.layout import layout_from_pipeline_dir
 from lora_parity.safetensors_io import write_safetensors
-from lora_parity.tolerances import IMAGE_MAE_FP32_TARGET, IMAGE_MAE_MAX
+from lora_parity.tolerances import IMAGE_MAE_FP32_TARGET
 
 from . import faults
 
@@ -27,22 +27,26 @@ def fx(tmp_path_factory):
 
 
 @pytest.fixture
-def mae_max(request) -> float:
-    value = request.config.getoption("--image-mae")
-    return IMAGE_MAE_MAX if value is None else value
+def gates(request) -> dict:
+    """--tol-*/--mismatch-*/--image-mae/--image-max-error as CompareOptions fields (None: the table's)."""
+    from conftest import gate_overrides
+
+    return gate_overrides(request.config)
 
 
-def _run(fx, tmp_path, mae_max, **kw):
+def _run(fx, tmp_path, gates, **kw):
     return run_compare(CompareOptions(pt_base=fx.pt_base, ms_base=fx.ms_base, ms_lora=fx.ms_lora, latents=fx.latents,
-                                      steps=STEPS, guidance=GUIDANCE, image_mae=mae_max, report_dir=tmp_path, **kw))
+                                      steps=STEPS, guidance=GUIDANCE, report_dir=tmp_path, **gates, **kw))
 
 
-def test_compare_images_agree_with_lora(fx, tmp_path, mae_max, record_property):
-    report = _run(fx, tmp_path, mae_max)
+def test_compare_images_agree_with_lora(fx, tmp_path, gates, record_property):
+    report = _run(fx, tmp_path, gates)
     im = report.image
     for key in ("mae", "psnr", "ssim", "max_error"):
         record_property(f"image_{key}", im[key])
     record_property("image_mae_threshold", im["mae_threshold"])
+    record_property("image_gate", im["gate"])
+    mae_max = im["mae_threshold"]
     record_property("seconds_per_step", im["seconds_per_step"])
     saved = f"images and heatmap saved in {tmp_path}"
     assert im["mae"] < mae_max, saved
@@ -52,11 +56,11 @@ def test_compare_images_agree_with_lora(fx, tmp_path, mae_max, record_property):
         assert (tmp_path / name).is_file(), name
 
 
-def test_image_check_fails_on_a_wrong_scale(fx, tmp_path, mae_max):
+def test_image_check_fails_on_a_wrong_scale(fx, tmp_path, gates):
     lora = load_lora(fx.ms_lora, layout=layout_from_pipeline_dir(fx.pt_base))
     bad = tmp_path / "wrong_scale.safetensors"
     write_safetensors(bad, *formats.tensors_for(faults.wrong_scale(lora), "peft"))
-    report = _run(fx, tmp_path / "report", mae_max, pt_lora=bad)
-    assert report.image["mae"] > mae_max
+    report = _run(fx, tmp_path / "report", gates, pt_lora=bad)
+    assert report.image["mae"] > report.image["mae_threshold"]
     assert not report.passed
     assert (tmp_path / "report" / "diff_heatmap.png").is_file()

@@ -34,7 +34,11 @@ def fx(tmp_path_factory):
 
 @pytest.fixture
 def tol_overrides(request):
-    return {"F32": request.config.getoption("--tol-f32")}
+    """The layer-gate options (--tol-<dtype>, --mismatch-<dtype>) as CompareOptions fields."""
+    from conftest import gate_overrides
+
+    got = gate_overrides(request.config)
+    return {k: got[k] for k in ("tol_overrides", "mismatch_overrides")}
 
 
 def _opts(fx, **kw) -> CompareOptions:
@@ -44,14 +48,14 @@ def _opts(fx, **kw) -> CompareOptions:
 
 
 def test_base_models_agree_layer_by_layer(fx, record_property, tol_overrides):
-    report = run_compare(_opts(fx, tol_overrides=tol_overrides))
+    report = run_compare(_opts(fx, **tol_overrides))
     components = {m.component for m in report.layers}
     assert components == {"text_encoder", "text_encoder_2", "conditioning", "unet", "vae"}
     assert_report(report, record_property)
 
 
 def test_lora_models_agree_layer_by_layer(fx, record_property, tol_overrides, tmp_path):
-    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, report_dir=tmp_path, tol_overrides=tol_overrides))
+    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, report_dir=tmp_path, **tol_overrides))
     assert_report(report, record_property)
     assert (tmp_path / "report.json").is_file()
     record_property("unet_first_forward_seconds", report.meta["unet_first_forward_seconds"])
@@ -133,9 +137,9 @@ def _skip_unsupported(dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_low_precision_within_budget_of_fp32_reference(fx, dtype, record_property):
+def test_low_precision_within_budget_of_fp32_reference(fx, dtype, record_property, tol_overrides):
     _skip_unsupported(dtype)
-    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, dtype=dtype))
+    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, dtype=dtype, **tol_overrides))
     assert all(m.ref_rel_err is not None and m.ref_rel_err > 0 for m in report.layers if m.depth > 0)
     assert_report(report, record_property)
 

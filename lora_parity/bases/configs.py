@@ -172,7 +172,7 @@ def write_tokenizer(out_dir: Path, vocab: dict[str, int], pad_token: str) -> Non
     """A CLIP tokenizer folder: ``tokenizer.json`` (fast) plus ``vocab.json``/``merges.txt`` (slow)."""
     tok = build_clip_tokenizer(vocab, pad_token)
     tok.save_pretrained(str(out_dir))
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, allow_nan=False), encoding="utf-8")
     (out_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
@@ -181,7 +181,7 @@ def write_skeleton(out_dir: Path, cfgs: PipelineConfigs) -> None:
     from diffusers import EulerDiscreteScheduler
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "model_index.json").write_text(json.dumps(model_index(cfgs), indent=2) + "\n")
+    (out_dir / "model_index.json").write_text(json.dumps(model_index(cfgs), indent=2, allow_nan=False) + "\n")
     for comp, cfg in cfgs.components().items():
         (out_dir / comp).mkdir(exist_ok=True)
         model = meta_model(comp, cfg)

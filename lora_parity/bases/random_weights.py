@@ -120,7 +120,7 @@ def ensure_random_pipeline(cache: Path, cfgs: PipelineConfigs, seed: int, spec: 
             write_component(tmp, comp, cfg, seed)
         marker = {"spec": f"random:{cfgs.name}:{seed}", "model": cfgs.name, "seed": seed, "version": INIT_VERSION,
                   "variant": VARIANT, "init": (__doc__ or "").split("INIT RULE", 1)[-1].strip()}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2, allow_nan=False) + "\n")
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished first: keep theirs

@@ -174,7 +174,7 @@ def materialize(weights: SingleFileWeights, cache: Path) -> Path:
         for comp in weights.cfgs.components():
             weights.write_component(tmp, comp)
         (tmp / MARKER).write_text(json.dumps({"source": str(weights.path.resolve()), "model": weights.cfgs.name,
-                                              "variant": weights.variant}, indent=2) + "\n")
+                                              "variant": weights.variant}, indent=2, allow_nan=False) + "\n")
         try:
             os.replace(tmp, final)
         except OSError:

@@ -83,7 +83,7 @@ def write_safetensors_streaming(path: Path, entries: Iterable[tuple[str, str, tu
         nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize(dtype)
         header[name] = {"dtype": st_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     blob += b" " * (-len(blob) % 8)
     it = iter(tensors)
     with atomic_output(path) as fh:
@@ -135,7 +135,7 @@ def write_component_weights(comp_dir: Path, stem: str, variant: str | None,
         paths.append(path)
     total = sum(int(np.prod(s, dtype=np.int64)) * itemsize(d) for _, d, s in entries)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (comp_dir / f"{stem}.safetensors.index{v}.json").write_text(json.dumps(index, indent=1) + "\n")
+    (comp_dir / f"{stem}.safetensors.index{v}.json").write_text(json.dumps(index, indent=1, allow_nan=False) + "\n")
     return paths
 
 

@@ -67,6 +67,31 @@ def split_lora(path: Path, folder: Path) -> dict[str, Path]:
     return out
 
 
+def check_loading_info(folder: Path, info: dict) -> None:
+    """Refuse a component whose weights do not match its model exactly.
+
+    transformers and diffusers only warn when a checkpoint lacks a weight (it is then randomly
+    initialised), has one the model does not use, or has one of another shape; the run would
+    go on and a parity failure would blame the port.  One line naming the folder and a key.
+    """
+    problems = (("missing_keys", "is missing (the model would initialise it randomly)"),
+                ("mismatched_keys", "has a shape the model does not expect"),
+                ("unexpected_keys", "is not used by the model"))
+    for field, what in problems:
+        keys = sorted(_key_name(k) for k in info.get(field) or ())
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise LoraParityError(f"weight {what}{more}", path=folder, key=keys[0])
+    errors = [e for e in info.get("error_msgs") or () if str(e).strip()]
+    if errors:
+        raise LoraParityError(f"cannot load weights: {str(errors[0]).splitlines()[0]}", path=folder)
+
+
+def _key_name(entry) -> str:
+    """transformers lists mismatched keys as (name, ckpt shape, model shape) tuples."""
+    return str(entry[0]) if isinstance(entry, (tuple, list)) else str(entry)
+
+
 class _Loader:
     """``from_pretrained`` of one component of the folder, in the run's dtype, or on the meta device."""
 
@@ -89,12 +114,16 @@ class _Loader:
         if self.variant:
             kwargs["variant"] = self.variant
         kwargs["torch_dtype"] = self.dtype
+        # the loading info, not a log line: quiet_frameworks() silences transformers' and
+        # diffusers' "newly initialized" / "unexpected keys" warnings with the progress bars
+        kwargs["output_loading_info"] = True
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             try:
-                model = cls.from_pretrained(str(self.dir), **kwargs)
+                model, info = cls.from_pretrained(str(self.dir), **kwargs)
             except (OSError, ValueError, EnvironmentError) as exc:
                 raise LoraParityError(f"cannot load {component}: {str(exc).splitlines()[0]}", path=self.dir) from None
+        check_loading_info(self.dir / component, info)
         return model.to(self.device).eval()
 
     def meta_unet(self):
@@ -272,7 +301,7 @@ def _denoise(pipe, gen: dict, req: SideRequest, latents: np.ndarray, refiner: bo
         score, negative = _aesthetic(req) or (6.0, 2.5)
         kwargs.update(image=lat, strength=1.0, aesthetic_score=score, negative_aesthetic_score=negative)
         kwargs.pop("height"), kwargs.pop("width")
-    pipe.set_progress_bar_config(disable=not req.progress, desc="pytorch")
+    pipe.set_progress_bar_config(disable=not req.progress, desc="pytorch", unit="step")
     t0 = time.perf_counter()
     with torch.no_grad():
         out = pipe(**kwargs).images

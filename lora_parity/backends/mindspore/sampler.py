@@ -136,7 +136,7 @@ def denoise(unet, noise: np.ndarray, context: Tensor, y: Tensor, schedule: Euler
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n - int(first_step), desc="mindspore", unit="step", file=sys.stderr, leave=False)
+        bar = tqdm(total=n - int(first_step), desc="mindspore", unit="step", file=sys.stderr)
     t0 = time.perf_counter()
     ends: list[float] = []
     try:
