@@ -68,7 +68,12 @@ def _quiet_framework_loading() -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    _quiet_framework_loading()
+    if args.in_process:
+        _quiet_framework_loading()
+    else:  # the sides run in children (the PyTorch one quiets its frameworks itself)
+        from .sides.run import quiet_environment
+
+        quiet_environment()
     from .compare import CompareOptions, run_compare
     from .tensor import DTYPE_ALIASES
 

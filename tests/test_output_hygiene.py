@@ -300,7 +300,8 @@ def test_demo_is_quiet(tmp_path):
 
 @pytest.mark.conversion
 def test_side_process_and_cli_import_no_framework_before_quieting_it():
-    """quiet_frameworks() runs in the side child's __main__ and first in each CLI command: that is only
+    """quiet_environment()/quiet_frameworks() run in the side child (the latter before the PyTorch side
+    imports diffusers) and first in each CLI command: that is only
     early enough if importing those modules does not already import transformers / diffusers."""
     code = ("import sys, lora_parity.sides.run, lora_parity.cli, lora_parity.demo, lora_parity.infer, "
             "lora_parity.fixtures.bundle; "

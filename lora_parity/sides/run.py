@@ -25,6 +25,7 @@ def capture(req: SideRequest) -> SideResult:
     """Run the side named by ``req.side`` in this process; the result records the inputs' fingerprint."""
     fingerprint = req.fingerprint()  # before the side adds token ids of its own
     if req.side == "pt":
+        quiet_frameworks()  # before diffusers is imported (importing it costs the MindSpore side ~2.5 s)
         from .pt_side import capture_pt
 
         out = capture_pt(req)
@@ -76,6 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def quiet_environment() -> None:
+    """The environment half of :func:`quiet_frameworks`: cheap (imports nothing), inherited by children.
+
+    Enough for a process that never imports transformers/diffusers itself (``compare``'s parent,
+    the MindSpore side); the PyTorch side adds the logging half in :func:`capture`.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def quiet_frameworks() -> None:
     """No weight-loading bars or import chatter from transformers/diffusers; denoising bars are ours.
 
@@ -89,10 +102,7 @@ def quiet_frameworks() -> None:
     not from these log lines.  A verbosity the user set in the environment is kept.
     """
     user_set = {v for v in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY") if v in os.environ}
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_environment()
     try:
         from transformers.utils import logging as tlog
 
@@ -118,7 +128,7 @@ def quiet_frameworks() -> None:
 
 
 if __name__ == "__main__":
-    quiet_frameworks()
+    quiet_environment()
     # run the imported module's main, not this __main__ copy: one module object, one ``capture``
     from lora_parity.sides import run as _module
 
