@@ -5,7 +5,7 @@ A child per side means the two frameworks never hold their models in one address
 and a framework's global state (MindSpore's device, torch's threads) cannot leak into the
 other side.  The child gets a request folder and writes a result folder (JSON +
 safetensors, no pickle); a user error in the child comes back as the same one-line error.
-``python -m lora_parity.sides.run REQUEST_DIR RESULT_DIR`` is that child.
+``python -m lora_parity.sides REQUEST_DIR RESULT_DIR`` is that child.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def run_side(req: SideRequest, *, isolate: bool = True, python: str | None = Non
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [python or sys.executable, "-m", "lora_parity.sides.run", str(request), str(result)]
+        cmd = [python or sys.executable, "-m", "lora_parity.sides", str(request), str(result)]
         proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)
         err = result / ERROR_FILE
         if proc.returncode != 0:
@@ -125,11 +125,3 @@ def quiet_frameworks() -> None:
         disable_progress_bars()
     except ImportError:
         pass
-
-
-if __name__ == "__main__":
-    quiet_environment()
-    # run the imported module's main, not this __main__ copy: one module object, one ``capture``
-    from lora_parity.sides import run as _module
-
-    sys.exit(_module.main())

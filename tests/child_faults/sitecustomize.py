@@ -1,6 +1,6 @@
 """Faults planted inside a capture child process, for the fault tests of the default path.
 
-``compare`` runs each side as ``python -m lora_parity.sides.run``; a test puts this folder
+``compare`` runs each side as ``python -m lora_parity.sides``; a test puts this folder
 on ``PYTHONPATH`` and names a fault in ``LORA_PARITY_TEST_FAULT``, so the child patches
 the MindSpore port just before its capture.  Nothing here is imported by the library.
 """
