@@ -209,3 +209,11 @@ def plant_kohya_name_swap(monkeypatch, layout, sgm_a: str, sgm_b: str) -> None:
         return kohya_name(other.get(entry.sgm, entry), part, te_prefixes=te_prefixes)
 
     monkeypatch.setattr(formats, "kohya_name", faulty)
+
+
+def plant_child_fault(monkeypatch, name: str) -> None:
+    """Plant a MindSpore-port fault inside compare's side child (see tests/child_faults/)."""
+    from pathlib import Path
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent / "child_faults"))
+    monkeypatch.setenv("LORA_PARITY_TEST_FAULT", name)

@@ -21,7 +21,6 @@ from .helpers import run_cli
 
 pytestmark = pytest.mark.parity
 
-CHILD_FAULTS = Path(__file__).parent / "child_faults"
 UNET = "model.diffusion_model."
 # alpha != rank everywhere: rank 4 at alpha 2 is scale 0.5 (a lost alpha shows)
 RANK, ALPHA = 4, 2.0
@@ -121,25 +120,17 @@ def test_refiner_with_aesthetic_score_agrees_layers_and_image(refiner, record_pr
     assert report.image["passed"], report.image["title"]
 
 
-def test_refiner_dropped_aesthetic_score_is_caught(refiner, cache, monkeypatch):
+@pytest.mark.parametrize("fault, layer", [("drop_aesthetic", "conditioner.vector"),
+                                          ("truncate_middle", UNET + "middle_block")])
+def test_port_fault_in_the_side_child_is_caught(refiner, cache, monkeypatch, fault, layer):
+    """The child-process faults the fullsize layer uses, on the tiny refiner (aesthetic score dropped;
+    the middle block's transformer stack (depth 2) run one block short)."""
     _, lora, keep, _ = refiner
-    monkeypatch.setenv("PYTHONPATH", str(CHILD_FAULTS))
-    monkeypatch.setenv("LORA_PARITY_TEST_FAULT", "drop_aesthetic")
+    faults.plant_child_fault(monkeypatch, fault)
     report = run_compare(CompareOptions(base="random:tiny-refiner", cache=cache, ms_lora=lora, alpha=ALPHA,
                                         reuse_captures={"pt": keep / "pt"}))
     assert not report.passed
-    assert report.first_failure.sgm == "conditioner.vector", report.first_failure.message()
-
-
-def test_truncated_middle_stack_is_caught(refiner, cache, monkeypatch):
-    """The child-process fault mechanism the fullsize layer uses, on the tiny refiner (mid depth 2)."""
-    _, lora, keep, _ = refiner
-    monkeypatch.setenv("PYTHONPATH", str(CHILD_FAULTS))
-    monkeypatch.setenv("LORA_PARITY_TEST_FAULT", "truncate_middle")
-    report = run_compare(CompareOptions(base="random:tiny-refiner", cache=cache, ms_lora=lora, alpha=ALPHA,
-                                        reuse_captures={"pt": keep / "pt"}))
-    assert not report.passed
-    assert report.first_failure.sgm == UNET + "middle_block", report.first_failure.message()
+    assert report.first_failure.sgm == layer, report.first_failure.message()
 
 
 def test_keymap_swap_planted_in_the_converter_is_caught(refiner, cache, monkeypatch):
