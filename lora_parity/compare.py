@@ -128,7 +128,8 @@ def compare_latents(o: CompareOptions, base: _Base) -> np.ndarray:
     return make_latents(0, (1, int(unet.get("in_channels", 4)), h // f, w // f))
 
 
-def _request(o: CompareOptions, base: _Base, side: str, **kw) -> SideRequest:
+def side_request(o: CompareOptions, base: _Base, side: str, **kw) -> SideRequest:
+    """One side's request from the options and the resolved base (``compare`` and ``infer`` build them alike)."""
     return SideRequest(
         side=side, pipeline_dir=str(base.pipeline_dir), variant=base.variant, base_spec=base.base_spec,
         ms_ckpt=str(base.ms_ckpt) if base.ms_ckpt else None, cache=str(o.cache) if o.cache else None,
@@ -180,12 +181,13 @@ def run_compare(o: CompareOptions) -> ParityReport:
             convert(ConvertOptions(src=Path(o.ms_lora), dst=pt_lora, layout=str(base.pipeline_dir), alpha=o.alpha,
                                    fmt=o.pt_format))
         lora = str(pt_lora) if pt_lora else None
-        pt = _side(o, "pt", _request(o, base, "pt", lora=lora, dtype="F32", **common))
-        pt_low = (_side(o, "pt_" + o.dtype.lower(), _request(o, base, "pt", lora=lora, dtype=o.dtype, **common))
+        pt = _side(o, "pt", side_request(o, base, "pt", lora=lora, dtype="F32", **common))
+        pt_low = (_side(o, "pt_" + o.dtype.lower(),
+                        side_request(o, base, "pt", lora=lora, dtype=o.dtype, **common))
                   if o.dtype != "F32" else None)
     inputs = {k[len("_inputs."):]: v for k, v in pt.acts.items() if k.startswith("_inputs.")}
     ms_common = dict(common, arrays={"latents": latents, **inputs})
-    ms = _side(o, "ms", _request(o, base, "ms", lora=str(o.ms_lora) if o.ms_lora else None, dtype=o.dtype,
+    ms = _side(o, "ms", side_request(o, base, "ms", lora=str(o.ms_lora) if o.ms_lora else None, dtype=o.dtype,
                                  **ms_common))
     layout = layout_from_pipeline_dir(base.pipeline_dir)
     vae_blocks = len(_json(base.pipeline_dir / "vae" / "config.json")["block_out_channels"])

@@ -89,7 +89,7 @@ def generate(backend: str, pt_base: str | Path | None = None, *, base: str | Non
     """
     import tempfile
 
-    from .compare import CompareOptions, _request, compare_latents, resolve_bases
+    from .compare import CompareOptions, compare_latents, resolve_bases, side_request
     from .fixtures.tiny_pipeline import DEFAULT_PROMPT
     from .sides.run import run_side
 
@@ -109,7 +109,7 @@ def generate(backend: str, pt_base: str | Path | None = None, *, base: str | Non
                   size_cond=[list(p) for p in default_size_cond(b.pipeline_dir, latents)])
     with tempfile.TemporaryDirectory(prefix="lora-parity-infer-") as tmp:
         if backend == "ms":
-            req = _request(o, b, "ms", lora=str(ms_lora) if ms_lora else None, **common)
+            req = side_request(o, b, "ms", lora=str(ms_lora) if ms_lora else None, **common)
         else:
             lora = Path(pt_lora) if pt_lora else None
             if lora is None and ms_lora is not None:  # convert the MindONE LoRA on the fly
@@ -117,7 +117,7 @@ def generate(backend: str, pt_base: str | Path | None = None, *, base: str | Non
 
                 lora = Path(tmp) / "converted_pt.safetensors"
                 convert(ConvertOptions(src=Path(ms_lora), dst=lora, layout=str(b.pipeline_dir)))
-            req = _request(o, b, "pt", lora=str(lora) if lora else None, **common)
+            req = side_request(o, b, "pt", lora=str(lora) if lora else None, **common)
         out = run_side(req, isolate=False)
     return out.images["image"], float(out.meta["seconds_per_step"])
 
