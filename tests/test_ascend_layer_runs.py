@@ -21,8 +21,11 @@ def _run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, ET.E
     return proc, ET.parse(junit).getroot()
 
 
-def test_ascend_layer_runs_on_cpu_and_records_thresholds(tmp_path):
-    proc, xml = _run(tmp_path, "--ms-device", "CPU")
+def test_ascend_layer_runs_on_cpu_and_records_thresholds(tmp_path, monkeypatch):
+    """The layer's tests on CPU with ``--sdxl-base random:tiny`` (a base SPEC, generated into a temporary
+    cache, both sides built from it) and a generated LoRA."""
+    monkeypatch.setenv("LORA_PARITY_CACHE", str(tmp_path / "cache"))
+    proc, xml = _run(tmp_path, "--ms-device", "CPU", "--sdxl-base", "random:tiny")
     assert proc.returncode == 0, proc.stdout[-3000:]
     cases = xml.findall(".//testcase")
     assert cases and not xml.findall(".//skipped"), proc.stdout[-2000:]
@@ -39,11 +42,3 @@ def test_without_npu_the_layer_skips_with_the_reason(tmp_path):
     proc, xml = _run(tmp_path, "-rs")
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "no Ascend NPU" in proc.stdout
-
-
-def test_ascend_layer_takes_a_base_spec(tmp_path, monkeypatch):
-    """``--sdxl-base SPEC`` (here ``random:tiny``, generated into a temporary cache) builds both sides."""
-    monkeypatch.setenv("LORA_PARITY_CACHE", str(tmp_path / "cache"))
-    proc, xml = _run(tmp_path, "--ms-device", "CPU", "--sdxl-base", "random:tiny")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert xml.findall(".//testcase") and not xml.findall(".//skipped"), proc.stdout[-2000:]
