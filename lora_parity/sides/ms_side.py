@@ -44,11 +44,6 @@ class CkptWeights:
             yield name, t.to_float("float32")
 
 
-# names a MindONE base .ckpt may spell differently (tools/model_conversion/mindspore_key_base.yaml)
-_ALIASES = {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.embedding_table":
-            "conditioner.embedders.1.model.token_embedding..embedding_table"}
-
-
 class _Loader:
     """Fills one cell's parameters from the source, then LoRA, merge and dtype as requested."""
 
@@ -78,14 +73,17 @@ class _Loader:
         from ..backends.mindspore.lora import inject_lora, merge_lora
         from ..backends.mindspore.model import cast_params
 
+        from ..backends.mindspore.model import _ALIASES as MISSPELT  # MindONE checkpoint spelling -> ours
+
+        spelt_as = {name: alias for alias, name in MISSPELT.items()}
         own = {p.name: p for p in cell.get_parameters()}
         available = self.source.names()
         wanted = {}
         for name in own:
             if name in available:
                 wanted[name] = name
-            elif _ALIASES.get(name) in available:
-                wanted[_ALIASES[name]] = name
+            elif spelt_as.get(name) in available:
+                wanted[spelt_as[name]] = name
         missing = sorted(set(own) - set(wanted.values()))
         if missing:
             raise LoraParityError(f"base weights lack {len(missing)} parameter(s) of the model",
