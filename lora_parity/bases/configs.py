@@ -164,8 +164,16 @@ def meta_model(component: str, cfg: dict):
 
 
 def meta_state_shapes(component: str, cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Saved weight name -> shape of ``component``, in ``state_dict`` order (persistent entries only)."""
-    return {k: tuple(v.shape) for k, v in meta_model(component, cfg).state_dict().items()}
+    """Saved weight name -> shape of ``component``, in ``state_dict`` order (persistent entries only).
+
+    Names as the Hub's SDXL folders spell them, which every reader accepts: transformers 5
+    flattens ``CLIPTextModel`` (no ``text_model.``) but still loads the prefixed names, while
+    transformers 4 and mindone.transformers need the prefix (without it they silently
+    initialise CLIP-L randomly)."""
+    from ..fullweights import normalize_diffusers_names
+
+    shapes = {f"{component}.{k}": tuple(v.shape) for k, v in meta_model(component, cfg).state_dict().items()}
+    return {k[len(component) + 1:]: v for k, v in normalize_diffusers_names(shapes).items()}
 
 
 def write_tokenizer(out_dir: Path, vocab: dict[str, int], pad_token: str) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 from .configs import PipelineConfigs, meta_state_shapes, write_skeleton
 from .sources import write_component_weights
 
-INIT_VERSION = 2  # 2: UNet weights in 1 GiB shards
+INIT_VERSION = 3  # 2: UNet weights in 1 GiB shards; 3: CLIP-L names with "text_model." (transformers 4 / mindone)
 VARIANT = "fp16"
 RESIDUAL_GAIN = 0.5
 BIAS_STD = 0.02
