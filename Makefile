@@ -3,16 +3,31 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
+# the `mindone` backend's own environment: mindone 0.5.0 needs transformers 4.57 / huggingface-hub < 1,
+# diffusers 0.42 needs huggingface-hub >= 1.32 (README "Environments")
+MINDONE_VENV := .venv-mindone
+MINDONE_STAMP := $(MINDONE_VENV)/.setup-done
+# what mindone.diffusers' SDXL path imports; mindone's other requirements (opencv-python, mindcv, nltk,
+# better-profanity, sentencepiece) serve other models and are not installed (mindone itself: --no-deps)
+MINDONE_RUNTIME := mindspore transformers huggingface-hub tokenizers safetensors numpy omegaconf trampoline PyYAML tqdm
 
 .PHONY: setup demo test test-conversion bench mutants clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(MINDONE_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+$(MINDONE_STAMP): pyproject.toml constraints-mindone.txt
+	test -x $(MINDONE_VENV)/bin/python || $(PYTHON) -m venv $(MINDONE_VENV)
+	$(MINDONE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MINDONE_VENV)/bin/python -m pip install -q -c constraints-mindone.txt $(MINDONE_RUNTIME)
+	$(MINDONE_VENV)/bin/python -m pip install -q --no-deps -c constraints-mindone.txt mindone
+	$(MINDONE_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(MINDONE_STAMP)
 
 demo: setup
 	$(VENV)/bin/lora-parity demo
@@ -32,4 +47,4 @@ mutants: setup
 	$(PY) scripts/mutants.py $(MUTANTS_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) $(MINDONE_VENV) .pytest_cache .hypothesis .benchmarks

@@ -6,6 +6,7 @@ and MindSpore backend (SGM cells + MindONE LoRA) -> aligner -> ParityReport.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,8 @@ class CompareOptions:
     pt_device: str = "cpu"
     tol_overrides: dict = field(default_factory=dict)  # dtype -> bound on max|a-b|/max|ref| (replaces the budget)
     mismatch_overrides: dict = field(default_factory=dict)  # dtype -> bound on the mismatch fraction
-    backend: str = PORT  # which MindSpore implementation is judged: picks the rows of the tolerance table
+    ms_backend: str = PORT  # which MindSpore implementation is judged: port | mindone (also the tolerance rows)
+    ms_python: str | None = None  # interpreter for the MindSpore side (default: the backend's, see backends.registry)
     report_dir: Path | None = None
     pt_format: str = "peft"  # what the .ckpt is converted to for diffusers: peft, or kohya (ComfyUI/A1111 files)
     isolate: bool = True  # each side in its own child process (one model in memory at a time)
@@ -135,7 +137,8 @@ def side_request(o: CompareOptions, base: _Base, side: str, **kw) -> SideRequest
         ms_ckpt=str(base.ms_ckpt) if base.ms_ckpt else None, cache=str(o.cache) if o.cache else None,
         alpha=o.alpha, guidance=o.guidance, merge=o.merge, graph=o.ms_graph, progress=o.progress,
         aesthetic=[o.aesthetic_score, o.negative_aesthetic_score] if base.is_refiner else None,
-        device=o.ms_device if side == "ms" else o.pt_device, **kw)
+        device=o.ms_device if side == "ms" else o.pt_device,
+        backend=o.ms_backend if side == "ms" else "diffusers", **kw)
 
 
 def _side(o: CompareOptions, name: str, req: SideRequest) -> SideResult:
@@ -150,19 +153,66 @@ def _side(o: CompareOptions, name: str, req: SideRequest) -> SideResult:
         if diff:
             raise LoraParityError(f"kept capture was made from other inputs ({', '.join(diff)})", path=kept)
         return out
-    out = run_side(req, isolate=o.isolate)
+    from .backends import get_backend
+
+    python = get_backend(req.backend_name).interpreter(o.ms_python if req.side == "ms" else None)
+    out = run_side(req, isolate=o.isolate or python != sys.executable, python=python)
     if o.keep_captures is not None:
         out.save(Path(o.keep_captures) / name)
     return out
 
 
-def run_compare(o: CompareOptions) -> ParityReport:
-    base = resolve_bases(o)
-    from .backends.mindspore_backend import CPU_DTYPES
+def check_backend(o: CompareOptions) -> None:
+    """The MindSpore backend can run here with this dtype; one error before any side runs."""
+    from .backends import MS_BACKENDS, get_backend
 
-    if o.ms_device == "CPU" and o.dtype not in CPU_DTYPES:  # before any side runs
-        raise LoraParityError(f"--dtype {o.dtype}: MindSpore on CPU has no {o.dtype} MatMul kernel "
-                              f"(run it with --ms-device Ascend)")
+    if o.ms_backend not in MS_BACKENDS:
+        raise LoraParityError(f"--ms-backend {o.ms_backend!r}: choose one of {', '.join(MS_BACKENDS)}")
+    be = get_backend(o.ms_backend)
+    ok, why = be.is_available(o.ms_python)
+    if not ok:
+        raise LoraParityError(f"--ms-backend {be.name} cannot run: {why}")
+    ok, why = be.supports(o.dtype, o.ms_device)
+    if not ok:
+        raise LoraParityError(f"--dtype {o.dtype}: {why}")
+
+
+def _lora_for(o: CompareOptions, base: _Base, tmp: Path) -> tuple[str | None, str | None]:
+    """(PyTorch side's LoRA, MindSpore side's LoRA) as each backend loads it.
+
+    The port loads the MindONE ``.ckpt``; diffusers and mindone load a PEFT safetensors file:
+    ``--pt-lora`` as given, else the ``.ckpt`` converted (for diffusers in ``--pt-format``).
+    ``--ms-lora`` may also be a PEFT file for ``--ms-backend mindone`` (a LoRA that
+    mindone.diffusers training wrote); then it is both sides' file unless ``--pt-lora`` is given.
+    """
+    from .backends import get_backend
+    from .convert import ConvertOptions, convert
+
+    fmt = get_backend(o.ms_backend).lora_format
+    ms_lora = Path(o.ms_lora) if o.ms_lora else None
+    is_ckpt = ms_lora is not None and ms_lora.suffix == ".ckpt"
+    if ms_lora is not None and fmt == "mindone-ckpt" and not is_ckpt:
+        raise LoraParityError(f"--ms-backend {o.ms_backend} loads a MindONE LoRA (.ckpt)", path=ms_lora)
+
+    def converted(f: str) -> Path:
+        out = tmp / f"converted_{f}.safetensors"
+        if not out.is_file():
+            convert(ConvertOptions(src=ms_lora, dst=out, layout=str(base.pipeline_dir), alpha=o.alpha, fmt=f))
+        return out
+
+    pt = Path(o.pt_lora) if o.pt_lora else None
+    if pt is None and ms_lora is not None:
+        pt = converted(o.pt_format) if is_ckpt else ms_lora
+    ms = ms_lora
+    if ms_lora is not None and fmt == "peft" and is_ckpt:
+        ms = converted("peft")
+    return (str(pt) if pt else None), (str(ms) if ms else None)
+
+
+def run_compare(o: CompareOptions) -> ParityReport:
+    """Capture both sides (child processes, one after the other), then :func:`judge` them."""
+    base = resolve_bases(o, sides=("pt", "ms") if o.ms_backend == PORT else ("pt",))
+    check_backend(o)
     from .fixtures.tiny_pipeline import DEFAULT_PROMPT
     from .infer import default_size_cond
 
@@ -173,54 +223,22 @@ def run_compare(o: CompareOptions) -> ParityReport:
     common = dict(prompt=prompt, timesteps=timesteps, size_cond=size_cond, steps=o.steps,
                   arrays={"latents": latents})
     with tempfile.TemporaryDirectory(prefix="lora-parity-") as tmp:
-        pt_lora = Path(o.pt_lora) if o.pt_lora else None
-        if pt_lora is None and o.ms_lora is not None:
-            from .convert import ConvertOptions, convert
-
-            pt_lora = Path(tmp) / "converted_pt.safetensors"
-            convert(ConvertOptions(src=Path(o.ms_lora), dst=pt_lora, layout=str(base.pipeline_dir), alpha=o.alpha,
-                                   fmt=o.pt_format))
-        lora = str(pt_lora) if pt_lora else None
-        pt = _side(o, "pt", side_request(o, base, "pt", lora=lora, dtype="F32", **common))
+        pt_lora, ms_lora = _lora_for(o, base, Path(tmp))
+        pt = _side(o, "pt", side_request(o, base, "pt", lora=pt_lora, dtype="F32", **common))
         pt_low = (_side(o, "pt_" + o.dtype.lower(),
-                        side_request(o, base, "pt", lora=lora, dtype=o.dtype, **common))
+                        side_request(o, base, "pt", lora=pt_lora, dtype=o.dtype, **common))
                   if o.dtype != "F32" else None)
-    inputs = {k[len("_inputs."):]: v for k, v in pt.acts.items() if k.startswith("_inputs.")}
-    ms_common = dict(common, arrays={"latents": latents, **inputs})
-    ms = _side(o, "ms", side_request(o, base, "ms", lora=str(o.ms_lora) if o.ms_lora else None, dtype=o.dtype,
-                                 **ms_common))
-    layout = layout_from_pipeline_dir(base.pipeline_dir)
-    vae_blocks = len(_json(base.pipeline_dir / "vae" / "config.json")["block_out_channels"])
-    alignment = (text_alignment(layout) + conditioning_alignment() + unet_alignment(layout, timesteps)
-                 + vae_alignment(vae_blocks))
-    gate = layer_tolerance(o.dtype, o.tol_overrides, o.backend, o.mismatch_overrides)
-    if pt_low is None:
-        report = compare(alignment, ms.acts, pt.acts, gate, o.dtype)
-    else:
-        report = compare_low_precision(alignment, ms.acts, pt_low.acts, pt.acts, gate)
-    sides = {"pytorch": pt.meta, "mindspore": ms.meta}
-    if pt_low is not None:
-        sides["pytorch_" + o.dtype.lower()] = pt_low.meta
+        inputs = {k[len("_inputs."):]: v for k, v in pt.acts.items() if k.startswith("_inputs.")}
+        ms_common = dict(common, arrays={"latents": latents, **inputs})
+        ms = _side(o, "ms", side_request(o, base, "ms", lora=ms_lora, dtype=o.dtype, **ms_common))
+    report, images = judge(o, base.pipeline_dir, ms, pt, pt_low)
     report.meta.update({
-        "dtype": o.dtype, "timestep": timesteps[0], "timesteps": timesteps, "prompt": prompt,
-        "latents_shape": list(latents.shape), "image_size": [int(v) for v in size_cond[2]],
+        "prompt": prompt, "latents_shape": list(latents.shape),
         "base": o.base if o.base else {"pt_base": str(o.pt_base), "ms_base": str(o.ms_base)},
         "variant": base.variant, "refiner": base.is_refiner,
         "ms_lora": str(o.ms_lora) if o.ms_lora else None, "pt_lora": str(o.pt_lora) if o.pt_lora else "converted",
-        "backend": o.backend,
-        # the gate row (with overrides); low-precision runs: the per-layer budgets are in layers[*]
-        "tolerance": {**gate.to_dict(), "low_precision_budget": pt_low is not None},
-        "mindspore_settings": ms.meta.get("mindspore_settings"),
-        "unet_first_forward_seconds": {"mindspore": ms.meta["unet_forward_seconds"][0],
-                                       "pytorch": pt.meta["unet_forward_seconds"][0]},
-        "peak_rss_bytes": {name: m.get("peak_rss_bytes") for name, m in sides.items()},
-        "rss_after_bytes": {name: m.get("rss_after_bytes") for name, m in sides.items()},
-        "seconds": {name: m.get("seconds") for name, m in sides.items()},
         "isolated_processes": o.isolate,
     })
-    images = None
-    if o.steps:
-        images = _image_check(o, report, ms, pt, pt_low)
     if o.report_dir is not None:
         from .report import write_report
 
@@ -228,8 +246,59 @@ def run_compare(o: CompareOptions) -> ParityReport:
     return report
 
 
+def alignment_for(configs_dir: Path, timesteps, naming: str) -> list:
+    """Every compared point; a backend that records diffusers names is aligned name to name."""
+    from .parity import Aligned
+
+    layout = layout_from_pipeline_dir(configs_dir)
+    vae_blocks = len(_json(configs_dir / "vae" / "config.json")["block_out_channels"])
+    points = (text_alignment(layout) + conditioning_alignment() + unet_alignment(layout, timesteps)
+              + vae_alignment(vae_blocks))
+    if naming == "diffusers":
+        points = [Aligned(a.diffusers, a.diffusers, a.component, a.depth) for a in points]
+    return points
+
+
+def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
+          pt_low: SideResult | None) -> tuple[ParityReport, dict | None]:
+    """Align and judge two captures (made here or anywhere: see :mod:`.bundle`) by the table's gates;
+    the report and the two (three) uint8 images when the captures generated images."""
+    from .backends import get_backend
+
+    backend = ms.meta.get("backend") or o.ms_backend
+    timesteps = [float(t) for t in ms.meta["inputs"]["timesteps"]]
+    alignment = alignment_for(Path(configs_dir), timesteps, get_backend(backend).naming)
+    gate = layer_tolerance(o.dtype, o.tol_overrides, backend, o.mismatch_overrides)
+    if pt_low is None:
+        report = compare(alignment, ms.acts, pt.acts, gate, o.dtype)
+    else:
+        report = compare_low_precision(alignment, ms.acts, pt_low.acts, pt.acts, gate)
+    sides = {"pytorch": pt.meta, "mindspore": ms.meta}
+    if pt_low is not None:
+        sides["pytorch_" + o.dtype.lower()] = pt_low.meta
+    size_cond = ms.meta["inputs"]["size_cond"]
+    report.meta.update({
+        "dtype": o.dtype, "timestep": timesteps[0], "timesteps": timesteps,
+        "image_size": [int(v) for v in size_cond[2]] if size_cond else None,
+        "backend": backend, "reference_backend": pt.meta.get("backend", "diffusers"),
+        # the gate row (with overrides); low-precision runs: the per-layer budgets are in layers[*]
+        "tolerance": {**gate.to_dict(), "low_precision_budget": pt_low is not None},
+        "mindspore_settings": ms.meta.get("mindspore_settings"),
+        "versions": {name: m.get("versions") for name, m in sides.items()},
+        "unet_first_forward_seconds": {"mindspore": (ms.meta.get("unet_forward_seconds") or [None])[0],
+                                       "pytorch": (pt.meta.get("unet_forward_seconds") or [None])[0]},
+        "peak_rss_bytes": {name: m.get("peak_rss_bytes") for name, m in sides.items()},
+        "rss_after_bytes": {name: m.get("rss_after_bytes") for name, m in sides.items()},
+        "seconds": {name: m.get("seconds") for name, m in sides.items()},
+    })
+    images = None
+    if ms.meta["inputs"].get("steps"):
+        images = _image_check(o, report, ms, pt, pt_low, backend)
+    return report, images
+
+
 def _image_check(o: CompareOptions, report: ParityReport, ms: SideResult, pt: SideResult,
-                 pt_low: SideResult | None) -> dict[str, np.ndarray]:
+                 pt_low: SideResult | None, backend: str) -> dict[str, np.ndarray]:
     """Full-image metrics of the two generated images; recorded in the report, part of pass/fail.
 
     fp32: MindSpore's image against PyTorch's.  fp16/bf16: both sides generate in that dtype
@@ -240,15 +309,17 @@ def _image_check(o: CompareOptions, report: ParityReport, ms: SideResult, pt: Si
     from .sampling import to_uint8
     ms_img, pt_img = to_uint8(ms.images["image"]), to_uint8(pt.images["image"])
     m = image_metrics(ms_img, pt_img)
-    gate = image_gate(o.dtype, o.backend, ms_device=o.ms_device, pt_device=o.pt_device, mae=o.image_mae,
+    steps = ms.meta["inputs"]["steps"]
+    guidance = ms.meta["inputs"]["guidance"]
+    gate = image_gate(o.dtype, backend, ms_device=o.ms_device, pt_device=o.pt_device, mae=o.image_mae,
                       max_error=o.image_max_error)
     passed = m.mae < gate["mae"] and (gate["max_error"] is None or m.max_error <= gate["max_error"])
     per_step = {"mindspore": float(ms.meta["seconds_per_step"]), "pytorch": float(pt.meta["seconds_per_step"])}
     report.image = {**m.to_dict(), "mae_threshold": gate["mae"], "max_error_threshold": gate["max_error"],
                     "gate": gate, "passed": passed,
-                    "steps": o.steps, "guidance": o.guidance, "dtype": o.dtype, "reference": "pytorch fp32",
+                    "steps": steps, "guidance": guidance, "dtype": o.dtype, "reference": "pytorch fp32",
                     "seconds_per_step": per_step,
-                    "title": f"{o.steps} steps, guidance {o.guidance:g}: MAE {m.mae:.3f}, PSNR {m.psnr:.1f} dB, "
+                    "title": f"{steps} steps, guidance {guidance:g}: MAE {m.mae:.3f}, PSNR {m.psnr:.1f} dB, "
                              f"SSIM {m.ssim:.4f}"}
     out = {"ms": ms_img, "pt": pt_img}
     if pt_low is not None:
@@ -257,3 +328,88 @@ def _image_check(o: CompareOptions, report: ParityReport, ms: SideResult, pt: Si
         report.image["seconds_per_step"]["pytorch_" + o.dtype.lower()] = float(pt_low.meta["seconds_per_step"])
         out["pt_low"] = low
     return out
+
+
+# ---------------------------------------------------------------- bundles (see lora_parity.bundle)
+
+
+def run_capture(o: CompareOptions, backend: str, out: Path, *, force: bool = False) -> Path:
+    """``lora-parity capture``: one backend's capture of the inputs ``compare`` would use, as a bundle."""
+    from .backends import get_backend
+    from .bundle import write_bundle
+    from .fixtures.tiny_pipeline import DEFAULT_PROMPT
+    from .infer import default_size_cond
+
+    try:
+        be = get_backend(backend)
+    except ValueError as exc:
+        raise LoraParityError(str(exc)) from None
+    if Path(out).exists() and not force:  # before minutes of work
+        raise LoraParityError("output exists (use --force to replace it)", path=out)
+    python = be.interpreter(o.ms_python if be.side == "ms" else None)
+    ok, why = be.is_available(python)
+    if not ok:
+        raise LoraParityError(f"--backend {be.name} cannot run: {why}")
+    ok, why = be.supports(o.dtype, o.ms_device if be.side == "ms" else "CPU")
+    if not ok:
+        raise LoraParityError(f"--dtype {o.dtype}: {why}")
+    base = resolve_bases(o, sides=("ms",) if be.name == PORT else ("pt",))
+    prompt = o.prompt if o.prompt is not None else DEFAULT_PROMPT
+    latents = compare_latents(o, base)
+    size_cond = [list(p) for p in default_size_cond(base.pipeline_dir, latents)]
+    timesteps = [float(t) for t in (o.timesteps or (o.timestep,))]
+    given = o.ms_lora or o.pt_lora
+    with tempfile.TemporaryDirectory(prefix="lora-parity-capture-") as tmp:
+        lora = Path(given) if given else None
+        if lora is not None and be.lora_format == "mindone-ckpt" and lora.suffix != ".ckpt":
+            raise LoraParityError(f"--backend {be.name} loads a MindONE LoRA (.ckpt)", path=lora)
+        if lora is not None and be.lora_format == "peft" and lora.suffix == ".ckpt":
+            from .convert import ConvertOptions, convert
+
+            fmt = o.pt_format if be.name == "diffusers" else "peft"
+            conv = Path(tmp) / f"converted_{fmt}.safetensors"
+            convert(ConvertOptions(src=lora, dst=conv, layout=str(base.pipeline_dir), alpha=o.alpha, fmt=fmt))
+            lora = conv
+        o_side = o if be.side == "ms" else CompareOptions(**{**o.__dict__, "ms_backend": PORT})
+        req = side_request(o_side, base, be.side, lora=str(lora) if lora else None, dtype=o.dtype, prompt=prompt,
+                           timesteps=timesteps, size_cond=size_cond, steps=o.steps, arrays={"latents": latents})
+        req.backend = be.name
+        result = run_side(req, isolate=True, python=python)
+        return write_bundle(Path(out), req, result, base=o.base or str(base.pipeline_dir),
+                            lora=str(given) if given else None, force=force)
+
+
+def compare_bundles(o: CompareOptions, ms_dir: Path, pt_dir: Path, pt_low_dir: Path | None = None) -> ParityReport:
+    """Judge a MindSpore-side bundle against a PyTorch fp32 bundle (and, for fp16/bf16, PyTorch's bundle in
+    that dtype), after checking they ran identical inputs; the same judge as :func:`run_compare`."""
+    from dataclasses import replace
+
+    from .bundle import check_same_inputs, read_bundle
+
+    ms, pt = read_bundle(ms_dir), read_bundle(pt_dir)
+    if ms.manifest["side"] != "ms":
+        raise LoraParityError(f"--ms-bundle holds a {ms.backend} capture, not a MindSpore one", path=ms_dir)
+    if pt.manifest["side"] != "pt" or pt.dtype != "F32":
+        raise LoraParityError("--pt-bundle must be a diffusers capture in fp32 (the reference)", path=pt_dir)
+    check_same_inputs(ms, pt)
+    low = None
+    if ms.dtype != "F32":
+        if pt_low_dir is None:
+            raise LoraParityError(f"a {ms.dtype} MindSpore bundle is judged with PyTorch's own {ms.dtype} error: "
+                                  f"give --pt-low-bundle (a diffusers capture with --dtype {ms.dtype.lower()})")
+        low = read_bundle(pt_low_dir)
+        if low.manifest["side"] != "pt" or low.dtype != ms.dtype:
+            raise LoraParityError(f"--pt-low-bundle must be a diffusers capture in {ms.dtype}", path=pt_low_dir)
+        check_same_inputs(low, pt)
+    o = replace(o, dtype=ms.dtype, ms_backend=ms.backend, ms_device=ms.manifest["device"],
+                pt_device=pt.manifest["device"])
+    report, images = judge(o, ms.configs, ms.result, pt.result, low.result if low else None)
+    report.meta.update({"prompt": ms.request.prompt, "latents_shape": list(ms.request.arrays["latents"].shape),
+                        "base": ms.manifest["base"], "ms_lora": ms.manifest["lora"], "pt_lora": pt.manifest["lora"],
+                        "bundles": {"mindspore": str(ms_dir), "pytorch": str(pt_dir),
+                                    **({"pytorch_low": str(pt_low_dir)} if low else {})}})
+    if o.report_dir is not None:
+        from .report import write_report
+
+        write_report(Path(o.report_dir), report, images)
+    return report

@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 PORT = "port"  # our MindSpore SGM port (lora_parity.backends.mindspore)
-BACKENDS = (PORT,)
+MINDONE = "mindone"  # mindone.diffusers' own SDXL pipeline (lora_parity.sides.mindone_side)
+BACKENDS = (PORT, MINDONE)
 DTYPES = ("F32", "F16", "BF16")
 
 
@@ -87,6 +88,15 @@ LAYER_GATES: dict[tuple[str, str], LayerGate] = {
         PORT, "BF16", rel=4 * _U["BF16"], rtol=8 * _U["BF16"], atol=64 * _U["BF16"], mismatch=1e-3,
         reason="bf16 floor, scaled from fp16 by unit roundoff (2^-8 vs 2^-11): not measured here (MindSpore's "
                "CPU MatMul has no bf16 kernel); the budget's PyTorch-error term carries the measurement"),
+    (MINDONE, "F32"): LayerGate(
+        MINDONE, "F32", rel=1e-4, rtol=1e-4, atol=3e-4, mismatch=1e-3,
+        reason="PROVISIONAL"),
+    (MINDONE, "F16"): LayerGate(
+        MINDONE, "F16", rel=4 * _U["F16"], rtol=8 * _U["F16"], atol=64 * _U["F16"], mismatch=1e-3,
+        reason="PROVISIONAL"),
+    (MINDONE, "BF16"): LayerGate(
+        MINDONE, "BF16", rel=4 * _U["BF16"], rtol=8 * _U["BF16"], atol=64 * _U["BF16"], mismatch=1e-3,
+        reason="PROVISIONAL"),
 }
 
 # fp16/bf16 runs are judged against the fp32 reference: MindSpore's low-precision statistic on a layer
@@ -159,6 +169,9 @@ IMAGE_GATES: dict[tuple[str, str], ImageGate] = {
         mae=2.0, max_error=32,
         reason="bf16: not measurable on CPU; fp16's gate scaled by 2 for 8x coarser rounding, bounded by "
                "the cross-device bar"),
+    (MINDONE, "F32"): ImageGate(mae=0.05, max_error=8, reason="PROVISIONAL"),
+    (MINDONE, "F16"): ImageGate(mae=1.0, max_error=16, reason="PROVISIONAL"),
+    (MINDONE, "BF16"): ImageGate(mae=2.0, max_error=32, reason="PROVISIONAL"),
 }
 # MindSpore on another device (Ascend / GPU) than PyTorch: kernels, fused ops and precision modes differ;
 # the user's bar is MAE < 5 (Ascend fp16 vs GPU fp16).  No max-error bound across devices.

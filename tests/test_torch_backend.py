@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 from safetensors.numpy import load_file as load_np  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lora_parity.backends import Activations, Backend, ParityInputs, get_backend  # noqa: E402
+from lora_parity.backends import Activations, ParityInputs, PipelineView, get_view  # noqa: E402
 from lora_parity.backends.torch_backend import (  # noqa: E402
     LoraLoadError,
     TorchBackend,
@@ -169,8 +169,8 @@ def test_generate_offline(backend):
 
 def test_protocol_and_availability(backend):
     assert TorchBackend.is_available() == (True, "")
-    assert isinstance(backend, Backend)
-    assert get_backend("torch") is TorchBackend
+    assert isinstance(backend, PipelineView)
+    assert get_view("torch") is TorchBackend
     with pytest.raises(ValueError):
         ParityInputs(latents=make_latents(0))  # neither prompt nor ids
     inp = ParityInputs(latents=make_latents(0), prompt=DEFAULT_PROMPT, timesteps=999)

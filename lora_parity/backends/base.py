@@ -95,8 +95,11 @@ class Activations:
 
 
 @runtime_checkable
-class Backend(Protocol):
-    """A framework's SDXL pipeline seen through numpy.
+class PipelineView(Protocol):
+    """A framework's SDXL pipeline seen through numpy (in-process; the tests' view of one backend).
+
+    ``compare`` itself goes through :class:`lora_parity.backends.registry.Backend`, whose
+    captures run in their own processes.
 
     Array arguments are numpy (a backend may also accept its own tensors);
     results are numpy.  ``prompt_embeds`` is ``(B, 77, ctx)``, ``pooled``

@@ -187,6 +187,9 @@ def capture_ms(req: SideRequest) -> SideResult:
         from .tokens import token_ids
 
         req.arrays.update(token_ids(pdir, req.prompt, negative=cfg_on and refiner))
+    for k in ("input_ids", "input_ids_2"):  # what this capture ran on (a bundle's judge checks them)
+        if k in req.arrays:
+            result.acts[f"_inputs.{k}"] = np.asarray(req.arrays[k], np.int64)
     ids = [req.arrays[k] for k in ("input_ids", "input_ids_2") if k in req.arrays][-len(encoders):]
     from ..backends.mindspore.unet import sdxl_vector
 

@@ -24,7 +24,7 @@ ARRAYS = "arrays.safetensors"
 class SideRequest:
     """Everything one side needs; arrays live in ``arrays`` (written beside the JSON)."""
 
-    side: str  # "pt" | "ms"
+    side: str  # "pt" (the reference) | "ms" (the MindSpore implementation judged)
     pipeline_dir: str  # diffusers folder: configs, tokenizers, scheduler (and the PyTorch weights)
     variant: str | None = None  # diffusers weight variant of pipeline_dir ("fp16") or None
     base_spec: str | None = None  # --base SPEC (MindSpore weights from it) ...
@@ -46,6 +46,11 @@ class SideRequest:
     progress: bool = False
     activations: bool = True  # False: image only (``infer``), no per-layer recording
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # latents, input_ids, ...
+    backend: str | None = None  # diffusers | port | mindone (None: the side's default, diffusers / port)
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend or {"pt": "diffusers", "ms": "port"}[self.side]
 
     def fingerprint(self) -> dict:
         """What two captures must share to be compared: the exact inputs (arrays by SHA-256)."""

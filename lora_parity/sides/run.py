@@ -22,46 +22,51 @@ ERROR_FILE = "error.txt"
 
 
 def capture(req: SideRequest) -> SideResult:
-    """Run the side named by ``req.side`` in this process; the result records the inputs' fingerprint."""
+    """Run the backend named by ``req`` in this process; the result records the inputs' fingerprint."""
+    from ..backends.registry import get_backend
+
     fingerprint = req.fingerprint()  # before the side adds token ids of its own
-    if req.side == "pt":
-        quiet_frameworks()  # before diffusers is imported (importing it costs the MindSpore side ~2.5 s)
-        from .pt_side import capture_pt
-
-        out = capture_pt(req)
-    elif req.side == "ms":
-        from .ms_side import capture_ms
-
-        out = capture_ms(req)
-    else:
-        raise LoraParityError(f"unknown side {req.side!r}")
+    try:
+        backend = get_backend(req.backend_name)
+    except ValueError as exc:
+        raise LoraParityError(str(exc)) from None
+    out = backend.capture(req)
     out.meta["inputs"] = fingerprint
+    out.meta.setdefault("backend", backend.name)
     return out
 
 
 def run_side(req: SideRequest, *, isolate: bool = True, python: str | None = None) -> SideResult:
-    """The side's result; in a child process (``python``, default this interpreter) unless ``isolate`` is off."""
+    """The side's result; in a child process (``python``, default this interpreter) unless ``isolate`` is off.
+
+    The child imports this very ``lora_parity`` (put first on its path through a folder holding
+    only a link to the package), also when ``python`` is another environment's interpreter:
+    both sides of a comparison run the same project code, and nothing else of this
+    environment leaks into the other one.
+    """
     if not isolate:
         return capture(req)
     with tempfile.TemporaryDirectory(prefix=f"lora-parity-{req.side}-") as tmp:
         request, result = Path(tmp) / "request", Path(tmp) / "result"
         req.save(request)
+        path_dir = Path(tmp) / "path"
+        path_dir.mkdir()
+        (path_dir / "lora_parity").symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = str(path_dir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         cmd = [python or sys.executable, "-m", "lora_parity.sides", str(request), str(result)]
         proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)
         err = result / ERROR_FILE
         if proc.returncode != 0:
             if err.is_file():
                 raise LoraParityError(err.read_text().strip())
-            raise LoraParityError(f"the {_label(req.side)} side stopped with exit code {proc.returncode} "
+            raise LoraParityError(f"the {_label(req)} side stopped with exit code {proc.returncode} "
                                   f"(its messages are above)")
         return SideResult.load(result)
 
 
-def _label(side: str) -> str:
-    return {"pt": "PyTorch", "ms": "MindSpore"}.get(side, side)
+def _label(req: SideRequest) -> str:
+    return {"diffusers": "PyTorch", "port": "MindSpore", "mindone": "mindone"}.get(req.backend_name, req.side)
 
 
 def main(argv: list[str] | None = None) -> int:
