@@ -26,6 +26,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "or random:sdxl-base (as compare --base)")
     g.addoption("--ms-device", action="store", default=None, choices=("Ascend", "CPU", "GPU"),
                 help="device for the MindSpore side of the ascend layer (default: Ascend)")
+    g.addoption("--ms-backend", action="store", default="all", choices=("all", "port", "mindone"),
+                help="which MindSpore implementation the parity/image layers judge: port (this project's SGM port), "
+                     "mindone (mindone.diffusers, in its own environment) or all (default)")
     g.addoption("--fullsize-cache", action="store", default=None, metavar="DIR",
                 help="where the fullsize layer generates its random SDXL bases (default: ~/.cache/lora-parity)")
     for dt in ("f32", "f16", "bf16"):  # as compare's flags; lora_parity.tolerances documents what they replace

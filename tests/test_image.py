@@ -39,8 +39,8 @@ def _run(fx, tmp_path, gates, **kw):
                                       steps=STEPS, guidance=GUIDANCE, report_dir=tmp_path, **gates, **kw))
 
 
-def test_compare_images_agree_with_lora(fx, tmp_path, gates, record_property):
-    report = _run(fx, tmp_path, gates)
+def test_compare_images_agree_with_lora(fx, ms_backend, tmp_path, gates, record_property):
+    report = _run(fx, tmp_path, gates, ms_backend=ms_backend)
     im = report.image
     for key in ("mae", "psnr", "ssim", "max_error"):
         record_property(f"image_{key}", im[key])
@@ -56,11 +56,11 @@ def test_compare_images_agree_with_lora(fx, tmp_path, gates, record_property):
         assert (tmp_path / name).is_file(), name
 
 
-def test_image_check_fails_on_a_wrong_scale(fx, tmp_path, gates):
+def test_image_check_fails_on_a_wrong_scale(fx, ms_backend, tmp_path, gates):
     lora = load_lora(fx.ms_lora, layout=layout_from_pipeline_dir(fx.pt_base))
     bad = tmp_path / "wrong_scale.safetensors"
     write_safetensors(bad, *formats.tensors_for(faults.wrong_scale(lora), "peft"))
-    report = _run(fx, tmp_path / "report", gates, pt_lora=bad)
+    report = _run(fx, tmp_path / "report", gates, pt_lora=bad, ms_backend=ms_backend)
     assert report.image["mae"] > report.image["mae_threshold"]
     assert not report.passed
     assert (tmp_path / "report" / "diff_heatmap.png").is_file()

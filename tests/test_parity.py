@@ -47,21 +47,29 @@ def _opts(fx, **kw) -> CompareOptions:
     return CompareOptions(**base)
 
 
-def test_base_models_agree_layer_by_layer(fx, record_property, tol_overrides):
-    report = run_compare(_opts(fx, **tol_overrides))
+def _diffusers_name(fx, sgm: str) -> str:
+    """The diffusers module a port (SGM) layer is aligned with: the name both backends' reports share."""
+    from lora_parity.compare import alignment_for
+
+    return {a.sgm: a.diffusers for a in alignment_for(fx.pt_base, [500.0], "sgm")}[sgm]
+
+
+def test_base_models_agree_layer_by_layer(fx, ms_backend, record_property, tol_overrides):
+    report = run_compare(_opts(fx, ms_backend=ms_backend, **tol_overrides))
+    assert report.meta["backend"] == ms_backend
     components = {m.component for m in report.layers}
     assert components == {"text_encoder", "text_encoder_2", "conditioning", "unet", "vae"}
     assert_report(report, record_property)
 
 
-def test_lora_models_agree_layer_by_layer(fx, record_property, tol_overrides, tmp_path):
-    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, report_dir=tmp_path, **tol_overrides))
+def test_lora_models_agree_layer_by_layer(fx, ms_backend, record_property, tol_overrides, tmp_path):
+    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, report_dir=tmp_path, ms_backend=ms_backend, **tol_overrides))
     assert_report(report, record_property)
     assert (tmp_path / "report.json").is_file()
     record_property("unet_first_forward_seconds", report.meta["unet_first_forward_seconds"])
 
 
-def test_lora_on_vs_off_differs_far_beyond_tolerance(fx, tmp_path):
+def test_lora_on_vs_off_differs_far_beyond_tolerance(fx, ms_backend, tmp_path):
     """Proves the LoRA is applied: MS with LoRA vs PT without it fails every LoRA'd layer by far."""
     empty = tmp_path / "no_lora.safetensors"
     lora = load_lora(fx.ms_lora, layout=layout_from_pipeline_dir(fx.pt_base))
@@ -69,11 +77,14 @@ def test_lora_on_vs_off_differs_far_beyond_tolerance(fx, tmp_path):
     zero = formats.tensors_for(type(lora)({one.module.sgm: type(one)(one.module, one.A, Tensor.from_numpy(
         np.zeros(one.B.shape, np.float32)), one.alpha)}, lora.layout, "", "ms"), "peft")
     write_safetensors(empty, *zero)
-    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, pt_lora=empty))
-    tol = layer_tolerance("F32").rel
-    no_lora = ("input_blocks.0", "embeddings", "token_embedding")
+    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, pt_lora=empty, ms_backend=ms_backend))
+    tol = layer_tolerance("F32", backend=ms_backend).rel
+    from lora_parity.compare import alignment_for
+
+    no_lora = {a.diffusers for a in alignment_for(fx.pt_base, [500.0], "sgm")
+               if a.sgm.endswith(("input_blocks.0", "embeddings", "token_embedding"))}  # before any LoRA'd module
     lora_layers = [m for m in report.layers if m.component in ("unet", "text_encoder", "text_encoder_2")
-                   and not m.sgm.endswith(no_lora)]
+                   and m.diffusers not in no_lora]
     assert lora_layers
     weak = [m.message() for m in lora_layers if m.rel_err < FAULT_FACTOR * tol]
     assert not weak, weak[:3]
@@ -91,10 +102,11 @@ def _faulty_pt_lora(fx, tmp_path, fault) -> Path:
     (faults.wrong_scale, "conditioner.embedders.0.transformer.text_model.encoder.layers.0"),
     (lambda l: faults.drop_block(l, "input_blocks.3"), "model.diffusion_model.input_blocks.3"),
 ], ids=["swapped_projections", "wrong_scale", "block_left_out"])
-def test_lora_faults_fail_and_name_first_layer(fx, tmp_path, fault, first_layer):
-    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, pt_lora=_faulty_pt_lora(fx, tmp_path, fault)))
+def test_lora_faults_fail_and_name_first_layer(fx, ms_backend, tmp_path, fault, first_layer):
+    report = run_compare(_opts(fx, ms_lora=fx.ms_lora, pt_lora=_faulty_pt_lora(fx, tmp_path, fault),
+                               ms_backend=ms_backend))
     assert not report.passed
-    assert report.first_failure.sgm == first_layer, report.first_failure.message()
+    assert report.first_failure.diffusers == _diffusers_name(fx, first_layer), report.first_failure.message()
 
 
 def _faulty_base(fx, tmp_path, fault) -> Path:

@@ -247,8 +247,14 @@ def capture_mindone(req: SideRequest) -> SideResult:
     landed: list[str] = []
     if req.lora:
         _check_peft(Path(req.lora))
-        pipe.load_lora_weights(str(req.lora), adapter_name=ADAPTER)
-        landed = check_lora_landed(pipe, Path(req.lora))
+        lora = Path(req.lora)
+        try:  # folder + weight_name: with HF_HUB_OFFLINE set, mindone does not guess a file name
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)
+        except Exception as exc:  # noqa: BLE001 - any refusal of mindone's loader is the file's problem
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise LoraParityError(f"mindone's load_lora_weights refused the LoRA: {type(exc).__name__}: {first}",
+                                  path=lora) from None
+        landed = check_lora_landed(pipe, lora)
     result.meta["seconds"]["load"] = time.perf_counter() - t0
     result.meta["lora_tensors_loaded"] = len(landed)
 
