@@ -57,7 +57,7 @@ def configs_digest(folder: Path) -> str:
         if f.is_file():
             cfg = json.loads(f.read_text())
             cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}  # versions / paths of the writer
-            h.update(rel.encode() + json.dumps(cfg, sort_keys=True).encode())
+            h.update(rel.encode() + json.dumps(cfg, sort_keys=True, allow_nan=False).encode())
     return h.hexdigest()[:16]
 
 

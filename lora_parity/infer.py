@@ -20,7 +20,7 @@ import numpy as np
 from .errors import LoraParityError
 from .sampling import to_uint8
 
-BACKENDS = ("ms", "pt")
+BACKENDS = ("ms", "pt", "mindone")  # ms: the port; mindone: mindone.diffusers (its own environment)
 DEFAULT_STEPS = 4
 DEFAULT_GUIDANCE = 5.0
 
@@ -101,15 +101,33 @@ def generate(backend: str, pt_base: str | Path | None = None, *, base: str | Non
                        base=base, variant=variant, cache=Path(cache) if cache else None, ms_lora=ms_lora,
                        pt_lora=pt_lora, latents=latents_npy, height=height, width=width, guidance=guidance,
                        progress=progress, ms_graph=ms_graph)
-    b = resolve_bases(o, sides=("pt",) if backend == "pt" else ("pt", "ms"))
+    b = resolve_bases(o, sides=("pt", "ms") if backend == "ms" else ("pt",))
     if latents is None:
         latents = compare_latents(o, b)
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     common = dict(prompt=prompt, steps=int(steps), activations=False, arrays={"latents": latents},
                   size_cond=[list(p) for p in default_size_cond(b.pipeline_dir, latents)])
     with tempfile.TemporaryDirectory(prefix="lora-parity-infer-") as tmp:
+        python = None
         if backend == "ms":
             req = side_request(o, b, "ms", lora=str(ms_lora) if ms_lora else None, **common)
+        elif backend == "mindone":
+            from .backends import get_backend
+
+            be = get_backend("mindone")
+            python = be.interpreter(None)
+            ok, why = be.is_available(python)
+            if not ok:
+                raise LoraParityError(f"--backend mindone cannot run: {why}")
+            lora = Path(pt_lora or ms_lora) if (pt_lora or ms_lora) else None
+            if lora is not None and lora.suffix == ".ckpt":  # mindone.diffusers loads PEFT files
+                from .convert import ConvertOptions, convert
+
+                conv = Path(tmp) / "converted_peft.safetensors"
+                convert(ConvertOptions(src=lora, dst=conv, layout=str(b.pipeline_dir)))
+                lora = conv
+            o.ms_backend = "mindone"
+            req = side_request(o, b, "ms", lora=str(lora) if lora else None, **common)
         else:
             lora = Path(pt_lora) if pt_lora else None
             if lora is None and ms_lora is not None:  # convert the MindONE LoRA on the fly
@@ -118,7 +136,7 @@ def generate(backend: str, pt_base: str | Path | None = None, *, base: str | Non
                 lora = Path(tmp) / "converted_pt.safetensors"
                 convert(ConvertOptions(src=Path(ms_lora), dst=lora, layout=str(b.pipeline_dir)))
             req = side_request(o, b, "pt", lora=str(lora) if lora else None, **common)
-        out = run_side(req, isolate=False)
+        out = run_side(req, isolate=python is not None and python != sys.executable, python=python)
     return out.images["image"], float(out.meta["seconds_per_step"])
 
 

@@ -117,7 +117,10 @@ def test_random_tiny_loads_in_diffusers_with_every_weight(tiny_base):
             continue
         (path,) = (b.pipeline_dir / comp).glob("*.fp16.safetensors")
         saved, _ = read_safetensors(path)
-        state = model.state_dict()
+        # the files use the Hub's names (CLIP-L with "text_model."), which transformers 5 maps onto its
+        # flattened CLIPTextModel
+        state = {(f"text_model.{k}" if comp == "text_encoder" and not k.startswith("text_model.") else k): v
+                 for k, v in model.state_dict().items()}
         assert set(state) == set(saved), comp
         for k, t in saved.items():
             assert torch.equal(state[k].detach().to(torch.float32), torch.from_numpy(t.to_float("float32"))), k
@@ -232,8 +235,9 @@ def test_folder_weights_cover_the_mindspore_port(tiny_base):
 
 
 @pytest.mark.conversion
-def test_diffusers_folder_spec_sharded_and_transformers4_names(tiny_base, tmp_path):
-    """A copy with the UNet in two fp16 shards and transformers-4 ``text_model.`` names reads the same."""
+def test_diffusers_folder_spec_sharded_and_flat_clip_names(tiny_base, tmp_path):
+    """A copy with the UNet in two fp16 shards and transformers-5 flat CLIP-L names (no ``text_model.``;
+    generated bases use the Hub's prefixed names) reads the same."""
     b = tiny_base
     copy = tmp_path / "pipe"
     shutil.copytree(b.pipeline_dir, copy)
@@ -247,7 +251,8 @@ def test_diffusers_folder_spec_sharded_and_transformers4_names(tiny_base, tmp_pa
     if not b.is_refiner:
         te = copy / "text_encoder" / "model.fp16.safetensors"
         t, meta = read_safetensors(te)
-        write_safetensors(te, {f"text_model.{k}": v for k, v in t.items()}, meta)
+        assert all(k.startswith("text_model.") for k in t)
+        write_safetensors(te, {k.removeprefix("text_model."): v for k, v in t.items()}, meta)
     resolved = resolve_base(str(copy), variant="fp16")
     assert (resolved.kind, resolved.layout_name, resolved.is_refiner) == (
         "diffusers", b.layout_name, b.is_refiner)
