@@ -38,7 +38,10 @@ What MindSpore (2.x ``train/serialization.py``) does, and what this module mirro
   and narrowed the way ``load_checkpoint`` does it: by keeping the high 16 bits
   (NaN stays NaN).
 * ``str`` (``append_dict`` strings) and ``random_op`` records are not tensors;
-  they are skipped with a warning.  Map tensors (``MapParameter``) are refused.
+  they are skipped with a warning, or handed to the caller's ``skipped`` list
+  (``save_checkpoint(..., append_dict=...)`` writes ints as Int64, floats as
+  Float32 and bools as Bool 0-d tensors, strings as ``str`` records; checked with
+  mindspore 2.10).  Map tensors (``MapParameter``) are refused.
 
 Unlike ``load_checkpoint``, the reader insists that every tensor's content is
 exactly ``prod(dims) * itemsize`` bytes and that the file is not truncated.
@@ -410,8 +413,12 @@ class _Source:
         self.handle.close()
 
 
-def iter_ckpt(path: str | os.PathLike, *, progress: bool = False) -> Iterator[tuple[str, Tensor]]:
+def iter_ckpt(path: str | os.PathLike, *, progress: bool = False,
+              skipped: list[str] | None = None) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, Tensor)`` in file order; split records are joined.
+
+    Names of non-tensor records (``append_dict`` strings, ``random_op``) are appended to
+    ``skipped`` when a list is given, else reported with a warning.
 
     Every failure is a :class:`CheckpointFormatError` naming ``path`` (and the
     parameter when known).  Tensor data are fresh writable arrays, independent
@@ -428,7 +435,7 @@ def iter_ckpt(path: str | os.PathLike, *, progress: bool = False) -> Iterator[tu
             from tqdm import tqdm
 
             bar = tqdm(total=source.size, unit="B", unit_scale=True, desc=path.name, file=sys.stderr, leave=False)
-        yield from _iter_source(source, path, bar)
+        yield from _iter_source(source, path, bar, skipped)
         if bar is not None:
             bar.update(source.size - bar.n)
     finally:
@@ -437,7 +444,7 @@ def iter_ckpt(path: str | os.PathLike, *, progress: bool = False) -> Iterator[tu
         source.close()
 
 
-def _iter_source(source: _Source, path: Path, bar) -> Iterator[tuple[str, Tensor]]:
+def _iter_source(source: _Source, path: Path, bar, collect: list[str] | None) -> Iterator[tuple[str, Tensor]]:
     base = np.frombuffer(source.mm, dtype=np.uint8)
     seen: set[str] = set()
     skipped: list[str] = []
@@ -497,7 +504,9 @@ def _iter_source(source: _Source, path: Path, bar) -> Iterator[tuple[str, Tensor
             raise CheckpointFormatError(exc.message, path=path, key=exc.key) from None
         if not seen:
             raise CheckpointFormatError("checkpoint holds no parameters", path=path)
-        if skipped:
+        if collect is not None:
+            collect.extend(skipped)
+        elif skipped:
             warnings.warn(
                 f"{path}: skipped {len(skipped)} non-tensor entr{'y' if len(skipped) == 1 else 'ies'} "
                 f"({', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})",
@@ -507,9 +516,13 @@ def _iter_source(source: _Source, path: Path, bar) -> Iterator[tuple[str, Tensor
         del base
 
 
-def read_ckpt(path: str | os.PathLike, *, progress: bool = False) -> dict[str, Tensor]:
-    """All tensors of a MindSpore checkpoint, in file order; scalars have shape ``()``."""
-    return dict(iter_ckpt(path, progress=progress))
+def read_ckpt(path: str | os.PathLike, *, progress: bool = False,
+              skipped: list[str] | None = None) -> dict[str, Tensor]:
+    """All tensors of a MindSpore checkpoint, in file order; scalars have shape ``()``.
+
+    ``skipped``: a list that receives the names of non-tensor records instead of a warning.
+    """
+    return dict(iter_ckpt(path, progress=progress, skipped=skipped))
 
 
 def is_ckpt(path: str | os.PathLike) -> bool:

@@ -20,7 +20,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     report = convert(ConvertOptions(
         src=Path(args.src), dst=Path(args.output) if args.output else None, fmt=args.format,
         layout=args.layout, alpha=args.alpha, dtype=args.dtype, force=args.force, strict=args.strict,
-        progress=not args.quiet and sys.stderr.isatty() or args.progress,
+        progress=not args.quiet and sys.stderr.isatty() or args.progress, ema=args.ema,
     ))
     if not args.quiet:
         print(report.summary())
@@ -79,6 +79,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     overrides = {"F32": args.tol_f32, "F16": args.tol_f16, "BF16": args.tol_bf16}
     mismatch = {"F32": args.mismatch_f32, "F16": args.mismatch_f16, "BF16": args.mismatch_bf16}
+    if args.ms_bundle or args.pt_bundle:
+        if not (args.ms_bundle and args.pt_bundle):
+            raise LoraParityError("give both --ms-bundle and --pt-bundle")
+        from .compare import compare_bundles
+
+        report = compare_bundles(CompareOptions(
+            tol_overrides=overrides, mismatch_overrides=mismatch, image_mae=args.image_mae,
+            image_max_error=args.image_max_error, report_dir=Path(args.report) if args.report else None),
+            Path(args.ms_bundle), Path(args.pt_bundle), Path(args.pt_low_bundle) if args.pt_low_bundle else None)
+        return _print_report(args, report)
     report = run_compare(CompareOptions(
         pt_base=Path(args.pt_base) if args.pt_base else None, ms_base=Path(args.ms_base) if args.ms_base else None,
         base=args.base, variant=args.variant, cache=Path(args.cache) if args.cache else None,
@@ -90,11 +100,39 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         timestep=args.timestep, tol_overrides=overrides, mismatch_overrides=mismatch, steps=args.steps,
         guidance=args.guidance, image_mae=args.image_mae, image_max_error=args.image_max_error, ms_graph=args.ms_graph, ms_device=args.ms_device, pt_device=args.pt_device,
         progress=args.steps is not None and not args.quiet, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
+        ms_backend=args.ms_backend, ms_python=args.ms_python,
         report_dir=Path(args.report) if args.report else None))
+    return _print_report(args, report)
+
+
+def _print_report(args: argparse.Namespace, report) -> int:
     print(report.layers_table() if args.all_layers else report.table())
     if args.report:
         print(f"report: {Path(args.report) / 'report.json'}")
     return 0 if report.passed else 1
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from .sides.run import quiet_environment
+
+    quiet_environment()
+    from .compare import CompareOptions, run_capture
+    from .tensor import DTYPE_ALIASES
+
+    lora = Path(args.lora) if args.lora else None
+    out = run_capture(CompareOptions(
+        pt_base=Path(args.pt_base) if args.pt_base else None, ms_base=Path(args.ms_base) if args.ms_base else None,
+        base=args.base, variant=args.variant, cache=Path(args.cache) if args.cache else None,
+        height=args.height, width=args.width, timesteps=_timesteps(args.timesteps, args.timestep),
+        ms_lora=lora if lora is not None and args.backend != "diffusers" else None,
+        pt_lora=lora if lora is not None and args.backend == "diffusers" else None, pt_format=args.pt_format,
+        latents=Path(args.latents) if args.latents else None, prompt=args.prompt, alpha=args.alpha,
+        timestep=args.timestep, steps=args.steps, guidance=args.guidance, ms_graph=args.ms_graph,
+        ms_device=args.ms_device, pt_device=args.pt_device, progress=args.steps is not None and not args.quiet,
+        dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge, ms_python=args.ms_python),
+        args.backend, Path(args.output), force=args.force)
+    print(f"bundle: {out}")
+    return 0
 
 
 def _timesteps(text: str | None, single: float) -> tuple[float, ...]:
@@ -158,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strict", dest="strict", action="store_true", default=True,
                    help="unmapped LoRA keys are an error (default)")
     c.add_argument("--no-strict", dest="strict", action="store_false", help="skip and list unmapped LoRA keys")
+    e = c.add_mutually_exclusive_group()
+    e.add_argument("--ema", dest="ema", action="store_true", default=None,
+                   help="a MindONE checkpoint with both sets: convert the EMA copies ('ema.' names)")
+    e.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="a MindONE checkpoint with both sets: convert the trained (non-EMA) LoRA tensors")
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     c.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
     c.set_defaults(func=_cmd_convert)
@@ -182,7 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base_args(m)
     m.add_argument("--pt-base", help="an explicit pair instead of --base: a diffusers SDXL pipeline folder ...")
     m.add_argument("--ms-base", help="... and the same base weights as a MindSpore .ckpt (SGM names)")
-    m.add_argument("--ms-lora", help="MindONE LoRA .ckpt (omit to compare the base models)")
+    m.add_argument("--ms-backend", choices=("port", "mindone"), default="port",
+                   help="the MindSpore implementation judged: port (this project's SGM port, MindONE .ckpt LoRA; "
+                        "default) or mindone (mindone.diffusers' own pipeline and LoRA loader)")
+    m.add_argument("--ms-python", metavar="PATH",
+                   help="Python interpreter for the MindSpore side (default for mindone: $LORA_PARITY_MINDONE_PYTHON "
+                        "or .venv-mindone)")
+    m.add_argument("--ms-bundle", metavar="DIR", help="judge captured bundles instead of running: the MindSpore one ...")
+    m.add_argument("--pt-bundle", metavar="DIR", help="... and the diffusers fp32 one (lora-parity capture)")
+    m.add_argument("--pt-low-bundle", metavar="DIR",
+                   help="for an fp16/bf16 MindSpore bundle: the diffusers capture in that dtype")
+    m.add_argument("--ms-lora", help="MindONE LoRA .ckpt (omit to compare the base models); for --ms-backend mindone "
+                                     "also a PEFT .safetensors")
     m.add_argument("--pt-lora", help="PyTorch LoRA to compare against (default: convert --ms-lora)")
     m.add_argument("--pt-format", choices=("peft", "kohya"), default="peft",
                    help="convert --ms-lora to this format for diffusers (default peft; kohya tests the file "
@@ -218,9 +272,39 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"bound on the fraction of mismatched elements per layer for that dtype{low}")
     m.set_defaults(func=_cmd_compare)
 
+    cap = sub.add_parser("capture", help="run one backend and write a capture bundle (judged by compare --ms-bundle/"
+                                         "--pt-bundle, on any machine)",
+                         description="Activations, images, exact inputs, versions, timings and peak memory of one "
+                                     "backend, as safetensors + JSON.")
+    cap.add_argument("--backend", required=True, choices=("port", "mindone", "diffusers"))
+    _add_base_args(cap)
+    cap.add_argument("--pt-base", help="instead of --base: a diffusers SDXL pipeline folder ...")
+    cap.add_argument("--ms-base", help="... and for --backend port the same weights as a MindSpore .ckpt")
+    cap.add_argument("--lora", help="the LoRA: a MindONE .ckpt (converted for diffusers/mindone) or a PEFT file")
+    cap.add_argument("--pt-format", choices=("peft", "kohya"), default="peft",
+                     help="--backend diffusers: convert a .ckpt to this format (default peft)")
+    cap.add_argument("--latents", help=".npy latents (default: built-in seed 0)")
+    cap.add_argument("--prompt", help="prompt text (default: the built-in prompt)")
+    cap.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
+    cap.add_argument("--timestep", type=float, default=500.0, help="UNet timestep (default 500)")
+    cap.add_argument("--timesteps", help="several UNet timesteps, e.g. 999,500,1")
+    cap.add_argument("--steps", type=int, help="also generate an image with N denoising steps")
+    cap.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance for --steps (default 5)")
+    cap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    cap.add_argument("--ms-device", default="CPU", choices=("CPU", "Ascend", "GPU"), help="MindSpore device")
+    cap.add_argument("--pt-device", default="cpu", help="torch device for diffusers")
+    cap.add_argument("--ms-merge", action="store_true", help="port: fold the LoRA into the weights")
+    cap.add_argument("--ms-graph", action="store_true", help="port: graph mode for image generation")
+    cap.add_argument("--ms-python", metavar="PATH", help="interpreter for a MindSpore backend")
+    cap.add_argument("--quiet", action="store_true", help="no progress bars")
+    cap.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    cap.add_argument("--force", action="store_true", help="replace an existing bundle")
+    cap.set_defaults(func=_cmd_capture)
+
     i = sub.add_parser("infer", help="text-to-image with one backend (Euler, CFG), written as a PNG",
                        description="Generate an image from given initial noise with MindSpore (ms) or diffusers (pt).")
-    i.add_argument("--backend", required=True, choices=("ms", "pt"))
+    i.add_argument("--backend", required=True, choices=("ms", "pt", "mindone"),
+                   help="ms: this project's MindSpore port; pt: diffusers; mindone: mindone.diffusers (.venv-mindone)")
     _add_base_args(i)
     i.add_argument("--pt-base", help="instead of --base: a diffusers SDXL pipeline folder (configs, tokenizers; pt weights)")
     i.add_argument("--ms-base", help="MindSpore base .ckpt (SGM names); required for --backend ms")

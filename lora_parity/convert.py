@@ -30,6 +30,7 @@ class ConvertOptions:
     force: bool = False
     strict: bool = True
     progress: bool = False
+    ema: bool | None = None  # MindONE file with both sets: True = 'ema.' copies, False = trained ones
 
 
 @dataclass
@@ -53,6 +54,13 @@ class ConversionReport:
     scale_note: str
     skipped: list[str] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # kind -> skipped keys
+    notes: list[str] = field(default_factory=list)
+    biases: int = 0  # trained biases carried
+
+    def ignored_counts(self) -> dict[str, int]:
+        """Skipped entries counted by kind (optimizer state, base-model weights, ...)."""
+        return {kind: len(keys) for kind, keys in self.ignored.items() if keys}
 
     def summary(self) -> str:
         def fmt_counter(c: Counter) -> str:
@@ -67,9 +75,13 @@ class ConversionReport:
             f"  scale: {self.scale_note}",
         ]
         lines.append("  modules per block: " + ", ".join(f"{b} {n}" for b, n in self.blocks.items()))
+        for note in self.notes:
+            lines.append(f"  took {note}")
         if self.skipped:
             shown = ", ".join(self.skipped[:4]) + (" ..." if len(self.skipped) > 4 else "")
-            lines.append(f"  skipped {len(self.skipped)} non-LoRA entr{'y' if len(self.skipped) == 1 else 'ies'}: {shown}")
+            kinds = ", ".join(f"{n} {kind}" for kind, n in self.ignored_counts().items())
+            lines.append(f"  skipped {len(self.skipped)} non-LoRA entr{'y' if len(self.skipped) == 1 else 'ies'}"
+                         + (f" ({kinds})" if kinds else "") + f": {shown}")
         if self.unmapped:
             shown = ", ".join(self.unmapped[:4]) + (" ..." if len(self.unmapped) > 4 else "")
             lines.append(f"  NOT converted (--no-strict) {len(self.unmapped)} unmapped LoRA key(s): {shown}")
@@ -85,15 +97,23 @@ def resolve_dtype(name: str) -> str | None:
 
 
 def load_lora(src: Path, *, layout: ModelLayout | None = None, alpha: float | None = None,
-              strict: bool = True, progress: bool = False) -> LoraSet:
-    """Read and validate any supported LoRA file."""
-    tensors, meta, container = formats.read_tensors(src, progress=progress)
+              strict: bool = True, progress: bool = False, ema: bool | None = None) -> LoraSet:
+    """Read and validate any supported LoRA file.
+
+    MindONE checkpoints may be ``*_lora.ckpt``, ``*_lora_ema.ckpt`` (EMA weights under the
+    same names) or training checkpoints holding base weights, optimizer state and
+    counters next to the LoRA: only the LoRA tensors are taken, the rest is listed in
+    ``LoraSet.ignored`` by kind.  A file holding both plain and ``ema.`` LoRA tensors needs
+    ``ema=True`` (the EMA copies) or ``ema=False`` (the trained ones).
+    """
+    non_tensor: list[str] = []
+    tensors, meta, container = formats.read_tensors(src, progress=progress, non_tensor=non_tensor)
     fmt = formats.detect_format(tensors)
     if fmt == "unknown":
         raise LoraParityError(f"no LoRA tensors recognised among {len(tensors)} keys "
                               f"(expected MindONE '.lora_A.weight', PEFT 'unet.' or kohya 'lora_unet_' names)",
                               path=src, key=next(iter(tensors), None))
-    halves = formats.parse(src, tensors, meta, fmt)
+    halves = formats.parse(src, tensors, meta, fmt, ema=ema, non_tensor=non_tensor)
     return resolve(halves, layout, alpha=alpha, strict=strict)
 
 
@@ -114,11 +134,12 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     if opts.dst is not None:
         _check_output(src, Path(opts.dst), opts.force)  # fail before the (possibly long) read
 
-    lora = load_lora(src, layout=layout, alpha=alpha, strict=opts.strict, progress=opts.progress)
+    lora = load_lora(src, layout=layout, alpha=alpha, strict=opts.strict, progress=opts.progress, ema=opts.ema)
     src_is_ms = lora.source_format == "ms"
     dst_fmt = opts.fmt or ("peft" if src_is_ms else "ms")
     dst = Path(opts.dst) if opts.dst is not None else default_output(src, dst_fmt)
     _check_output(src, dst, opts.force)
+    formats.check_writable(lora, dst_fmt, src)
     if dst_fmt == "ms":
         _check_ms_alpha(lora, src)
     lora = lora.cast(dtype)
@@ -130,6 +151,7 @@ def convert(opts: ConvertOptions) -> ConversionReport:
         ranks=lora.ranks(), alphas=lora.alphas(), dtypes=lora.dtypes(),
         bytes_in=src.stat().st_size, bytes_out=nbytes, seconds=time.perf_counter() - t0,
         scale_note=_scale_note(lora, dst_fmt), skipped=lora.skipped, unmapped=lora.unmapped,
+        ignored=lora.ignored, notes=lora.notes, biases=len(lora.biased()),
     )
 
 

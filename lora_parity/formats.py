@@ -5,12 +5,56 @@ Formats: ``ms`` (MindONE names, ``.ckpt`` protobuf or MindSpore safetensors),
 format of an input is detected from its content, never from its name alone.
 Pickles are only read with ``torch.load(weights_only=True)`` and only when the
 extension asks for it.
+
+MindONE checkpoints come in more shapes than the plain ``*_lora.ckpt``; what the
+reader accepts was checked against MindONE's own code (mindspore-lab/mindone):
+
+* ``examples/stable_diffusion_xl/gm/helpers.py`` ``save_checkpoint`` writes the
+  names holding ``lora_`` to ``<name>_lora.ckpt`` and, with EMA, the EMA copies to
+  ``<name>_lora_ema.ckpt`` under the *same* names: it strips the in-memory
+  ``ema.`` prefix (``EMA`` clones the trainable parameters with
+  ``ParameterTuple.clone(prefix="ema")``, which MindSpore spells ``"ema." + name``)
+  and the first ``._backbone`` ("save checkpoint bug on mindspore 2.1.0").
+  ``gm/models/diffusion.py`` ``load_pretrained`` removes every ``._backbone``
+  ("parameter auto-prefix name bug on mindspore 2.2.10") and reads a
+  ``global_step`` entry; ``DiffusionEngineMultiGraph.save_checkpoint`` renames its
+  ``stage1.`` / ``stage2.`` UNet halves to ``model.``.  Older or hand-saved files
+  may keep any of these, so they are normalised here.  An older ``helpers.py``
+  (mindone commit 0387c2fb) had the same ``EMA`` class but sent every ``lora_``
+  name, ``ema.`` ones included, into the one ``_lora.ckpt``: saving the EMA cell
+  (as ``train.py`` does, ``save_checkpoint(model if not ema else ema, ...)``) gives a
+  file holding both sets, which needs ``--ema`` / ``--no-ema``.
+* ``mindone/trainers/ema.py`` also keeps ``swap.``-prefixed copies (its
+  ``swap_cache``); ``mindone/trainers/train_step.py`` keeps
+  ``grad_accumulated_.``-prefixed gradient buffers, gm's
+  ``gm/models/trainer_factory.py`` ``accum_grad.`` ones, and gm's ``train.py``
+  strips ``ldm_with_loss_grad.optimizer.`` from optimizer files (MindSpore's
+  auto-prefix puts wrapper attribute names in front of parameter names).
+  MindSpore's ``AdamWeightDecay`` keeps ``adam_m.`` / ``adam_v.`` copies of every
+  trained tensor plus ``global_step`` and ``learning_rate`` (``nn.Adam``:
+  ``moment1.`` / ``moment2.``, ``beta1_power`` / ``beta2_power``); checked with
+  mindspore 2.10, whose ``save_checkpoint(optimizer)`` (gm's ``optimizer.ckpt``)
+  also writes the trained tensors themselves under their own names.
+* ``mindone/trainers/callback.py`` ``EvalSaveCallback`` saves the trainable
+  parameters with ``append_dict={"lora_rank": ...}`` and a ``train_resume.ckpt``
+  of the whole train network (base weights, optimizer state, ``scale_sense``,
+  EMA) with ``epoch_num`` / ``cur_step`` / ``loss_scale``.
+* gm's ``UNetModel_lora`` trains no bias (``mark_only_lora_as_trainable(bias="none")``)
+  and ``save_checkpoint`` keeps only ``lora_`` names, so no MindONE path found
+  writes a bias into a LoRA file; ``gm/modules/lora/utils.py`` ``lora_state_dict``
+  does support ``bias="lora_only"`` (``<module>.lora_A.weight`` -> ``<module>.bias``,
+  the layer's whole trained bias), which is what a LoRA-only file with ``.bias``
+  entries is read as.
+
+Everything that is not the chosen LoRA set is listed by kind in the
+conversion summary; optimizer copies of LoRA tensors are never taken as LoRA.
 """
 from __future__ import annotations
 
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +77,21 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers reads for PEFT 
 OUR_METADATA_KEY = "lora_parity"
 
 _MS_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<half>[AB])\.weight$")
+# PEFT / kohya keys for a bias that belongs to a LoRA (never silently skipped, see _refuse_pt_bias)
+_PEFT_BIAS_RE = re.compile(r"^(?:unet|text_encoder|text_encoder_2)\..+\.bias$")
+_KOHYA_BIAS_RE = re.compile(r"^lora_(?:unet|te1|te2|te)_.+\.(?:diff_b|bias|lora_(?:up|down)\.bias)$")
 _PEFT_RE = re.compile(r"^(?P<comp>unet|text_encoder|text_encoder_2)\.(?P<mod>.+)"
                       r"\.(?:lora_(?P<half>[AB])\.weight|(?P<alpha>alpha))$")
 _KOHYA_RE = re.compile(r"^(?P<mod>lora_(?:unet|te1|te2|te)_.+?)\.(?:lora_(?P<half>down|up)\.weight|(?P<alpha>alpha))$")
 
 
-def read_tensors(path: str | Path, *, progress: bool = False) -> tuple[dict[str, Tensor], dict[str, str], str]:
-    """(tensors, metadata, container) for a .ckpt, safetensors or (asked-for) pickle file."""
+def read_tensors(path: str | Path, *, progress: bool = False,
+                 non_tensor: list[str] | None = None) -> tuple[dict[str, Tensor], dict[str, str], str]:
+    """(tensors, metadata, container) for a .ckpt, safetensors or (asked-for) pickle file.
+
+    ``non_tensor``: a list receiving the names of a .ckpt's non-tensor records
+    (``append_dict`` strings) instead of a warning.
+    """
     path = Path(path)
     if not path.is_file():
         raise LoraParityError("no such file", path=path)
@@ -52,7 +104,7 @@ def read_tensors(path: str | Path, *, progress: bool = False) -> tuple[dict[str,
         return _read_pickle(path), {}, "pickle"
     # everything else is parsed as a .ckpt, whose reader says precisely what is wrong
     # (truncated, encrypted, corrupt record, ...)
-    return ckpt_io.read_ckpt(path, progress=progress), {}, "ckpt"
+    return ckpt_io.read_ckpt(path, progress=progress, skipped=non_tensor), {}, "ckpt"
 
 
 def _read_pickle(path: Path) -> dict[str, Tensor]:
@@ -88,19 +140,228 @@ def detect_format(tensors: dict[str, Tensor]) -> str:
             votes["kohya"] += 1
         elif _PEFT_RE.match(k):
             votes["peft"] += 1
-        elif _MS_RE.match(k) and k.startswith(MODEL_ROOTS):
+        elif classify_ms_key(k, 2).kind == "lora":  # MindONE names, wrappers / 'ema.' included
             votes["ms"] += 1
     return votes.most_common(1)[0][0] if votes else "unknown"
 
 
-def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt: str) -> NamedHalves:
-    """Group a file's keys into modules; classify the rest as skipped or unknown."""
+# ---------------------------------------------------------------- MindONE checkpoint names
+
+#: Where a model parameter's name starts, as segment tuples (SGM / gm names).
+MS_ROOTS = (("model", "diffusion_model"), ("conditioner", "embedders"), ("first_stage_model",))
+#: gm's DiffusionEngineMultiGraph holds the UNet as stage1/stage2 and saves it as "model."
+_STAGE_SEGMENTS = ("stage1", "stage2")
+#: Name segments that mark optimizer state (MindSpore / MindONE optimizers, gradient buffers).
+OPTIMIZER_SEGMENTS = frozenset({
+    "adam_m", "adam_v", "moment1", "moment2", "moments", "accum", "accum_grad", "grad_accumulated_",
+    "vhat", "mean_grad", "mean_square", "lamb_m", "lamb_v", "exp_avg", "exp_avg_sq", "optimizer"})
+#: Non-parameter scalars/vectors a MindSpore training checkpoint carries next to the model.
+TRAINING_STATE_NAMES = frozenset({
+    "global_step", "learning_rate", "beta1_power", "beta2_power", "scale_sense", "loss_scale",
+    "epoch_num", "step_num", "cur_step", "lora_rank", "updates", "accum_step",
+    "current_iterator_step", "last_overflow_iterator_step"})
+#: Wrapper attribute names MindSpore's auto-prefix puts in front of parameter names (evidence:
+#: gm train.py ``remove_prefix="ldm_with_loss_grad.optimizer."``); dropped when reading.
+WRAPPER_SEGMENTS = frozenset({"ldm_with_loss_grad"})
+EMA_SEGMENT, SWAP_SEGMENT, BACKBONE_SEGMENT = "ema", "swap", "_backbone"
+
+# kinds of ignored entries, as the summary names them
+IGNORED_OPTIMIZER = "optimizer state"
+IGNORED_SWAP = "EMA swap copies"
+IGNORED_STATE = "training counters"
+IGNORED_BASE = "base-model weights"
+IGNORED_OTHER = "other non-LoRA entries"
+IGNORED_STRINGS = "non-tensor entries"
+IGNORED_EMA_LORA = "EMA LoRA tensors not chosen"
+IGNORED_PLAIN_LORA = "non-EMA LoRA tensors not chosen"
+
+
+@dataclass(frozen=True)
+class MsKey:
+    """What one key of a MindSpore checkpoint is.
+
+    ``kind``: ``lora`` (``<module>.lora_A/B.weight``), ``bias`` (``<module>.bias`` / ``.beta``),
+    ``base`` (any other model parameter), ``optimizer``, ``swap``, ``state`` (counters),
+    ``unknown`` (LoRA-looking but not MindONE's naming) or ``other``.  ``name`` is the
+    normalised parameter name (``_backbone`` segments, wrappers and ``ema.`` removed,
+    ``stage1.``/``stage2.`` -> ``model.``) for the model kinds; ``ema`` says an ``ema``
+    segment was removed.
+    """
+
+    kind: str
+    name: str | None = None
+    ema: bool = False
+
+
+def _root_at(segs: list[str]) -> int | None:
+    for i, seg in enumerate(segs):
+        nxt = segs[i + 1] if i + 1 < len(segs) else None
+        if seg in _STAGE_SEGMENTS and nxt == "diffusion_model":
+            return i
+        for root in MS_ROOTS:
+            if tuple(segs[i:i + len(root)]) == root:
+                return i
+    return None
+
+
+def classify_ms_key(key: str, numel: int) -> MsKey:
+    """Classify one MindSpore checkpoint key (see :class:`MsKey`); pure function of the name."""
+    segs = [s for s in key.split(".") if s != BACKBONE_SEGMENT]
+    looks_lora = "lora" in key.lower()
+    root = _root_at(segs)
+    if root is None:  # not a model parameter
+        if any(s in OPTIMIZER_SEGMENTS for s in segs):
+            return MsKey("optimizer")
+        if SWAP_SEGMENT in segs[:-1]:
+            return MsKey("swap")
+        if segs and segs[-1] in TRAINING_STATE_NAMES or numel <= 1:
+            return MsKey("state")
+        return MsKey("unknown" if looks_lora else "other")
+    wrapper, rest = segs[:root], segs[root:]
+    if any(s in OPTIMIZER_SEGMENTS for s in wrapper):
+        return MsKey("optimizer")
+    if SWAP_SEGMENT in wrapper:
+        return MsKey("swap")
+    ema = EMA_SEGMENT in wrapper
+    if any(s not in WRAPPER_SEGMENTS and s != EMA_SEGMENT for s in wrapper):
+        return MsKey("unknown" if looks_lora else "other")
+    if rest[0] in _STAGE_SEGMENTS:
+        rest = ["model", *rest[1:]]
+    name = ".".join(rest)
+    if _MS_RE.match(name):
+        return MsKey("lora", name, ema)
+    if rest[-1] in ("bias", "beta") and len(rest) > 1:
+        return MsKey("bias", name, ema)
+    if looks_lora:
+        return MsKey("unknown", name, ema)
+    return MsKey("base", name, ema)
+
+
+@dataclass
+class MsSelection:
+    """The LoRA tensors chosen from a MindSpore checkpoint, by normalised name, and what was left."""
+
+    lora: dict[str, tuple[str, Tensor]] = field(default_factory=dict)  # name -> (file key, tensor)
+    biases: dict[str, tuple[str, Tensor]] = field(default_factory=dict)  # module -> (file key, tensor)
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # kind -> file keys
+    unknown: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def select_ms_tensors(path: Path, tensors: dict[str, Tensor], ema: bool | None) -> MsSelection:
+    """Pick the LoRA set of a MindONE checkpoint: plain, or its ``ema.`` copies.
+
+    ``ema=None``: the only set there is (a file with both is refused: pass ``--ema`` or
+    ``--no-ema``); ``True``: the ``ema.`` set; ``False``: the plain set.  A ``.bias`` is a
+    trained LoRA bias only in a file without base-model weights (MindONE's
+    ``lora_state_dict(bias="lora_only")``); next to base weights it is a base weight.
+    """
+    out = MsSelection()
+    by_set: dict[bool, dict[str, tuple[str, Tensor]]] = {False: {}, True: {}}
+    bias_by_set: dict[bool, dict[str, tuple[str, Tensor]]] = {False: {}, True: {}}
+    base_keys: list[str] = []
+
+    def ignore(kind: str, key: str) -> None:
+        out.ignored.setdefault(kind, []).append(key)
+
+    for key, t in tensors.items():
+        c = classify_ms_key(key, int(np.prod(t.shape)))
+        if c.kind in ("lora", "bias"):
+            target = (by_set if c.kind == "lora" else bias_by_set)[c.ema]
+            name = c.name if c.kind == "lora" else c.name.rsplit(".", 1)[0]
+            if name in target:
+                raise CheckpointFormatError(
+                    f"names the same parameter as '{target[name][0]}' once MindSpore wrapper names "
+                    f"('_backbone', 'ema.', 'stage1.') are removed", path=path, key=key)
+            target[name] = (key, t)
+        elif c.kind == "base":
+            base_keys.append(key)
+        elif c.kind == "unknown":
+            out.unknown.append(key)
+        else:
+            ignore({"optimizer": IGNORED_OPTIMIZER, "swap": IGNORED_SWAP, "state": IGNORED_STATE}
+                   .get(c.kind, IGNORED_OTHER), key)
+
+    plain, emas = by_set[False], by_set[True]
+    if ema is None:
+        if plain and emas:
+            raise LoraParityError(
+                f"holds both trained LoRA tensors ({len(plain)}) and their EMA copies ('ema.' names, "
+                f"{len(emas)}); pass --ema to convert the EMA weights or --no-ema for the trained ones",
+                path=path, key=next(iter(emas.values()))[0])
+        use_ema = bool(emas)
+    elif ema:
+        if not emas:
+            raise LoraParityError(
+                "--ema: no 'ema.' LoRA tensors in this file (MindONE saves EMA LoRA weights to a separate "
+                "*_lora_ema.ckpt under plain names: convert that file without --ema)", path=path)
+        use_ema = True
+    else:
+        if not plain and emas:
+            raise LoraParityError("--no-ema: this file holds only EMA LoRA tensors ('ema.' names); "
+                                  "convert without --no-ema to use them", path=path,
+                                  key=next(iter(emas.values()))[0])
+        use_ema = False
+    out.lora = by_set[use_ema]
+    for key, _ in by_set[not use_ema].values():
+        ignore(IGNORED_PLAIN_LORA if use_ema else IGNORED_EMA_LORA, key)
+    if use_ema:
+        out.notes.append(f"EMA weights: the {len(out.lora)} 'ema.' LoRA tensors"
+                         + (" (--ema)" if ema else " (the file has no others)"))
+
+    for key in base_keys:
+        ignore(IGNORED_BASE, key)
+    for is_ema, biases in bias_by_set.items():
+        for mod, (key, t) in biases.items():
+            if base_keys:  # a training / full checkpoint: biases are base weights like the rest
+                ignore(IGNORED_BASE, key)
+            elif is_ema != use_ema:
+                ignore(IGNORED_PLAIN_LORA if use_ema else IGNORED_EMA_LORA, key)
+            else:
+                out.biases[mod] = (key, t)
+    if out.biases:
+        out.notes.append(f"{len(out.biases)} trained bias(es) saved with the LoRA (bias='lora_only')")
+    return out
+
+
+def _refuse_pt_bias(path: Path, key: str, fmt: str) -> None:
+    """A bias in a PEFT / kohya LoRA: MindONE's LoRA layer has no term that holds it."""
+    if fmt == "peft" and key.endswith(".lora_B.bias"):
+        why = ("PEFT lora_B.bias (lora_bias=True) is added to the base layer's bias times alpha/r; "
+               "MindONE's LoRA layer has no such term")
+    elif fmt == "kohya" and key.endswith(".diff_b"):
+        why = "a .diff_b is added to the base model's bias (ComfyUI); MindONE's LoRA layer has no such term"
+    else:
+        why = ("a trained bias in a PyTorch LoRA file (diffusers' load_lora_weights does not load it) "
+               "has no MindONE LoRA equivalent")
+    raise LoraParityError(f"{why}: cannot convert this LoRA exactly", path=path, key=key)
+
+
+def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt: str, *,
+          ema: bool | None = None, non_tensor: list[str] | None = None) -> NamedHalves:
+    """Group a file's keys into modules; classify the rest as skipped or unknown.
+
+    ``ema`` chooses between the plain and the ``ema.`` LoRA tensors of a MindONE
+    checkpoint (see :func:`select_ms_tensors`); for PEFT / kohya files only ``True`` matters
+    (refused: they have no EMA copies).
+    """
     space = {"ms": "sgm", "peft": "diffusers", "kohya": "kohya"}[fmt]
     h = NamedHalves(path=path, space=space, fmt=fmt, modules={}, keys={})
-    regex = {"ms": _MS_RE, "peft": _PEFT_RE, "kohya": _KOHYA_RE}[fmt]
+    if fmt == "ms":
+        h = _parse_ms(h, tensors, ema)
+        if non_tensor:  # append_dict strings: never model data
+            h.ignored.setdefault(IGNORED_STRINGS, []).extend(non_tensor)
+            h.skipped.extend(non_tensor)
+        return h
+    if ema:
+        raise LoraParityError(f"--ema: a {fmt} file has no EMA copies (only MindONE checkpoints do)", path=path)
+    regex = {"peft": _PEFT_RE, "kohya": _KOHYA_RE}[fmt]
+    bias_re = {"peft": _PEFT_BIAS_RE, "kohya": _KOHYA_BIAS_RE}[fmt]
     for key, t in tensors.items():
         m = regex.match(key)
-        if m is None or (fmt == "ms" and not key.startswith(MODEL_ROOTS)):
+        if m is None:
+            if bias_re.match(key):
+                _refuse_pt_bias(path, key, fmt)
             if key.startswith(OPTIMIZER_PREFIXES) or "lora" not in key.lower():
                 h.skipped.append(key)
             else:
@@ -125,6 +386,26 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
             h.unknown.append(f"{mod}.alpha")
     if fmt == "peft":
         h.default_alpha = _peft_alphas(path, metadata, h)
+    for key in h.skipped:
+        h.ignored.setdefault(IGNORED_OPTIMIZER if key.startswith(OPTIMIZER_PREFIXES) else IGNORED_OTHER,
+                             []).append(key)
+    return h
+
+
+def _parse_ms(h: NamedHalves, tensors: dict[str, Tensor], ema: bool | None) -> NamedHalves:
+    sel = select_ms_tensors(h.path, tensors, ema)
+    for name, (key, t) in sel.lora.items():
+        m = _MS_RE.match(name)
+        mod, half = m.group("mod"), m.group("half")
+        h.modules.setdefault(mod, {})[half] = t
+        h.keys.setdefault(mod, {})[half] = key
+    for mod, (key, t) in sel.biases.items():
+        h.biases[mod] = t
+        h.bias_keys[mod] = key
+    h.ignored = sel.ignored
+    h.skipped = [k for keys in sel.ignored.values() for k in keys]
+    h.unknown = sel.unknown
+    h.notes = sel.notes
     return h
 
 
@@ -148,10 +429,42 @@ def _peft_alphas(path: Path, metadata: dict[str, str], h: NamedHalves) -> dict[s
 
 # ---------------------------------------------------------------- writers
 
+def bias_refusal(fmt: str) -> str:
+    """Why a trained bias (MindONE ``bias="lora_only"``: the layer's whole bias) cannot be written as ``fmt``.
+
+    diffusers' SDXL ``load_lora_weights`` refuses any key without 'lora' ("Invalid LoRA
+    checkpoint"), so a base ``.bias`` / ``.base_layer.bias`` key cannot ride along; PEFT's
+    ``lora_B.bias`` (``lora_bias=True``) and ComfyUI's ``.diff_b`` are *added* to the base bias
+    (PEFT: times alpha/r), and sd-scripts' LoRA has no bias at all.  Writing the MindONE
+    bias as such an addition needs the base model's bias, which a LoRA file does not have.
+    """
+    target = ("PEFT's lora_B.bias is added to the base bias times alpha/r and diffusers refuses other "
+              "bias keys" if fmt == "peft" else
+              "kohya LoRAs have no bias (sd-scripts), ComfyUI's .diff_b is added to the base bias")
+    return (f"trained bias (MindONE bias='lora_only', the layer's whole bias) cannot be written as {fmt}: "
+            f"{target}, so it needs the base model; use --format ms to keep it")
+
+
+def check_writable(lora: LoraSet, fmt: str, src: Path | None = None) -> None:
+    """Refuse, naming the source key, what ``fmt`` cannot hold (before anything is written)."""
+    if fmt != "ms":
+        biased = lora.biased()
+        if biased:
+            sgm = biased[0].module.sgm
+            more = f" ({len(biased)} biases)" if len(biased) > 1 else ""
+            raise LoraParityError(bias_refusal(fmt) + more, path=src,
+                                  key=lora.bias_keys.get(sgm, f"{sgm}.bias"))
+
+
 def pair_tensors(p: LoraPair, fmt: str, te_kohya: dict[str, str]) -> list[tuple[str, Tensor, str]]:
-    """(key, tensor, role) stored for one module in ``fmt``; role is 'A', 'B' or 'alpha'."""
+    """(key, tensor, role) stored for one module in ``fmt``; role is 'A', 'B', 'alpha' or 'bias'."""
     if fmt == "ms":
-        return [(f"{p.module.sgm}.lora_A.weight", p.A, "A"), (f"{p.module.sgm}.lora_B.weight", p.B, "B")]
+        out = [(f"{p.module.sgm}.lora_A.weight", p.A, "A"), (f"{p.module.sgm}.lora_B.weight", p.B, "B")]
+        if p.bias is not None:  # as MindONE's lora_state_dict(bias="lora_only") names it
+            out.append((f"{p.module.sgm}.bias", p.bias, "bias"))
+        return out
+    if p.bias is not None:
+        raise LoraParityError(bias_refusal(fmt), key=f"{p.module.sgm}.bias")
     n = len(p.module.diffusers)
     rows = p.B.shape[0] // n
     out = []

@@ -4,6 +4,10 @@ Every file format is parsed into *named* halves (A/B, down/up) first; this modul
 resolves those names through the key map, chooses or checks the layout, and
 validates ranks, shapes and finiteness.  Fused OpenCLIP ``in_proj`` LoRAs are
 kept fused here (as MindONE trains them) and split only by the PEFT/kohya writers.
+
+A pair may carry a trained bias: the layer's whole bias as MindONE's
+``lora_state_dict(bias="lora_only")`` saves it next to ``lora_A``/``lora_B``
+(``<module>.bias``).  Only the MindONE format can hold it (see ``formats``).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import numpy as np
 from .errors import KeyMapError, LoraParityError
 from .keymap import KeyMap, ModuleEntry, keymap_for
 from .layout import PRESETS, ModelLayout
-from .tensor import Tensor
+from .tensor import FLOAT_DTYPES, Tensor
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class LoraPair:
     A: Tensor
     B: Tensor
     alpha: float
+    bias: Tensor | None = None  # trained full bias (bias="lora_only"), replaces the base bias
 
     @property
     def rank(self) -> int:
@@ -53,6 +58,9 @@ class LoraSet:
     source_format: str
     skipped: list[str] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # kind -> skipped file keys
+    notes: list[str] = field(default_factory=list)  # what was chosen (EMA set, trained biases)
+    bias_keys: dict[str, str] = field(default_factory=dict)  # sgm module -> bias key as in the file
 
     @property
     def keymap(self) -> KeyMap:
@@ -72,15 +80,21 @@ class LoraSet:
         return Counter(p.A.dtype for p in self.pairs.values())
 
     def nbytes(self) -> int:
-        return sum(p.A.nbytes + p.B.nbytes for p in self.pairs.values())
+        return sum(p.A.nbytes + p.B.nbytes + (p.bias.nbytes if p.bias is not None else 0)
+                   for p in self.pairs.values())
+
+    def biased(self) -> list[LoraPair]:
+        """Pairs that carry a trained bias, in architecture order."""
+        return [p for p in self.ordered() if p.bias is not None]
 
     def cast(self, dtype: str | None) -> "LoraSet":
         if dtype is None:
             return self
-        pairs = {k: LoraPair(p.module, p.A.astype(dtype), p.B.astype(dtype), p.alpha)
+        pairs = {k: LoraPair(p.module, p.A.astype(dtype), p.B.astype(dtype), p.alpha,
+                             None if p.bias is None else p.bias.astype(dtype))
                  for k, p in self.pairs.items()}
         return LoraSet(pairs, self.layout, self.layout_note, self.source_format,
-                       self.skipped, self.unmapped)
+                       self.skipped, self.unmapped, self.ignored, self.notes, self.bias_keys)
 
 
 @dataclass
@@ -100,6 +114,10 @@ class NamedHalves:
     unknown: list[str] = field(default_factory=list)
     default_alpha: dict[str, float] = field(default_factory=dict)  # per component, from metadata
     alpha_overrides: dict[str, float] = field(default_factory=dict)  # per module name
+    biases: dict[str, Tensor] = field(default_factory=dict)  # module -> trained bias (MindONE only)
+    bias_keys: dict[str, str] = field(default_factory=dict)  # module -> bias key as in the file
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # kind -> skipped keys
+    notes: list[str] = field(default_factory=list)
 
 
 def _lookup(km: KeyMap, space: str, name: str) -> tuple[ModuleEntry, int] | None:
@@ -158,6 +176,12 @@ def resolve(halves: NamedHalves, layout: ModelLayout | None, *, alpha: float | N
     unmapped = list(halves.unknown)
     fused_parts: dict[str, dict[int, tuple[str, dict[str, Tensor]]]] = {}
     pairs: dict[str, LoraPair] = {}
+    bias_keys: dict[str, str] = {}
+    for name, key in halves.bias_keys.items():
+        if name not in halves.modules:
+            raise KeyMapError("a trained bias of a module with no LoRA in this file (MindONE bias='all'?); "
+                              "only biases of LoRA modules (bias='lora_only') can be converted",
+                              path=path, key=key)
 
     for name, parts in halves.modules.items():
         keys = halves.keys[name]
@@ -178,6 +202,8 @@ def resolve(halves: NamedHalves, layout: ModelLayout | None, *, alpha: float | N
         hit = _lookup(km, halves.space, name)
         if hit is None or not hit[0].lora_able:
             unmapped.append(keys["A"])
+            if name in halves.bias_keys:
+                unmapped.append(halves.bias_keys[name])
             continue
         entry, part = hit
         exp_a, exp_b = entry.lora_shapes(a.shape[0])
@@ -197,7 +223,11 @@ def resolve(halves: NamedHalves, layout: ModelLayout | None, *, alpha: float | N
         if entry.fused and part >= 0:
             fused_parts.setdefault(entry.sgm, {})[part] = (keys["A"], {"A": a, "B": b, "alpha": mod_alpha})
             continue
-        pairs[entry.sgm] = LoraPair(entry, a, b, float(mod_alpha))
+        bias = halves.biases.get(name)
+        if bias is not None:
+            _check_bias(path, halves.bias_keys[name], entry, bias, layout)
+            bias_keys[entry.sgm] = halves.bias_keys[name]
+        pairs[entry.sgm] = LoraPair(entry, a, b, float(mod_alpha), bias)
 
     for sgm, parts in fused_parts.items():
         pairs[sgm] = _fuse(path, km.by_sgm[sgm], parts)
@@ -206,7 +236,22 @@ def resolve(halves: NamedHalves, layout: ModelLayout | None, *, alpha: float | N
         shown = ", ".join(unmapped[:5]) + (f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else "")
         raise KeyMapError(f"{len(unmapped)} LoRA key(s) do not map to layout '{layout.name}': {shown} "
                           f"(--no-strict skips them)", path=path, key=unmapped[0])
-    return LoraSet(pairs, layout, note, halves.fmt, list(halves.skipped), unmapped)
+    return LoraSet(pairs, layout, note, halves.fmt, list(halves.skipped), unmapped,
+                   dict(halves.ignored), list(halves.notes), bias_keys)
+
+
+def _check_bias(path: Path, key: str, entry: ModuleEntry, bias: Tensor, layout: ModelLayout) -> None:
+    """A trained bias must belong to a layer that has one, with its shape, finite."""
+    if not entry.bias:
+        raise KeyMapError(f"module {entry.sgm} has no bias in layout '{layout.name}' "
+                          f"(MindONE builds it without one)", path=path, key=key)
+    if bias.shape != (entry.out_features,):
+        raise KeyMapError(f"bias shape {list(bias.shape)} does not fit module {entry.sgm} "
+                          f"(expected [{entry.out_features}])", path=path, key=key)
+    if bias.dtype not in FLOAT_DTYPES:
+        raise KeyMapError(f"bias has dtype {bias.dtype}, not a float type", path=path, key=key)
+    if not bias.is_finite():
+        raise KeyMapError("contains NaN or Inf values", path=path, key=key)
 
 
 def _fuse(path: Path, entry: ModuleEntry, parts: dict) -> LoraPair:
