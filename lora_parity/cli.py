@@ -100,7 +100,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         timestep=args.timestep, tol_overrides=overrides, mismatch_overrides=mismatch, steps=args.steps,
         guidance=args.guidance, image_mae=args.image_mae, image_max_error=args.image_max_error, ms_graph=args.ms_graph, ms_device=args.ms_device, pt_device=args.pt_device,
         progress=args.steps is not None and not args.quiet, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
-        ms_backend=args.ms_backend, ms_python=args.ms_python,
+        ms_backend=args.ms_backend, ms_python=args.ms_python, ema=args.ema, port_numerics=args.port_numerics,
         report_dir=Path(args.report) if args.report else None))
     return _print_report(args, report)
 
@@ -129,7 +129,8 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         latents=Path(args.latents) if args.latents else None, prompt=args.prompt, alpha=args.alpha,
         timestep=args.timestep, steps=args.steps, guidance=args.guidance, ms_graph=args.ms_graph,
         ms_device=args.ms_device, pt_device=args.pt_device, progress=args.steps is not None and not args.quiet,
-        dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge, ms_python=args.ms_python),
+        dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge, ms_python=args.ms_python, ema=args.ema,
+        port_numerics=args.port_numerics),
         args.backend, Path(args.output), force=args.force)
     print(f"bundle: {out}")
     return 0
@@ -145,6 +146,20 @@ def _timesteps(text: str | None, single: float) -> tuple[float, ...]:
     if not values or any(not 0 <= t < 1000 for t in values):
         raise LoraParityError(f"--timesteps must be in [0, 1000), got {text!r}")
     return values
+
+
+def _add_numerics_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port-numerics", metavar="SPEC",
+                   help="the port's arithmetic where MindONE's gm and diffusers differ: mindone (default: as gm "
+                        "computes, e.g. timestep frequencies with MindSpore's exp), diffusers (diffusers-exact, for "
+                        "diagnosis), or MODE:+point,-point (e.g. mindone:+clip_l_activation, gm's tanh-GELU CLIP-L)")
+
+
+def _add_ema_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ema", dest="ema", action="store_true", default=None,
+                   help="a MindONE checkpoint with both sets: use the EMA copies ('ema.' names)")
+    g.add_argument("--no-ema", dest="ema", action="store_false", help="... or the trained (non-EMA) tensors")
 
 
 def _add_base_args(p: argparse.ArgumentParser, *, pair_help: bool = True) -> None:
@@ -228,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ms-backend", choices=("port", "mindone"), default="port",
                    help="the MindSpore implementation judged: port (this project's SGM port, MindONE .ckpt LoRA; "
                         "default) or mindone (mindone.diffusers' own pipeline and LoRA loader)")
+    _add_numerics_arg(m)
     m.add_argument("--ms-python", metavar="PATH",
                    help="Python interpreter for the MindSpore side (default for mindone: $LORA_PARITY_MINDONE_PYTHON "
                         "or .venv-mindone)")
@@ -238,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ms-lora", help="MindONE LoRA .ckpt (omit to compare the base models); for --ms-backend mindone "
                                      "also a PEFT .safetensors")
     m.add_argument("--pt-lora", help="PyTorch LoRA to compare against (default: convert --ms-lora)")
+    _add_ema_args(m)
     m.add_argument("--pt-format", choices=("peft", "kohya"), default="peft",
                    help="convert --ms-lora to this format for diffusers (default peft; kohya tests the file "
                         "ComfyUI/A1111 users get)")
@@ -281,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--pt-base", help="instead of --base: a diffusers SDXL pipeline folder ...")
     cap.add_argument("--ms-base", help="... and for --backend port the same weights as a MindSpore .ckpt")
     cap.add_argument("--lora", help="the LoRA: a MindONE .ckpt (converted for diffusers/mindone) or a PEFT file")
+    _add_ema_args(cap)
     cap.add_argument("--pt-format", choices=("peft", "kohya"), default="peft",
                      help="--backend diffusers: convert a .ckpt to this format (default peft)")
     cap.add_argument("--latents", help=".npy latents (default: built-in seed 0)")
@@ -296,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--ms-merge", action="store_true", help="port: fold the LoRA into the weights")
     cap.add_argument("--ms-graph", action="store_true", help="port: graph mode for image generation")
     cap.add_argument("--ms-python", metavar="PATH", help="interpreter for a MindSpore backend")
+    _add_numerics_arg(cap)
     cap.add_argument("--quiet", action="store_true", help="no progress bars")
     cap.add_argument("-o", "--output", required=True, help="bundle folder to write")
     cap.add_argument("--force", action="store_true", help="replace an existing bundle")

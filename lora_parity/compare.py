@@ -19,7 +19,7 @@ from .layout import layout_from_pipeline_dir
 from .parity import ParityReport, compare, compare_low_precision
 from .sides.request import SideRequest, SideResult
 from .sides.run import run_side
-from .tolerances import PORT, image_gate, layer_tolerance
+from .tolerances import PORT, PORT_EXACT, image_gate, layer_tolerance
 
 DEFAULT_TIMESTEP = 500.0
 
@@ -38,6 +38,7 @@ class CompareOptions:
     width: int | None = None
     prompt: str | None = None
     alpha: float | None = None
+    ema: bool | None = None  # a MindONE file with plain and "ema." LoRA tensors: which set (None: refuse to guess)
     timestep: float = DEFAULT_TIMESTEP
     timesteps: tuple[float, ...] | None = None  # several UNet timesteps (default: (timestep,))
     dtype: str = "F32"
@@ -54,6 +55,7 @@ class CompareOptions:
     mismatch_overrides: dict = field(default_factory=dict)  # dtype -> bound on the mismatch fraction
     ms_backend: str = PORT  # which MindSpore implementation is judged: port | mindone (also the tolerance rows)
     ms_python: str | None = None  # interpreter for the MindSpore side (default: the backend's, see backends.registry)
+    port_numerics: str | None = None  # the port's numerics: "mindone" (default), "diffusers", "mindone:+point" ...
     report_dir: Path | None = None
     pt_format: str = "peft"  # what the .ckpt is converted to for diffusers: peft, or kohya (ComfyUI/A1111 files)
     isolate: bool = True  # each side in its own child process (one model in memory at a time)
@@ -135,10 +137,11 @@ def side_request(o: CompareOptions, base: _Base, side: str, **kw) -> SideRequest
     return SideRequest(
         side=side, pipeline_dir=str(base.pipeline_dir), variant=base.variant, base_spec=base.base_spec,
         ms_ckpt=str(base.ms_ckpt) if base.ms_ckpt else None, cache=str(o.cache) if o.cache else None,
-        alpha=o.alpha, guidance=o.guidance, merge=o.merge, graph=o.ms_graph, progress=o.progress,
+        alpha=o.alpha, ema=o.ema, guidance=o.guidance, merge=o.merge, graph=o.ms_graph, progress=o.progress,
         aesthetic=[o.aesthetic_score, o.negative_aesthetic_score] if base.is_refiner else None,
         device=o.ms_device if side == "ms" else o.pt_device,
-        backend=o.ms_backend if side == "ms" else "diffusers", **kw)
+        backend=o.ms_backend if side == "ms" else "diffusers",
+        port_numerics=o.port_numerics if side == "ms" and o.ms_backend == PORT else None, **kw)
 
 
 def _side(o: CompareOptions, name: str, req: SideRequest) -> SideResult:
@@ -197,7 +200,8 @@ def _lora_for(o: CompareOptions, base: _Base, tmp: Path) -> tuple[str | None, st
     def converted(f: str) -> Path:
         out = tmp / f"converted_{f}.safetensors"
         if not out.is_file():
-            convert(ConvertOptions(src=ms_lora, dst=out, layout=str(base.pipeline_dir), alpha=o.alpha, fmt=f))
+            convert(ConvertOptions(src=ms_lora, dst=out, layout=str(base.pipeline_dir), alpha=o.alpha, fmt=f,
+                                   ema=o.ema))
         return out
 
     pt = Path(o.pt_lora) if o.pt_lora else None
@@ -268,7 +272,8 @@ def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
     backend = ms.meta.get("backend") or o.ms_backend
     timesteps = [float(t) for t in ms.meta["inputs"]["timesteps"]]
     alignment = alignment_for(Path(configs_dir), timesteps, get_backend(backend).naming)
-    gate = layer_tolerance(o.dtype, o.tol_overrides, backend, o.mismatch_overrides)
+    row = gate_row(backend, ms.meta)
+    gate = layer_tolerance(o.dtype, o.tol_overrides, row, o.mismatch_overrides)
     if pt_low is None:
         report = compare(alignment, ms.acts, pt.acts, gate, o.dtype)
     else:
@@ -280,7 +285,7 @@ def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
     report.meta.update({
         "dtype": o.dtype, "timestep": timesteps[0], "timesteps": timesteps,
         "image_size": [int(v) for v in size_cond[2]] if size_cond else None,
-        "backend": backend, "reference_backend": pt.meta.get("backend", "diffusers"),
+        "backend": backend, "reference_backend": pt.meta.get("backend", "diffusers"), "tolerance_row": row,
         # the gate row (with overrides); low-precision runs: the per-layer budgets are in layers[*]
         "tolerance": {**gate.to_dict(), "low_precision_budget": pt_low is not None},
         "mindspore_settings": ms.meta.get("mindspore_settings"),
@@ -293,8 +298,17 @@ def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
     })
     images = None
     if ms.meta["inputs"].get("steps"):
-        images = _image_check(o, report, ms, pt, pt_low, backend)
+        images = _image_check(o, report, ms, pt, pt_low, row)
     return report, images
+
+
+def gate_row(backend: str, ms_meta: dict) -> str:
+    """The tolerance rows a capture is judged by: the backend's, or ``port-exact`` for the port run with
+    diffusers-exact numerics (``--port-numerics diffusers``, every MindONE point off)."""
+    nx = (ms_meta.get("mindspore_settings") or {}).get("port_numerics") or {}
+    if backend == PORT and nx.get("mode") == "diffusers" and not nx.get("mindone_points"):
+        return PORT_EXACT
+    return backend
 
 
 def _image_check(o: CompareOptions, report: ParityReport, ms: SideResult, pt: SideResult,
@@ -368,7 +382,8 @@ def run_capture(o: CompareOptions, backend: str, out: Path, *, force: bool = Fal
 
             fmt = o.pt_format if be.name == "diffusers" else "peft"
             conv = Path(tmp) / f"converted_{fmt}.safetensors"
-            convert(ConvertOptions(src=lora, dst=conv, layout=str(base.pipeline_dir), alpha=o.alpha, fmt=fmt))
+            convert(ConvertOptions(src=lora, dst=conv, layout=str(base.pipeline_dir), alpha=o.alpha, fmt=fmt,
+                                   ema=o.ema))
             lora = conv
         o_side = o if be.side == "ms" else CompareOptions(**{**o.__dict__, "ms_backend": PORT})
         req = side_request(o_side, base, be.side, lora=str(lora) if lora else None, dtype=o.dtype, prompt=prompt,

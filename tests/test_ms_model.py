@@ -32,7 +32,7 @@ from lora_parity.tiny import (TINY_LATENT_SHAPE, TINY_TE1_CONFIG, TINY_TE2_CONFI
 from lora_parity.backends.mindspore import (  # noqa: E402
     HFCLIPTextEncoder, OpenCLIPTextEncoder, UNetModel, VAEDecoder, build_text_encoder,
     capture_activations, configure_cpu, inject_lora, lora_state, lora_targets, merge_lora, param_shapes,
-    sdxl_vector, unmerge_lora)
+    sdxl_vector, unmerge_lora, use_numerics)
 from lora_parity.backends.mindspore.model import SDXL_VAE_CONFIG  # noqa: E402
 
 pytestmark = pytest.mark.parity
@@ -216,6 +216,15 @@ def randomize_(model, seed: int) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _mindspore_cpu():
     configure_cpu()  # PyNative, ops launched synchronously: ~10x faster on 2 cores
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _diffusers_numerics():
+    """These tests hold the port to diffusers at 1e-5: its "diffusers" numerics (the default,
+    "mindone", computes as MindONE's gm does; tests/test_port_numerics.py covers it)."""
+    with use_numerics("diffusers"):
+        yield
+
 
 def _hf_config(cfg: dict):
     return transformers.CLIPTextConfig(**cfg)

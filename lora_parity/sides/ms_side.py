@@ -131,7 +131,7 @@ def _lora_tensors(req: SideRequest, layout):
     from ..convert import load_lora
     from ..formats import tensors_for
 
-    lora = load_lora(Path(req.lora), layout=layout, alpha=req.alpha)
+    lora = load_lora(Path(req.lora), layout=layout, alpha=req.alpha, ema=req.ema)
     if lora.source_format != "ms":
         raise LoraParityError("--ms-lora must be a MindONE LoRA (.ckpt)", path=req.lora)
     tensors = {k: t.to_float("float32") for k, t in tensors_for(lora, "ms")[0].items()}
@@ -160,9 +160,16 @@ def capture_ms(req: SideRequest) -> SideResult:
     from ..device import use_device
     from ..sampling import EulerSchedule, denormalize
 
+    from ..backends.mindspore import numerics
+
     reset_peak_rss()
     t_start = time.perf_counter()
+    try:
+        numerics.set_numerics(numerics.parse(req.port_numerics) if req.port_numerics else None)
+    except ValueError as exc:
+        raise LoraParityError(f"--port-numerics: {exc}") from None
     settings = use_device(req.device)
+    settings["port_numerics"] = numerics.describe()
     ok, why = MindSporeBackend.supports(req.dtype, req.device)
     if not ok:
         raise LoraParityError(f"--dtype {req.dtype}: {why}")

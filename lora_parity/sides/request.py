@@ -32,6 +32,7 @@ class SideRequest:
     cache: str | None = None
     lora: str | None = None  # pt: a PyTorch LoRA file; ms: a MindONE .ckpt
     alpha: float | None = None
+    ema: bool | None = None  # MindONE file with both sets: the "ema." copies (True) or the trained ones (False)
     prompt: str = ""
     timesteps: list[float] = field(default_factory=lambda: [500.0])
     size_cond: list = field(default_factory=list)  # [[oh, ow], [top, left], [th, tw]]
@@ -47,6 +48,7 @@ class SideRequest:
     activations: bool = True  # False: image only (``infer``), no per-layer recording
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # latents, input_ids, ...
     backend: str | None = None  # diffusers | port | mindone (None: the side's default, diffusers / port)
+    port_numerics: str | None = None  # the port's numerics spec (backends.mindspore.numerics; None: default)
 
     @property
     def backend_name(self) -> str:

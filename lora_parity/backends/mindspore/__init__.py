@@ -17,13 +17,18 @@ MindONE checkpoint name (MindSpore spellings: ``gamma``/``beta`` for norms,
 * :func:`compile_for_graph` (or ``build_sdxl(..., graph=True)``) -- optional graph mode,
   same outputs, 1.5-4x faster on CPU after a one-off compile; PyNative is the default;
 * :func:`set_conv_impl` -- switch convolutions between im2col+MatMul (default) and
-  MindSpore's own Conv2D kernel (``"native"``), to test the native kernels.
+  MindSpore's own Conv2D kernel (``"native"``), to test the native kernels;
+* :mod:`.numerics` -- compute as MindONE's ``gm`` does (``"mindone"``, the default) or as
+  diffusers does (``"diffusers"``) where they differ: :func:`set_numerics`, :func:`use_numerics`,
+  :func:`current`, ``$LORA_PARITY_PORT_NUMERICS``; :func:`apply_numerics` re-stamps built cells.
 """
 from __future__ import annotations
 
 from .graph import compile_for_graph, run_graph, structure_key, uses_graph
 from .layers import Recordable, capture_activations, full_param_names, set_conv_impl
 from .lora import LoraInjection, inject_lora, lora_state, lora_targets, merge_lora, unmerge_lora
+from .numerics import (NUMERICS, POINTS, Numerics, apply_numerics, current, current_numerics, set_numerics,
+                       use_numerics)
 from .model import SDXLComponents, build_sdxl, cast_params, load_params, param_shapes
 from .runtime import configure_cpu
 from .text import HFCLIPTextEncoder, OpenCLIPTextEncoder, build_text_encoder
@@ -39,4 +44,6 @@ __all__ = [
     "HFCLIPTextEncoder", "OpenCLIPTextEncoder", "build_text_encoder",
     "SGM_UNET_PREFIX", "ConcatTimestepEmbedderND", "UNetModel", "sdxl_vector", "timestep_embedding",
     "SGM_VAE_PREFIX", "VAEDecoder",
+    "NUMERICS", "POINTS", "Numerics", "apply_numerics", "current", "current_numerics", "set_numerics",
+    "use_numerics",
 ]

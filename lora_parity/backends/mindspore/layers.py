@@ -4,10 +4,12 @@ Parameter names follow MindSpore's own conventions, which is what MindONE
 checkpoints contain: ``weight``/``bias`` for Dense and Conv2d, ``gamma``/``beta``
 for GroupNorm and LayerNorm, ``embedding_table`` for embeddings.
 
-Numerics are chosen so float32 results track PyTorch's to a few ulps: norms in
-float32, plain matmul attention with scale 1/sqrt(d), erf GELU, exact nearest
-upsampling, convolutions as im2col + MatMul.  Every weight starts lazily
-zero-initialised (``initializer('zeros')`` allocates nothing until data is set),
+Numerics follow :mod:`.numerics`: by default (``"mindone"``) what MindONE's ``gm`` code
+computes with the same MindSpore ops (``ops.gelu``, ``ops.silu``, scores divided by sqrt(d),
+softmax and GroupNorm in the input's dtype); ``"diffusers"`` tracks PyTorch to a few ulps
+(norms and softmax in float32, scores times 1/sqrt(d), torch's erf GELU formula).  Both:
+exact nearest upsampling, convolutions as im2col + MatMul (MindSpore's kernel on request).
+Every weight starts lazily zero-initialised (``initializer('zeros')`` allocates nothing until data is set),
 so even the full SDXL model instantiates in about a second; real values always
 come from a checkpoint.
 """
@@ -23,6 +25,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
+from . import numerics as _nx
 from .graph import run_graph
 
 
@@ -207,7 +210,10 @@ class Conv2d(nn.Cell):
 
 def make_conv(cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int | None = None,
               bias: bool = True) -> Conv2d:
-    return Conv2d(cin, cout, kernel, stride, padding, impl=CONV_IMPL, bias=bias)
+    """A model convolution: MindSpore's kernel under the ``conv_kernel`` numerics point (as ``gm``'s
+    ``nn.Conv2d``), else :data:`CONV_IMPL`."""
+    impl = "native" if _nx.uses("conv_kernel") else CONV_IMPL
+    return Conv2d(cin, cout, kernel, stride, padding, impl=impl, bias=bias)
 
 
 # "im2col" (fast, default) or "native" (MindSpore's Conv2D kernel); read when cells are built
@@ -226,7 +232,12 @@ def set_conv_impl(cell: nn.Cell, impl: str) -> int:
 
 
 class GroupNorm(nn.Cell):
-    """GroupNorm over (N, C, *); params ``gamma``/``beta``; computed in float32."""
+    """GroupNorm over (N, C, *); params ``gamma``/``beta``.
+
+    Computed in float32 (diffusers), or under the ``compute_dtype`` numerics point in the input's
+    dtype with gamma/beta cast to it, as MindSpore's ``nn.GroupNorm`` (``gm``) does."""
+
+    NUMERICS_POINTS = ("compute_dtype",)
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
         super().__init__()
@@ -237,8 +248,12 @@ class GroupNorm(nn.Cell):
         self.eps = float(eps)
         self.gamma = _param((num_channels,), "gamma", "ones")
         self.beta = _param((num_channels,), "beta", "zeros")
+        _nx.stamp(self, self.NUMERICS_POINTS)
 
     def construct(self, x: Tensor) -> Tensor:
+        if self.mindone_compute_dtype:
+            return ops.group_norm(x, self.num_groups, self.gamma.astype(x.dtype), self.beta.astype(x.dtype),
+                                  self.eps)
         dtype = x.dtype
         y = ops.group_norm(x.astype(ms.float32), self.num_groups, self.gamma.astype(ms.float32),
                           self.beta.astype(ms.float32), self.eps)
@@ -280,7 +295,18 @@ class Embedding(nn.Cell):
 
 
 class SiLU(nn.Cell):
+    """The UNet's SiLU: ``x * sigmoid(x)``, or MindSpore's SiLU kernel (``gm``'s ``nn.SiLU``) under
+    the ``silu_kernel`` numerics point (bitwise the same on CPU, MindSpore 2.10)."""
+
+    NUMERICS_POINTS = ("silu_kernel",)
+
+    def __init__(self):
+        super().__init__()
+        _nx.stamp(self, self.NUMERICS_POINTS)
+
     def construct(self, x):
+        if self.mindone_silu_kernel:
+            return ops.silu(x)
         return x * ops.sigmoid(x)
 
 
@@ -289,9 +315,18 @@ class Identity(nn.Cell):
         return x
 
 
-def gelu(x: Tensor) -> Tensor:
-    """Exact (erf) GELU, like ``torch.nn.functional.gelu``."""
+def gelu(x: Tensor, mindone: bool = False) -> Tensor:
+    """Exact (erf) GELU: torch's formula ``x * 0.5 * (1 + erf(x * 1/sqrt(2)))``, or with ``mindone``
+    MindSpore's ``ops.gelu(x, "none")`` = ``x * (erf(x / sqrt(2)) + 1) * 0.5`` (``gm``'s GEGLU and
+    OpenCLIP MLP; the ``gelu_formula`` numerics point)."""
+    if mindone:
+        return ops.gelu(x, approximate="none")
     return x * 0.5 * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """Tanh-approximated GELU, MindSpore's ``nn.GELU()`` default (``gm``'s CLIP-L activation)."""
+    return ops.gelu(x, approximate="tanh")
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -308,24 +343,61 @@ def activation(name: str):
         raise ValueError(f"unsupported activation {name!r} (known: {', '.join(ACTIVATIONS)})") from None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None) -> Tensor:
-    """Multi-head scaled dot-product attention on (B, L, heads*d) tensors; scale 1/sqrt(d)."""
+def apply_activation(x: Tensor, name: str, mindone_gelu: bool = False, gm_hf_clip: bool = False) -> Tensor:
+    """The text encoders' MLP activation ``name`` (graph-mode safe: flags are constants).
+
+    ``gm_hf_clip``: as ``gm``'s HF-CLIP port, whose ``ACT2FN`` maps ``"gelu"`` and ``"quick_gelu"`` to
+    ``nn.GELU()`` (tanh approximation).  ``mindone_gelu``: exact GELU via ``ops.gelu`` (see :func:`gelu`).
+    """
+    if gm_hf_clip and (name == "gelu" or name == "quick_gelu"):
+        return gelu_tanh(x)
+    if name == "gelu":
+        return gelu(x, mindone_gelu)
+    if name == "quick_gelu":
+        return quick_gelu(x)
+    return x * ops.sigmoid(x)
+
+
+# attention score scaling: "mul" scores * (1/sqrt(d)) (the port's diffusers mode); "div" scores / sqrt(d)
+# (gm's scaled_dot_product_attention: UNet and VAE); "q" q * d**-0.5 before q @ k^T (gm's CLIP-L, OpenCLIP)
+SCALES = ("mul", "div", "q")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None, scale: str = "mul",
+              softmax_fp32: bool = True) -> Tensor:
+    """Multi-head scaled dot-product attention on (B, L, heads*d) tensors, scale 1/sqrt(d) applied as
+    ``scale`` says (see :data:`SCALES`); softmax in float32, or in the scores' dtype without
+    ``softmax_fp32`` (``gm``)."""
     b, lq, inner = q.shape
     lk = k.shape[1]
     d = inner // heads
+    if scale == "q":
+        q = q * (d ** -0.5)
     q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
     k = k.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
     v = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
-    scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(d))
+    scores = ops.matmul(q, k.transpose(0, 1, 3, 2))
+    if scale == "mul":
+        scores = scores * (1.0 / math.sqrt(d))
+    elif scale == "div":
+        scores = scores / (d ** 0.5)
     if mask is not None:
         scores = scores + mask
-    probs = ops.softmax(scores.astype(ms.float32), axis=-1).astype(v.dtype)
+    if softmax_fp32:
+        probs = ops.softmax(scores.astype(ms.float32), axis=-1).astype(v.dtype)
+    else:
+        probs = ops.softmax(scores, axis=-1).astype(v.dtype)
     out = ops.matmul(probs, v)
     return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
-def causal_mask(length: int, dtype=ms.float32) -> Tensor:
-    m = np.triu(np.full((length, length), -np.inf, dtype=np.float32), k=1)
+# gm's text encoders mask with -1e5 (CLIP-L: MIN_VALUE; OpenCLIP: build_attention_mask), not -inf
+GM_MASK_VALUE = -1e5
+
+
+def causal_mask(length: int, dtype=ms.float32, fill: float = -np.inf) -> Tensor:
+    """(length, length) additive causal mask: 0 on and below the diagonal, ``fill`` above."""
+    m = np.triu(np.full((length, length), fill, dtype=np.float32), k=1)
     return Tensor(m, dtype)
 
 

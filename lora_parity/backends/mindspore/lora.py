@@ -17,6 +17,12 @@ is a convolution with the base layer's kernel, stride and padding, ``lora_B`` (o
 1x1 convolution, ``y = conv(x) + scale * B(A(x))``.  Merging folds
 ``W += scale * (B[:, :, 0, 0] @ A.reshape(r, -1)).reshape(W.shape)``: exact because a 1x1
 convolution after a kxk one is the kxk convolution with the product kernel.
+
+How :func:`merge_lora` rounds follows the ``lora_merge`` numerics point (:mod:`.numerics`):
+MindONE's ``gm.modules.lora.Dense.set_train(False)`` assigns ``W + matmul(B, A) * scaling``
+computed with MindSpore ops in the weight's dtype (the default); the ``"diffusers"`` mode folds
+``scale * B @ A`` in float64 and rounds once.  ``gm`` has no LoRA for convolutions or the fused
+OpenCLIP ``in_proj``: those always fold in float64.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
 from ...errors import LoraParityError
+from . import numerics as _nx
 from .layers import Conv2d, Linear, Recordable
 from .text import MultiheadAttention, _LoRAPair
 
@@ -185,32 +192,51 @@ def _delta(w, a, b, scale: float) -> np.ndarray:
     return (scale * prod).reshape(tuple(w.shape))
 
 
-def merge_lora(net: nn.Cell) -> int:
+def _gm_fold(w, a, b, scale: float, sign: int) -> Tensor:
+    """``gm``'s ``ops.assign(W, W +/- ops.matmul(B, A) * scaling)``: MindSpore ops, the weight's dtype."""
+    from mindspore import ops
+
+    prod = ops.matmul(b, a) * scale
+    return w + prod if sign > 0 else w - prod
+
+
+def _fold(cell, w, a, b, scale: float, sign: int, gm: bool) -> None:
+    if gm and isinstance(cell, Linear):
+        w.set_data(_gm_fold(w, a, b, scale, sign))
+        return
+    delta = _delta(w, a, b, scale)
+    w.set_data(Tensor((w.asnumpy().astype(np.float64) + sign * delta).astype(w.asnumpy().dtype), w.dtype))
+
+
+def merge_lora(net: nn.Cell, numerics=None) -> int:
     """Fold every injected LoRA into its base weight (``W += scale * B @ A``, convolutions
     included: the product kernel reshaped to ``W``); returns the count.
 
     The LoRA parameters stay (so the names still match the checkpoint) but are no
-    longer applied in ``construct``.  Computed in float64, stored in the weight's dtype.
+    longer applied in ``construct``.  Dense layers: as ``gm`` does under the ``lora_merge``
+    numerics point (``numerics``: a mode / spec, default the selection in force), else -- and
+    always for convolutions and fused in_proj -- in float64, stored in the weight's dtype.
     """
+    gm = _nx.resolve(numerics).uses("lora_merge")
     n = 0
     for cell, w, a, b, scale in _lora_cells(net):
         if _is_merged(cell):
             continue
-        delta = _delta(w, a, b, scale)
-        w.set_data(Tensor((w.asnumpy().astype(np.float64) + delta).astype(w.asnumpy().dtype), w.dtype))
+        _fold(cell, w, a, b, scale, +1, gm)
         _set_merged(cell, True)
         n += 1
     return n
 
 
-def unmerge_lora(net: nn.Cell) -> int:
-    """Undo :func:`merge_lora` (``W -= scale * B @ A``), back to the unmerged computation."""
+def unmerge_lora(net: nn.Cell, numerics=None) -> int:
+    """Undo :func:`merge_lora` (``W -= scale * B @ A``, as ``gm``'s ``set_train(True)`` under the
+    ``lora_merge`` numerics point), back to the unmerged computation."""
+    gm = _nx.resolve(numerics).uses("lora_merge")
     n = 0
     for cell, w, a, b, scale in _lora_cells(net):
         if not _is_merged(cell):
             continue
-        delta = _delta(w, a, b, scale)
-        w.set_data(Tensor((w.asnumpy().astype(np.float64) - delta).astype(w.asnumpy().dtype), w.dtype))
+        _fold(cell, w, a, b, scale, -1, gm)
         _set_merged(cell, False)
         n += 1
     return n

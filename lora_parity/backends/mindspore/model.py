@@ -10,6 +10,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
 from ...layout import ModelLayout, TextEncoderLayout
+from . import numerics as _nx
 from .graph import compile_for_graph
 from .layers import Recordable
 from .runtime import configure_cpu
@@ -140,7 +141,7 @@ def cast_params(cell, dtype) -> None:
 
 def build_sdxl(layout: ModelLayout, te_configs: tuple[dict | None, ...] | None = None,
                vae_config: dict | None = SDXL_VAE_CONFIG, *, configure_runtime: bool = True,
-               graph: bool = False) -> SDXLComponents:
+               graph: bool = False, numerics=None) -> SDXLComponents:
     """Every component for ``layout`` (weights lazily zero: load a checkpoint next).
 
     ``te_configs``: HF ``CLIPTextConfig`` dicts per text encoder (for ``hidden_act`` and
@@ -149,14 +150,16 @@ def build_sdxl(layout: ModelLayout, te_configs: tuple[dict | None, ...] | None =
     :func:`~.runtime.configure_cpu` (synchronous op launch on CPU, ~10x faster PyNative).
     ``graph=True`` runs every component as a compiled MindSpore graph (same outputs, 1.5-4x
     faster on CPU after a one-off compile; recording still runs PyNative), see
-    :func:`~.graph.compile_for_graph`.  Default: PyNative.
+    :func:`~.graph.compile_for_graph`.  Default: PyNative.  ``numerics``: the cells' numerics
+    (``"mindone"`` / ``"diffusers"`` / a spec, see :mod:`.numerics`); default the selection in force.
     """
     if configure_runtime:
         configure_cpu()
     te_configs = te_configs or (None,) * len(layout.text_encoders)
-    encoders = tuple(build_text_encoder(te, cfg) for te, cfg in zip(layout.text_encoders, te_configs))
-    vae = VAEDecoder.from_diffusers_config(vae_config) if vae_config is not None else None
-    comps = SDXLComponents(UNetModel(layout.unet), encoders, vae)
+    with _nx.use_numerics(_nx.resolve(numerics)):
+        encoders = tuple(build_text_encoder(te, cfg) for te, cfg in zip(layout.text_encoders, te_configs))
+        vae = VAEDecoder.from_diffusers_config(vae_config) if vae_config is not None else None
+        comps = SDXLComponents(UNetModel(layout.unet), encoders, vae)
     if graph:
         for cell in comps.cells():
             compile_for_graph(cell)

@@ -14,6 +14,11 @@ Both return ``(hidden, pooled)``: ``hidden`` is the output of encoder layer
 cross-attention); ``pooled`` is the final-normed last layer at the EOT token
 (the first position of ``eos_token_id``, or of the largest id when it is None),
 multiplied by ``text_projection`` for OpenCLIP.
+
+Where MindONE's ``gm`` encoders compute differently from transformers, :mod:`.numerics`
+selects which (MindONE's by default): ``gm``'s CLIP-L runs ``quick_gelu`` as MindSpore's
+``nn.GELU()`` (tanh approximation), both scale ``q`` by ``d ** -0.5`` before ``q @ k^T``,
+mask with -1e5, take OpenCLIP's exact GELU from ``ops.gelu`` and softmax in the input dtype.
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from ...layout import TextEncoderLayout
-from .layers import Embedding, LayerNorm, Linear, Recordable, _param, activation, attention, causal_mask
+from . import numerics as _nx
+from .layers import (GM_MASK_VALUE, Embedding, LayerNorm, Linear, Recordable, _param, activation,
+                     apply_activation, attention, causal_mask)
 
 DEFAULT_ACT = {"hf": "quick_gelu", "openclip": "gelu"}
 
@@ -34,6 +41,14 @@ def _eot_index(ids: Tensor, eos_token_id: int | None) -> Tensor:
     if eos_token_id is None:
         return ops.argmax(ids.astype(ms.int32), -1)
     return ops.argmax((ids.astype(ms.int32) == eos_token_id).astype(ms.int32), -1)
+
+
+def _causal(length: int, dtype, gm: bool) -> Tensor:
+    """The text encoders' causal mask: ``gm``'s -1e5 in the activations' dtype (``attention_mask``
+    numerics point), else -inf in float32."""
+    if gm:
+        return causal_mask(length, dtype, GM_MASK_VALUE)
+    return causal_mask(length)
 
 
 def _take_rows(x: Tensor, idx: Tensor) -> Tensor:
@@ -59,28 +74,38 @@ class _Embeddings(nn.Cell):
 
 
 class _HFAttention(nn.Cell):
+    NUMERICS_POINTS = ("attention_scale", "compute_dtype")
+
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
+        _nx.stamp(self, self.NUMERICS_POINTS)
         self.k_proj = Linear(width, width)
         self.v_proj = Linear(width, width)
         self.q_proj = Linear(width, width)
         self.out_proj = Linear(width, width)
 
     def construct(self, x, mask):
-        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask)
+        # gm's CLIPAttention: q_proj(x) * d**-0.5, then q @ k^T + mask, softmax in the input dtype
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask,
+                        "q" if self.mindone_attention_scale else "mul", not self.mindone_compute_dtype)
         return self.out_proj(out)
 
 
 class _HFMLP(nn.Cell):
+    NUMERICS_POINTS = ("gelu_formula", "clip_l_activation")
+
     def __init__(self, width: int, inner: int, act: str):
         super().__init__()
         self.fc1 = Linear(width, inner)
         self.fc2 = Linear(inner, width)
-        self.act = activation(act)
+        activation(act)  # validates the name
+        self.act_name = act
+        _nx.stamp(self, self.NUMERICS_POINTS)
 
     def construct(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        h = apply_activation(self.fc1(x), self.act_name, self.mindone_gelu_formula, self.mindone_clip_l_activation)
+        return self.fc2(h)
 
 
 class _HFLayer(nn.Cell):
@@ -118,6 +143,8 @@ class HFCLIPTextEncoder(Recordable):
     ``text_model.encoder.layers.i``, ``text_model.final_layer_norm`` and ``pooled``.
     """
 
+    NUMERICS_POINTS = ("attention_mask",)
+
     def __init__(self, layout: TextEncoderLayout, hidden_act: str | None = None, *,
                  sgm_prefix: str | None = None, layer_norm_eps: float = 1e-5,
                  eos_token_id: int | None = None, hidden_layer: int = -2):
@@ -128,12 +155,13 @@ class HFCLIPTextEncoder(Recordable):
         # index into HF's hidden_states tuple (embeddings, layer 0 out, ..., last layer out)
         self.hidden_layer = hidden_layer % (layout.num_layers + 1)
         self.text_model = _HFTextModel(layout, self.hidden_act, layer_norm_eps)
+        _nx.stamp(self, self.NUMERICS_POINTS)
         self._finish()
 
     def construct(self, input_ids):
         ids = input_ids if isinstance(input_ids, Tensor) else Tensor(np.asarray(input_ids), ms.int32)
-        mask = causal_mask(ids.shape[-1])
         x = self.text_model.embeddings(ids)
+        mask = _causal(ids.shape[-1], x.dtype, self.mindone_attention_mask)
         self._rec("text_model.embeddings", x)
         hidden = x if self.hidden_layer == 0 else None
         for i, layer in enumerate(self.text_model.encoder.layers):
@@ -167,8 +195,11 @@ class _LoRAPair(nn.Cell):
 class MultiheadAttention(nn.Cell):
     """``torch.nn.MultiheadAttention`` layout: ``in_proj_weight`` (3W, W), ``in_proj_bias``, ``out_proj``."""
 
+    NUMERICS_POINTS = ("attention_scale", "compute_dtype")
+
     def __init__(self, width: int, heads: int):
         super().__init__()
+        _nx.stamp(self, self.NUMERICS_POINTS)
         self.width = width
         self.heads = heads
         self.in_proj_weight = _param((3 * width, width), "in_proj_weight")
@@ -187,18 +218,24 @@ class MultiheadAttention(nn.Cell):
         q = qkv[:, :, :w]
         k = qkv[:, :, w: 2 * w]
         v = qkv[:, :, 2 * w:]
-        return self.out_proj(attention(q, k, v, self.heads, mask))
+        # gm: q * head_dim**-0.5 before q @ k^T (+ mask), nn.Softmax in the input dtype
+        return self.out_proj(attention(q, k, v, self.heads, mask, "q" if self.mindone_attention_scale else "mul",
+                                       not self.mindone_compute_dtype))
 
 
 class _OCMLP(nn.Cell):
+    NUMERICS_POINTS = ("gelu_formula",)
+
     def __init__(self, width: int, inner: int, act: str):
         super().__init__()
         self.c_fc = Linear(width, inner)
         self.c_proj = Linear(inner, width)
-        self.act = activation(act)
+        activation(act)  # validates the name
+        self.act_name = act
+        _nx.stamp(self, self.NUMERICS_POINTS)
 
     def construct(self, x):
-        return self.c_proj(self.act(self.c_fc(x)))
+        return self.c_proj(apply_activation(self.c_fc(x), self.act_name, self.mindone_gelu_formula))
 
 
 class _OCBlock(nn.Cell):
@@ -228,6 +265,8 @@ class OpenCLIPTextEncoder(Recordable):
     ``text_projection`` (the projected pooled output).
     """
 
+    NUMERICS_POINTS = ("attention_mask",)
+
     def __init__(self, layout: TextEncoderLayout, hidden_act: str | None = None, *,
                  sgm_prefix: str | None = None, layer_norm_eps: float = 1e-5,
                  eos_token_id: int | None = None, hidden_layer: int = -2, with_logit_scale: bool = True):
@@ -245,13 +284,14 @@ class OpenCLIPTextEncoder(Recordable):
         self.text_projection = _param((w, layout.projection_dim or w), "text_projection")
         if with_logit_scale:  # present (unused) in SGM / MindONE checkpoints
             self.logit_scale = Parameter(Tensor(math.log(1 / 0.07), ms.float32), name="logit_scale")
+        _nx.stamp(self, self.NUMERICS_POINTS)
         self._finish()
 
     def construct(self, input_ids):
         ids = input_ids if isinstance(input_ids, Tensor) else Tensor(np.asarray(input_ids), ms.int32)
         length = ids.shape[-1]
-        mask = causal_mask(length)
         x = self.token_embedding(ids) + self.positional_embedding[:length].reshape(1, length, -1)
+        mask = _causal(length, x.dtype, self.mindone_attention_mask)
         self._rec("token_embedding", x)
         hidden = x if self.hidden_layer == 0 else None
         for i, block in enumerate(self.transformer.resblocks):

@@ -10,7 +10,9 @@ Numerics follow SGM (which diffusers reproduces): sinusoidal timestep embedding
 with cos first, ``emb = time_embed(t_emb) + label_emb(y)``, GroupNorm eps 1e-5 in
 ResBlocks and ``out`` and 1e-6 in SpatialTransformer ``norm``, LayerNorm eps 1e-5,
 attention scale 1/sqrt(head_dim), GEGLU with erf GELU, output blocks concatenating
-``[h, skip]`` on channels.
+``[h, skip]`` on channels.  Where MindONE's ``gm`` and diffusers compute these differently
+(timestep frequencies from MindSpore's Exp, ``ops.gelu``, scores divided by sqrt(d), ...),
+:mod:`.numerics` selects which (MindONE's by default).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ...layout import UNetLayout
+from . import numerics as _nx
 from .layers import (GroupNorm, Identity, LayerNorm, Linear, Recordable, SiLU, attention, gelu,
                      Upsample, make_conv)
 
@@ -30,27 +33,34 @@ SGM_UNET_PREFIX = "model.diffusion_model."
 
 # --------------------------------------------------------------------------- timestep embeddings
 
-def _frequencies(half: int, max_period: float, exact: bool) -> Tensor:
-    # exponent in float32 exactly as SGM / diffusers form it: float32(-ln P) * i / half
-    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+def timestep_frequencies(half: int, max_period: float = 10000.0, exact: bool = True) -> Tensor:
+    """The ``half`` sinusoid frequencies ``exp(-ln(P) * i / half)`` (float32).
+
+    ``exact``: the exponent in float32 as SGM / diffusers form it (``float32(-ln P) * i / half``),
+    exp in float64 rounded once -- what torch's float32 exp gives.  Otherwise MindONE's ``gm``
+    formula with MindSpore ops, ``ops.exp(-ops.log(ones(1) * P) * ops.arange(half) / half)``:
+    MindSpore 2.10's CPU Exp is up to ~50 ulp off, which moves sin/cos of t*f (t ~ 1000) by up to ~2e-3.
+    """
     if exact:
-        # exp in float64, rounded once: what torch's float32 exp gives.  MindSpore 2.10's CPU
-        # Exp kernel is up to ~5 ulp off, which moves sin/cos of t*f (t ~ 1000) by ~5e-4.
+        exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
         return Tensor(np.exp(exponent.astype(np.float64)).astype(np.float32))
-    return ops.exp(Tensor(exponent))
+    return ops.exp(-ops.log(ops.ones(1, dtype=ms.float32) * max_period)
+                   * ops.arange(start=0, end=half, dtype=ms.float32) / half)
 
 
-def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0, exact_freqs: bool = True) -> Tensor:
+def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0, exact_freqs: bool | None = None) -> Tensor:
     """SGM's sinusoidal embedding: ``[cos(t f), sin(t f)]``, ``f_i = exp(-ln(P) i / (dim/2))``.
 
     The same function as diffusers ``get_timestep_embedding(t, dim, flip_sin_to_cos=True,
-    downscale_freq_shift=0)``, in float32.  ``exact_freqs=False`` takes the frequencies from
-    MindSpore's own ``ops.exp`` as MindONE does (a few ulp off on CPU, see ``_frequencies``).
+    downscale_freq_shift=0)``, in float32.  ``exact_freqs``: see :func:`timestep_frequencies`;
+    None follows the ``timestep_freqs`` numerics point (MindONE's ``ops.exp`` by default).
     """
+    if exact_freqs is None:
+        exact_freqs = not _nx.uses("timestep_freqs")
     if not isinstance(timesteps, Tensor):
         timesteps = Tensor(np.asarray(timesteps, dtype=np.float32).reshape(-1))
     half = dim // 2
-    freqs = _frequencies(half, max_period, exact_freqs)
+    freqs = timestep_frequencies(half, max_period, exact_freqs)
     args = timesteps.reshape(-1, 1).astype(ms.float32) * freqs.reshape(1, -1)
     emb = ops.concat((ops.cos(args), ops.sin(args)), axis=-1)
     if dim % 2:
@@ -61,9 +71,12 @@ def timestep_embedding(timesteps, dim: int, max_period: float = 10000.0, exact_f
 class ConcatTimestepEmbedderND(nn.Cell):
     """SGM ``conditioner.embedders.{2,3,4}``: (B, N) numbers -> (B, N*outdim) sinusoids; no params."""
 
+    NUMERICS_POINTS = ("timestep_freqs",)
+
     def __init__(self, outdim: int):
         super().__init__()
         self.outdim = int(outdim)
+        _nx.stamp(self, self.NUMERICS_POINTS)
 
     def construct(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
@@ -71,7 +84,7 @@ class ConcatTimestepEmbedderND(nn.Cell):
         if x.ndim == 1:
             x = x.reshape(-1, 1)
         b = x.shape[0]
-        emb = timestep_embedding(x.reshape(-1), self.outdim)
+        emb = timestep_embedding(x.reshape(-1), self.outdim, 10000.0, not self.mindone_timestep_freqs)
         return emb.reshape(b, -1)
 
 
@@ -203,8 +216,11 @@ class Downsample(nn.Cell):
 
 
 class CrossAttention(nn.Cell):
+    NUMERICS_POINTS = ("attention_scale", "compute_dtype")
+
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
         super().__init__()
+        _nx.stamp(self, self.NUMERICS_POINTS)
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
@@ -215,21 +231,26 @@ class CrossAttention(nn.Cell):
 
     def construct(self, x, context=None):
         ctx = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads)
+        # gm: scaled_dot_product_attention, softmax(q @ k^T / sqrt(d)) in the input dtype
+        out = attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads, None,
+                        "div" if self.mindone_attention_scale else "mul", not self.mindone_compute_dtype)
         return self.to_out(out)
 
 
 class GEGLU(nn.Cell):
+    NUMERICS_POINTS = ("gelu_formula",)
+
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = Linear(dim_in, dim_out * 2)
         self.dim_out = dim_out
+        _nx.stamp(self, self.NUMERICS_POINTS)
 
     def construct(self, x):
         h = self.proj(x)
         a = h[..., : self.dim_out]
         gate = h[..., self.dim_out:]
-        return a * gelu(gate)
+        return a * gelu(gate, self.mindone_gelu_formula)
 
 
 class FeedForward(nn.Cell):
@@ -297,11 +318,14 @@ class UNetModel(Recordable):
     and ``out`` (prefixed with ``sgm_prefix``).
     """
 
+    NUMERICS_POINTS = ("timestep_freqs",)
+
     def __init__(self, layout: UNetLayout, sgm_prefix: str = SGM_UNET_PREFIX, *,
                  resblock_eps: float = 1e-5, transformer_norm_eps: float = 1e-6,
                  layer_norm_eps: float = 1e-5):
         super().__init__(sgm_prefix)
         self.layout = layout
+        _nx.stamp(self, self.NUMERICS_POINTS)
         mc = layout.model_channels
         ted = layout.time_embed_dim
         groups = layout.norm_num_groups
@@ -361,7 +385,8 @@ class UNetModel(Recordable):
         self._finish()
 
     def construct(self, x, timesteps, context, y=None):
-        t_emb = timestep_embedding(timesteps, self.layout.model_channels).astype(x.dtype)
+        t_emb = timestep_embedding(timesteps, self.layout.model_channels, 10000.0,
+                                   not self.mindone_timestep_freqs).astype(x.dtype)
         emb = self.time_embed(t_emb)
         self._rec("time_embed", emb)
         if self.has_label_emb:

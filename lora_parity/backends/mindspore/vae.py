@@ -6,6 +6,10 @@ Names: ``post_quant_conv``, ``decoder.conv_in``, ``decoder.mid.{block_1, attn_1,
 order relative to diffusers ``decoder.up_blocks``; it is run from the last level down.
 ResnetBlocks have ``norm1, conv1, norm2, conv2`` (+ ``nin_shortcut``); ``attn_1`` has
 ``norm, q, k, v, proj_out`` as 1x1 convolutions.  GroupNorm eps is 1e-6 throughout.
+
+:mod:`.numerics` (MindONE's ``gm`` by default): ``gm`` decodes ``1.0 / scale_factor * z`` and its
+attention divides the scores by sqrt(C) (softmax in the input dtype); diffusers divides the
+latents by the scaling factor and scales the scores by 1/sqrt(C) (the ``"diffusers"`` mode).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import math
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from . import numerics as _nx
 from .layers import GroupNorm, Recordable, Upsample, make_conv
 
 SGM_VAE_PREFIX = "first_stage_model."
@@ -45,8 +50,11 @@ class ResnetBlock(nn.Cell):
 class AttnBlock(nn.Cell):
     """Single-head self-attention over H*W with 1x1-conv projections, scale 1/sqrt(C)."""
 
+    NUMERICS_POINTS = ("attention_scale", "compute_dtype")
+
     def __init__(self, channels: int, groups: int, eps: float):
         super().__init__()
+        _nx.stamp(self, self.NUMERICS_POINTS)
         self.norm = GroupNorm(groups, channels, eps)
         self.q = make_conv(channels, channels, 1)
         self.k = make_conv(channels, channels, 1)
@@ -59,8 +67,15 @@ class AttnBlock(nn.Cell):
         q = self.q(hn).reshape(b, c, h * w).transpose(0, 2, 1)   # (B, HW, C)
         k = self.k(hn).reshape(b, c, h * w)                      # (B, C, HW)
         v = self.v(hn).reshape(b, c, h * w).transpose(0, 2, 1)   # (B, HW, C)
-        scores = ops.matmul(q, k) * (1.0 / math.sqrt(c))
-        probs = ops.softmax(scores.astype(ms.float32), axis=-1).astype(v.dtype)
+        scores = ops.matmul(q, k)
+        if self.mindone_attention_scale:
+            scores = scores / (c ** 0.5)  # gm: scaled_dot_product_attention
+        else:
+            scores = scores * (1.0 / math.sqrt(c))
+        if self.mindone_compute_dtype:
+            probs = ops.softmax(scores, axis=-1).astype(v.dtype)
+        else:
+            probs = ops.softmax(scores.astype(ms.float32), axis=-1).astype(v.dtype)
         out = ops.matmul(probs, v).transpose(0, 2, 1).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
@@ -116,16 +131,22 @@ class VAEDecoder(Recordable):
     (after SiLU) and ``decoder.conv_out``.
     """
 
+    NUMERICS_POINTS = ("vae_latent_scale",)
+
     def __init__(self, block_out_channels, layers_per_block: int = 2, latent_channels: int = 4,
                  out_channels: int = 3, norm_num_groups: int = 32, scaling_factor: float = 0.13025,
                  *, eps: float = 1e-6, sgm_prefix: str = SGM_VAE_PREFIX):
         super().__init__(sgm_prefix)
+        _nx.stamp(self, self.NUMERICS_POINTS)
         boc = [int(c) for c in block_out_channels]
         ch = boc[0]
         if any(c % ch for c in boc):
             raise ValueError(f"block_out_channels {boc} are not multiples of {ch}")
         self.ch_mult = tuple(c // ch for c in boc)
         self.scaling_factor = float(scaling_factor)
+        # gm's decode_first_stage: ``1.0 / self.scale_factor * z`` -- the reciprocal taken in Python
+        # (float64), then one float32 multiplication (taken here so graph mode folds the same constant)
+        self.inv_scaling_factor = 1.0 / self.scaling_factor
         self.post_quant_conv = make_conv(latent_channels, latent_channels, 1)
         self.decoder = Decoder(ch, self.ch_mult, int(layers_per_block), latent_channels, out_channels,
                                int(norm_num_groups), eps)
@@ -140,7 +161,10 @@ class VAEDecoder(Recordable):
 
     def construct(self, z: Tensor, scaled: bool = True) -> Tensor:
         if scaled:
-            z = z / self.scaling_factor
+            if self.mindone_vae_latent_scale:
+                z = self.inv_scaling_factor * z  # gm's DiffusionEngine.decode_first_stage
+            else:
+                z = z / self.scaling_factor
         h = self.post_quant_conv(z)
         self._rec("post_quant_conv", h)
         dec = self.decoder
