@@ -1,4 +1,6 @@
-"""Session fixtures: the tiny layout, the generated tiny diffusers pipeline, generated LoRAs."""
+"""Session fixtures of the repository's tests: the tiny layout, the generated tiny diffusers pipeline,
+the ``ms_backend`` parametrization.  Options and the fixtures the shipped suite shares
+(``lora_ckpt_option``, ...) are in the plugin :mod:`lora_parity.suite.plugin`."""
 from __future__ import annotations
 
 import os
@@ -23,12 +25,6 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     from lora_parity.fixtures.tiny_pipeline import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pt_base", seed=0)
-
-
-@pytest.fixture(scope="session")
-def lora_ckpt_option(request) -> Path | None:
-    value = request.config.getoption("--lora-ckpt")
-    return None if value is None else Path(value)
 
 
 REQUIRE_MINDONE = "LORA_PARITY_REQUIRE_MINDONE"  # CI sets it: a mindone backend that cannot run fails, not skips

@@ -1,4 +1,5 @@
-"""The ascend layer's logic runs on every CI run: the same tests, on CPU, tiny bases, generated LoRA."""
+"""The ascend layer's logic runs on every CI run: the same tests (lora_parity/suite/test_ascend.py, shipped
+with the package), on CPU, tiny bases, generated LoRA."""
 from __future__ import annotations
 
 import subprocess
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, ET.Element]:
     junit = tmp_path / "junit.xml"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "ascend", "tests/test_ascend.py", "-q",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "ascend", "lora_parity/suite/test_ascend.py", "-q",
                            "-p", "no:cacheprovider", f"--junitxml={junit}", *extra],
                           cwd=ROOT, capture_output=True, text=True)
     return proc, ET.parse(junit).getroot()

@@ -137,18 +137,6 @@ def test_fused_in_proj_splits_and_fuses_back_exactly(tmp_path):
     assert all(pt[a].bitwise_equal(lora.pairs[name].A) for a in a_keys)
 
 
-def test_real_lora_ckpt_round_trips(tmp_path, lora_ckpt_option):
-    """With ``--lora-ckpt PATH`` the conversion layer runs on the user's real MindONE LoRA."""
-    if lora_ckpt_option is None:
-        pytest.skip("no --lora-ckpt PATH given (a real MindONE LoRA)")
-    src = lora_ckpt_option
-    report = convert(ConvertOptions(src=src, dst=tmp_path / "pt.safetensors"))
-    convert(ConvertOptions(src=tmp_path / "pt.safetensors", dst=tmp_path / "back.ckpt",
-                           alpha=next(iter(report.alphas))))
-    orig = {k: t for k, t in _tensors(src).items() if k not in report.skipped}
-    _assert_bitwise(orig, _tensors(tmp_path / "back.ckpt"))
-
-
 def test_peft_from_flattened_clip_text_model_is_understood(tmp_path):
     """diffusers + transformers 5 save CLIP-L LoRA keys without 'text_model.': same modules."""
     lora = make_lora(tiny_layout(), rank=2, modules="linear", seed=7)

@@ -1,6 +1,8 @@
 """The `ascend` layer: parity (and images) on real checkpoints with MindSpore on the Ascend NPU.
 
-``pytest -m ascend --lora-ckpt PATH --sdxl-base SPEC``.  Without an NPU every test here is
+``pytest -m ascend --lora-ckpt PATH --sdxl-base SPEC`` in the repository, or
+``pytest --pyargs lora_parity -m ascend --lora-ckpt PATH --sdxl-base SPEC`` where the package is
+installed (this file ships in ``lora_parity/suite``).  Without an NPU every test here is
 skipped with the reason; ``--ms-device CPU`` runs the very same tests on CPU, and without
 ``--sdxl-base`` they use the built-in tiny SDXL with a generated LoRA (which is how the
 suite itself exercises this layer on every CI run: tests/test_ascend_layer_runs.py).

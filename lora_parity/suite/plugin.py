@@ -1,0 +1,288 @@
+"""The lora-parity pytest plugin: options, markers, Hypothesis profiles and option fixtures.
+
+Installed with the package as the ``pytest11`` entry point ``lora_parity``, so the options exist
+before pytest reads the command line: ``--lora-ckpt /data/my_lora.ckpt`` (space-separated) works
+from any folder, and ``pytest --pyargs lora_parity -m conversion --lora-ckpt PATH`` runs the
+shipped suite (:mod:`lora_parity.suite`) on the user's file.  The repository's ``conftest.py``
+registers this module itself when the entry point is not loaded (no ``pip install``,
+``PYTEST_DISABLE_PLUGIN_AUTOLOAD``).
+
+Everything happens in hooks; an installed plugin is loaded into every pytest run of its
+environment, so nothing here changes other projects' runs: markers and options are only added,
+the Hypothesis profile is loaded only where the ini file sets ``lora_parity_dev_suite = true``
+(this repository's ``pytest.ini``), and the benchmark marker is only added there too.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from pathlib import Path
+
+import pytest
+
+NAME = "lora_parity"  # the entry point's name: ``-p no:lora_parity`` turns it off
+
+MARKERS = {
+    "conversion": "key-map completeness and bitwise round trips (seconds, no forward passes)",
+    "parity": "per-layer UNet / text-encoder / VAE activations, MindSpore vs PyTorch",
+    "image": "full-image metrics (MAE on 0-255, PSNR, SSIM)",
+    "ascend": "real MindSpore on an Ascend NPU (skipped without one; --ms-device CPU runs it here)",
+    "fullsize": "real-size SDXL base and refiner (random weights, generated once into the cache) through compare",
+    "benchmark": "speed measurements with pytest-benchmark (run with `make bench`)",
+}
+
+#: options whose value is a path: given as ``--opt VALUE``, pytest locates its configuration
+#: before this plugin is loaded, taking VALUE for a test path (see :func:`_relocate_config`)
+PATH_OPTIONS = ("--lora-ckpt", "--sdxl-base", "--fullsize-cache", "--lora-layout")
+
+DEV_SUITE_INI = "lora_parity_dev_suite"
+PROFILES = {"dev": dict(max_examples=25, deadline=None),
+            "ci": dict(max_examples=40, deadline=None, derandomize=True, print_blob=True)}
+
+_SUMMARY = pytest.StashKey[list]()
+_LORA = pytest.StashKey[Path]()
+_ONLY_SUITE = pytest.StashKey[bool]()
+
+
+# ---------------------------------------------------------------- options
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("lora-parity")
+    g.addoption("--lora-ckpt", action="store", default=None, metavar="PATH",
+                help="your MindONE LoRA .ckpt (or a PEFT / kohya file): the shipped suite (pytest --pyargs "
+                     "lora_parity) checks it without base weights or an NPU; with --sdxl-base also the "
+                     "parity and image layers")
+    g.addoption("--lora-layout", action="store", default=None, metavar="SPEC",
+                help="the LoRA's model layout for --lora-ckpt: sdxl-base, sdxl-refiner, tiny, a diffusers unet "
+                     "config.json or pipeline folder (default: detected from names and shapes)")
+    g.addoption("--lora-alpha", action="store", type=float, default=None, metavar="A",
+                help="the lora_alpha --lora-ckpt was trained with (a MindONE .ckpt stores none; default: rank)")
+    g.addoption("--lora-ema", action="store", default=None, choices=("ema", "trained"),
+                help="a MindONE file holding both LoRA sets: check the EMA copies or the trained ones")
+    g.addoption("--sdxl-base", action="store", default=None, metavar="SPEC",
+                help="the SDXL base for the ascend layer and, with --lora-ckpt, the shipped parity/image test: a "
+                     "diffusers folder, an official single-file checkpoint or random:sdxl-base (as compare --base)")
+    g.addoption("--parity-size", action="store", type=int, default=None, metavar="PX",
+                help="image size for the --lora-ckpt + --sdxl-base parity test (default: compare's, 1024 at "
+                     "real size; 256 is enough on a CPU)")
+    g.addoption("--ms-device", action="store", default=None, choices=("Ascend", "CPU", "GPU"),
+                help="device for the MindSpore side of the ascend layer (default: Ascend)")
+    g.addoption("--ms-backend", action="store", default="all", choices=("all", "port", "mindone"),
+                help="which MindSpore implementation the parity/image layers judge: port (this project's SGM port), "
+                     "mindone (mindone.diffusers, in its own environment) or all (default)")
+    g.addoption("--fullsize-cache", action="store", default=None, metavar="DIR",
+                help="where the fullsize layer generates its random SDXL bases (default: ~/.cache/lora-parity)")
+    for dt in ("f32", "f16", "bf16"):  # as compare's flags; lora_parity.tolerances documents what they replace
+        g.addoption(f"--tol-{dt}", type=float, default=None,
+                    help=f"override the {dt} per-layer bound on max|a-b|/max|ref|")
+        g.addoption(f"--mismatch-{dt}", type=float, default=None,
+                    help=f"override the {dt} per-layer bound on the mismatched-element fraction")
+    g.addoption("--image-mae", type=float, default=None, help="override the full-image MAE bound (0-255)")
+    g.addoption("--image-max-error", type=int, default=None, help="override the full-image max-error bound (0-255)")
+    parser.addini(DEV_SUITE_INI, type="bool", default=False,
+                  help="lora-parity's own test tree: load its Hypothesis profile (HYPOTHESIS_PROFILE=dev|ci, "
+                       "default dev, ci when CI is set) and mark tests using the benchmark fixture `benchmark`")
+
+
+def gate_overrides(config) -> dict:
+    """The CompareOptions fields the threshold options set (None: the table's value)."""
+    tol = {dt.upper(): config.getoption(f"--tol-{dt}") for dt in ("f32", "f16", "bf16")}
+    mismatch = {dt.upper(): config.getoption(f"--mismatch-{dt}") for dt in ("f32", "f16", "bf16")}
+    return {"tol_overrides": tol, "mismatch_overrides": mismatch, "image_mae": config.getoption("--image-mae"),
+            "image_max_error": config.getoption("--image-max-error")}
+
+
+# ---------------------------------------------------------------- where pytest looks for its configuration
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
+    _relocate_config(early_config, parser, args)
+
+
+def _spaced_path_options(args: list[str]) -> list[tuple[str, str]]:
+    """(option, value) for each of our path options given as two words."""
+    return [(a, args[i + 1]) for i, a in enumerate(args[:-1]) if a in PATH_OPTIONS]
+
+
+def _relocate_config(config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
+    """Locate rootdir and ini file again now that our options are known.
+
+    pytest finds its rootdir and ini file before it loads plugins: in
+    ``pytest -m conversion --lora-ckpt /data/loras/my_lora.ckpt`` it takes the value for a test
+    path, so the rootdir becomes ``/data/loras``, the project's ``pytest.ini`` (markers, addopts,
+    testpaths) is never read and only ``--lora-ckpt=PATH`` worked.  Here the same search runs
+    again with the arguments parsed as they are meant; if it lands elsewhere, the configuration
+    it finds replaces the one found from the value.  This reaches into pytest's config object
+    (checked with pytest 8.x-9.x); where that is not possible, one usage error says to write
+    ``--opt=PATH``.
+    """
+    spaced = _spaced_path_options(args)
+    if not spaced:
+        return
+    ns = config.known_args_namespace
+    try:
+        from _pytest.config.findpaths import determine_setup
+
+        kwargs = dict(inifile=ns.inifilename, args=list(ns.file_or_dir), rootdir_cmd_arg=ns.rootdir or None,
+                      invocation_dir=config.invocation_params.dir)
+        if "override_ini" in inspect.signature(determine_setup).parameters:
+            kwargs["override_ini"] = ns.override_ini
+        found = determine_setup(**kwargs)
+        rootpath, inipath, inicfg = found[0], found[1], found[2]
+        if (rootpath, inipath) == (config.rootpath, config.inipath):
+            return
+        old_addopts = list(config.getini("addopts"))
+        old_confcutdir = str(config.inipath.parent if config.inipath is not None else config.rootpath)
+        config._rootpath, config._inipath, config._inicfg = rootpath, inipath, inicfg
+        if len(found) > 3 and hasattr(config, "_ignored_config_files"):
+            config._ignored_config_files = found[3]
+        config._inicache.clear()
+    except Exception as exc:  # noqa: BLE001 - pytest internals differ: say what works instead
+        opt, value = spaced[0]
+        raise pytest.UsageError(
+            f"{opt} {value}: pytest took the path for a test path when it located its configuration "
+            f"(and this pytest version cannot be corrected: {type(exc).__name__}); write {opt}={value}") from None
+    parser.extra_info["rootdir"] = str(rootpath)
+    parser.extra_info["inifile"] = str(inipath)
+    if old_addopts and args[:len(old_addopts)] == old_addopts:  # those of the ini found from the value
+        del args[:len(old_addopts)]
+    args[:0] = list(config.getini("addopts"))
+    config.known_args_namespace = parser.parse_known_args(args, namespace=copy.copy(config.option))
+    if ns.confcutdir is not None and str(ns.confcutdir) != old_confcutdir:
+        config.known_args_namespace.confcutdir = ns.confcutdir  # given on the command line
+    else:
+        config.known_args_namespace.confcutdir = str(inipath.parent if inipath is not None else rootpath)
+
+
+# ---------------------------------------------------------------- configure
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    config.stash[_SUMMARY] = []
+    if config.getini(DEV_SUITE_INI):
+        _load_hypothesis_profile(config)
+    if config.getoption("help", False) or config.getoption("version", False):
+        return
+    _check_options(config)
+
+
+def _load_hypothesis_profile(config: pytest.Config) -> None:
+    """The repository's profiles ``dev`` and ``ci``; Hypothesis' own ``--hypothesis-profile`` wins."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:
+        return
+    for name, kwargs in PROFILES.items():
+        extra = {"suppress_health_check": [HealthCheck.too_slow]} if name == "ci" else {}
+        settings.register_profile(name, **kwargs, **extra)
+    if config.getoption("hypothesis_profile", None):
+        return
+    name = os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+    try:
+        settings.load_profile(name)
+    except Exception:  # noqa: BLE001 - hypothesis.errors.InvalidArgument
+        raise pytest.UsageError(f"HYPOTHESIS_PROFILE={name}: no such Hypothesis profile "
+                                f"(this suite has {', '.join(PROFILES)})") from None
+
+
+def _check_options(config: pytest.Config) -> None:
+    """A missing or unreadable ``--lora-ckpt`` (and other bad values) is one usage error, before collection."""
+    value = config.getoption("--lora-ckpt")
+    if value is not None:
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise pytest.UsageError(f"--lora-ckpt {value}: no such file")
+        if not path.is_file():
+            raise pytest.UsageError(f"--lora-ckpt {value}: not a file")
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise pytest.UsageError(f"--lora-ckpt {value}: cannot be read ({exc.strerror or exc})") from None
+        config.stash[_LORA] = path.resolve()
+    alpha = config.getoption("--lora-alpha")
+    if alpha is not None and not (alpha > 0 and alpha != float("inf")):
+        raise pytest.UsageError(f"--lora-alpha {alpha}: must be a positive number")
+    layout = config.getoption("--lora-layout")
+    if layout is not None:
+        from ..errors import LoraParityError
+        from ..layout import load_layout
+
+        try:
+            load_layout(os.path.expanduser(layout))
+        except LoraParityError as exc:
+            raise pytest.UsageError(f"--lora-layout {layout}: {exc}") from None
+    size = config.getoption("--parity-size")
+    if size is not None and (size <= 0 or size % 8):
+        raise pytest.UsageError(f"--parity-size {size}: must be a positive multiple of 8")
+
+
+# ---------------------------------------------------------------- collection
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Inside the installed package only the shipped suite is collected (``--pyargs lora_parity``),
+    whatever ``python_files`` says: the library's modules are never imported as test modules."""
+    if config.getoption("doctestmodules", False):
+        return None
+    package = Path(__file__).resolve().parents[1]
+    suite = Path(__file__).resolve().parent
+    try:
+        path = collection_path.resolve()
+    except OSError:
+        return None
+    if path == package or not path.is_relative_to(package) or path.is_relative_to(suite):
+        return None
+    return True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    suite = Path(__file__).resolve().parent
+    config.stash[_ONLY_SUITE] = bool(items) and all(Path(str(i.path)).resolve().is_relative_to(suite) for i in items)
+    if not config.getini(DEV_SUITE_INI):
+        return
+    for item in items:
+        if "benchmark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.benchmark)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def lora_ckpt_option(request) -> Path | None:
+    """``--lora-ckpt PATH`` as an absolute path (checked to be a readable file), or None."""
+    return request.config.stash.get(_LORA, None)
+
+
+@pytest.fixture(scope="session")
+def sdxl_base_option(request) -> str | None:
+    """``--sdxl-base SPEC`` (a folder, a single-file checkpoint or random:NAME), or None."""
+    return request.config.getoption("--sdxl-base")
+
+
+@pytest.fixture(scope="session")
+def lora_summary(request) -> list[str]:
+    """Lines the shipped suite prints after the run, in a ``lora-parity`` section."""
+    return request.config.stash[_SUMMARY]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    lines = config.stash.get(_SUMMARY, None)
+    if (config.stash.get(_ONLY_SUITE, False) and config.getoption("--lora-ckpt") is None
+            and not config.getoption("collectonly", False)):
+        terminalreporter.write_sep("=", "lora-parity")
+        terminalreporter.write_line("the shipped suite checks your own LoRA: add --lora-ckpt PATH (and --sdxl-base SPEC "
+                                    "for the parity and image layers); -rs lists why each test was skipped")
+    if not lines:
+        return
+    path = config.stash.get(_LORA, None)
+    terminalreporter.write_sep("=", f"lora-parity: {path}" if path else "lora-parity")
+    for line in lines:
+        terminalreporter.write_line(line)

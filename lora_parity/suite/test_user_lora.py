@@ -1,0 +1,395 @@
+"""The real-checkpoint layer: every check of YOUR LoRA that needs no base weights and no NPU.
+
+    pytest --pyargs lora_parity -m conversion --lora-ckpt ~/my_lora.ckpt [--lora-alpha A] [--lora-layout SPEC]
+
+One named test per check, each skipped (reason naming ``--lora-ckpt``) without the option.  A
+check that cannot run because an earlier one failed is skipped naming that test, so a fault
+fails the test that is about it.  With ``--sdxl-base SPEC`` too, the parity and image layers run
+on that base (``-m "parity or image"``).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_parity.errors import LoraParityError
+from lora_parity.suite.checks import (LoraContentWarning, LoraCoverageWarning, StageFailed, UserLora, bitwise_diff,
+                                      check_adapter, compare_adapters, convert_to, hollow_pipeline)
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+conversion = pytest.mark.conversion  # per test: the last test is the parity / image layer
+
+NO_OPTION = ("no --lora-ckpt PATH given: this layer checks your own LoRA "
+             "(pytest --pyargs lora_parity -m conversion --lora-ckpt my_lora.ckpt)")
+
+
+@pytest.fixture(scope="module")
+def user(lora_ckpt_option, request) -> UserLora:
+    if lora_ckpt_option is None:
+        pytest.skip(NO_OPTION)
+    cfg = request.config
+    ema = {"ema": True, "trained": False, None: None}[cfg.getoption("--lora-ema")]
+    layout = cfg.getoption("--lora-layout")
+    return UserLora(lora_ckpt_option, layout=None if layout is None else str(Path(layout).expanduser()),
+                    alpha=cfg.getoption("--lora-alpha"), ema=ema)
+
+
+def _need(user: UserLora, *stages: str):
+    try:
+        user.require(*stages)
+    except StageFailed as exc:
+        pytest.skip(str(exc))
+
+
+def _fail(message: str) -> None:
+    """A failed check: its message, without the test's traceback (the message names file and key)."""
+    pytest.fail(message, pytrace=False)
+
+
+def _say(summary: list[str], line: str) -> None:
+    if line not in summary:
+        summary.append(line)
+
+
+# ---------------------------------------------------------------- the file itself
+
+
+@conversion
+def test_file_parses(user, record_property, lora_summary):
+    """The container parses record by record (no truncated record, no corrupt length, not encrypted) and
+    holds LoRA tensors in a known naming (MindONE, PEFT or kohya)."""
+    try:
+        fr = user.read()
+    except LoraParityError as exc:
+        _fail(f"the file does not parse: {exc}")
+    h = fr.halves
+    record_property("container", fr.container)
+    record_property("lora_format", fr.fmt)
+    record_property("tensors", len(fr.tensors))
+    record_property("bytes", fr.size)
+    record_property("lora_modules", len(h.modules))
+    ignored = {k: len(v) for k, v in h.ignored.items() if v}
+    if ignored:
+        record_property("ignored", ignored)
+    for note in h.notes:
+        record_property("note", note)
+    _say(lora_summary, f"file: {fr.container}, {fr.size:,} bytes, {len(fr.tensors)} tensors; {fr.fmt} LoRA names, "
+                       f"{len(h.modules)} modules" + (f"; not LoRA: {ignored}" if ignored else ""))
+    if not h.modules:
+        _fail("no LoRA module in the file")
+
+
+@conversion
+def test_no_nan_or_inf(user, record_property):
+    """No LoRA tensor (lora_A / lora_B, trained bias, alpha) holds NaN or Inf: a diverged training
+    step saves them silently, and they would turn every image black."""
+    _need(user, "read")
+    bad = user.nonfinite()
+    record_property("nonfinite_tensors", len(bad))
+    if bad:
+        _fail(f"{len(bad)} LoRA tensor(s) hold NaN or Inf: {', '.join(bad[:5])}")
+
+
+@conversion
+def test_not_cut_short(user, record_property):
+    """The file is whole: every module has both halves, and the modules its own pattern implies are
+    not missing from some point on.  A MindSpore ``.ckpt`` cut at a record boundary still parses
+    (MindSpore's own ``load_checkpoint`` loads it without a word), so this is the only place it shows."""
+    _need(user, "read")
+    halves = user.half_modules()
+    if halves:
+        _fail("the file looks partial (cut between two records?): " + "; ".join(halves[:3])
+              + (f" and {len(halves) - 3} more" if len(halves) > 3 else ""))
+    try:
+        user.layout()
+    except LoraParityError:
+        pytest.skip("no layout to compare the file's modules with (see test_layout_detected)")
+    why = user.cut_inside_block()
+    record_property("looks_partial", why is not None)
+    if why is not None:
+        _fail(why)
+
+
+# ---------------------------------------------------------------- names and shapes
+
+
+@conversion
+def test_layout_detected(user, record_property, lora_summary):
+    """The model the LoRA was trained on (SDXL base or refiner) is detected from names and shapes, or
+    taken from ``--lora-layout``; what was chosen and why is recorded."""
+    _need(user, "read")
+    try:
+        layout, note, n = user.layout()
+    except LoraParityError as exc:
+        _fail(str(exc))
+    record_property("layout", layout.name)
+    record_property("layout_note", note)
+    _say(lora_summary, f"layout: {note}")
+
+
+@conversion
+def test_tensors_fit_the_layout(user, record_property):
+    """Every mapped module's lora_A / lora_B have the shapes of that module at one rank, one dtype per
+    pair; fused OpenCLIP in_proj LoRAs are whole."""
+    try:
+        lora = user.resolved()
+    except StageFailed as exc:
+        pytest.skip(str(exc))
+    except LoraParityError as exc:
+        _fail(str(exc))
+    record_property("modules_fitting", len(lora.pairs))
+
+
+@conversion
+def test_every_key_maps(user, record_property, lora_summary):
+    """Strict: every LoRA key of the file maps to a module of the layout (the converter refuses the file
+    otherwise); non-LoRA entries (optimizer state, counters, base weights) are listed, not converted."""
+    try:
+        lora = user.strict()
+    except StageFailed as exc:
+        pytest.skip(str(exc))
+    except LoraParityError as exc:
+        _fail(str(exc))
+    record_property("modules_mapped", len(lora.pairs))
+    record_property("skipped_entries", len(lora.skipped))
+    _say(lora_summary, f"mapped: {len(lora.pairs)} modules, every LoRA key" +
+         (f"; {len(lora.skipped)} non-LoRA entries skipped" if lora.skipped else ""))
+
+
+@conversion
+def test_coverage_vs_mindone_training(user, record_property, lora_summary):
+    """Modules per block and kind; warns (LoraCoverageWarning) when the file covers less than MindONE
+    trains for that layout by default: to_q / to_k / to_v / to_out.0 of every UNet attention."""
+    _need(user, "resolved")
+    lines, info = user.coverage()
+    for key, value in info.items():
+        record_property(f"coverage.{key}", value)
+    record_property("coverage_table", "\n".join(lines))
+    _say(lora_summary, f"coverage: {info['modules']} modules; MindONE's default (UNet attention q/k/v/out): "
+                       f"{info['mindone_default_covered']}/{info['mindone_default']}")
+    for line in lines:
+        _say(lora_summary, "  " + line)
+    if info["mindone_default_covered"] < info["mindone_default"]:
+        blocks = info["lacking_blocks"]
+        warnings.warn(LoraCoverageWarning(
+            f"the LoRA covers {info['mindone_default_covered']} of the {info['mindone_default']} UNet attention "
+            f"modules MindONE trains by default; none or not all in {', '.join(blocks[:6])}"
+            f"{' ...' if len(blocks) > 6 else ''} (fine if trained that way on purpose; a copy cut at a block "
+            f"boundary looks the same)"))
+
+
+@conversion
+def test_rank_and_alpha(user, record_property, lora_summary):
+    """Ranks, alphas, scale alpha/rank and dtypes; every rank fits its module (1 <= r <= min(in, out))."""
+    _need(user, "resolved")
+    lora = user.resolved()
+    ranks, alphas, dtypes = lora.ranks(), lora.alphas(), lora.dtypes()
+    record_property("ranks", dict(ranks))
+    record_property("alphas", {str(k): v for k, v in alphas.items()})
+    record_property("dtypes", dict(dtypes))
+    scales = sorted({p.alpha / p.rank for p in lora.pairs.values()})
+    record_property("scales", scales)
+    src = "--lora-alpha" if user.alpha is not None else (
+        "not stored in a MindONE .ckpt: alpha = rank assumed (scale 1), pass --lora-alpha A"
+        if lora.source_format == "ms" else "from the file")
+    _say(lora_summary, f"rank: {dict(sorted(ranks.items()))}  alpha: {dict(sorted(alphas.items()))} ({src})  "
+                       f"scale alpha/rank: {', '.join(f'{s:g}' for s in scales)}  dtype: {dict(dtypes)}")
+    bad = [f"{p.module.sgm} rank {p.rank}" for p in lora.ordered()
+           if not 1 <= p.rank <= min(p.module.out_features, int(np.prod(p.A.shape[1:])))]
+    if bad:
+        _fail(f"rank larger than the module: {', '.join(bad[:5])}")
+
+
+@conversion
+def test_lora_b_is_trained(user, record_property):
+    """lora_B is not all zeros: MindONE initialises it to zero, so an untrained (or step-0) save changes
+    nothing.  Fails if every module's lora_B is zero, warns if some are."""
+    _need(user, "resolved")
+    lora = user.resolved()
+    zero = [p.module.sgm for p in lora.ordered() if not p.B.to_float().any()]
+    record_property("zero_lora_b", len(zero))
+    if len(zero) == len(lora.pairs):
+        _fail("every lora_B is all zeros: the LoRA changes nothing (saved before training?)")
+    if zero:
+        warnings.warn(LoraContentWarning(f"{len(zero)} of {len(lora.pairs)} modules have an all-zero lora_B "
+                                         f"(untrained): {', '.join(zero[:3])}"))
+
+
+# ---------------------------------------------------------------- conversions
+
+
+@pytest.fixture(scope="module")
+def converted(user, tmp_path_factory):
+    """fmt -> (path, None) or (None, error): the user's file through the converter to MindONE (if it is not
+    one), PEFT and kohya, and each of those back to MindONE."""
+    _need(user, "strict")
+    d = tmp_path_factory.mktemp("converted")
+    kw = dict(layout=user.layout_spec)
+    out = {}
+
+    def run(name, src, fmt, **extra):
+        dst = d / (f"{name}.ckpt" if fmt == "ms" else f"{name}.safetensors")
+        try:
+            convert_to(src, dst, fmt, **kw, **extra)
+            out[name] = (dst, None)
+        except LoraParityError as exc:
+            out[name] = (None, exc)
+
+    fr = user.read()
+    if fr.fmt == "ms":
+        out["ms"] = (user.path, None)
+    else:
+        run("ms", user.path, "ms", alpha=user.alpha)
+    first, err = out["ms"]
+    for fmt in ("peft", "kohya"):
+        if first is None:
+            out[fmt] = (None, err)
+            continue
+        if fr.fmt == "ms":
+            extra = dict(alpha=user.alpha, ema=user.ema)
+        else:  # the MindONE copy stores no alpha: give it the source's, as a user would at inference
+            alphas = user.strict().alphas()
+            extra = dict(alpha=next(iter(alphas))) if len(alphas) == 1 else {}
+        run(fmt, first, fmt, **extra)
+        if out[fmt][0] is not None:
+            run(f"{fmt}_back", out[fmt][0], "ms")
+        else:
+            out[f"{fmt}_back"] = out[fmt]
+    return out
+
+
+def _round_trip(user, converted, fmt, record_property):
+    from lora_parity import formats
+
+    for name in ("ms", fmt, f"{fmt}_back"):
+        path, err = converted[name]
+        if err is not None:
+            _fail(f"the converter refused it ({name}): {err}")
+    lora = user.strict()
+    expected = formats.tensors_for(lora, "ms")[0]
+    got = formats.read_tensors(converted[f"{fmt}_back"][0])[0]
+    problems = bitwise_diff(expected, got)
+    fr = user.read()
+    if fr.fmt == "ms":  # the tensors the reader took, by their keys in the file (EMA, prefixes, ...)
+        h, start = fr.halves, fr.tensors
+        taken = [(h.keys[m][half], f"{m}.lora_{half}.weight") for m in h.modules for half in ("A", "B")]
+        taken += [(h.bias_keys[m], f"{m}.bias") for m in h.biases]
+    else:
+        start = formats.read_tensors(converted["ms"][0])[0]
+        taken = [(k, k) for k in expected if k in start]
+    same_name = [(fk, ek) for fk, ek in taken if ek in expected]
+    problems += [f"changed on the way in: {fk}" for fk, ek in same_name if not start[fk].bitwise_equal(expected[ek])]
+    record_property("tensors_compared", len(expected))
+    record_property("compared_with_file_keys", len(same_name))
+    if problems:
+        _fail(f"{len(problems)} problem(s): " + "; ".join(problems[:5]))
+
+
+@conversion
+def test_round_trip_ms_peft_ms_bitwise(user, converted, record_property):
+    """MindONE -> PEFT (diffusers) -> MindONE gives the file's LoRA tensors back bit for bit (names,
+    dtypes, shapes, bytes)."""
+    _round_trip(user, converted, "peft", record_property)
+
+
+@conversion
+def test_round_trip_ms_kohya_ms_bitwise(user, converted, record_property):
+    """MindONE -> kohya (ComfyUI / A1111) -> MindONE gives the file's LoRA tensors back bit for bit."""
+    _round_trip(user, converted, "kohya", record_property)
+
+
+# ---------------------------------------------------------------- diffusers
+
+
+@pytest.fixture(scope="module")
+def loaded(user, converted):
+    """A real-size hollow SDXL pipeline with the PEFT file loaded as adapter 'peft' and the kohya file
+    as adapter 'kohya', by diffusers' own ``load_lora_weights``; errors kept per adapter."""
+    pytest.importorskip("diffusers", reason="diffusers is not installed (pip install 'lora-parity[test]')")
+    pytest.importorskip("peft", reason="peft is not installed (pip install 'lora-parity[test]')")
+    from lora_parity.backends.torch_backend import load_lora_checked
+
+    lora = user.strict()
+    try:
+        pipe = hollow_pipeline(lora.layout, user.layout_spec)
+    except LoraParityError as exc:
+        pytest.skip(str(exc))
+    errors = {}
+    for fmt in ("peft", "kohya"):
+        path, err = converted[fmt]
+        if err is None:
+            try:
+                load_lora_checked(pipe, path, adapter_name=fmt)
+            except LoraParityError as exc:
+                err = exc
+        errors[fmt] = err
+    return pipe, errors
+
+
+@conversion
+def test_diffusers_loads_peft_on_real_size_pipeline(user, loaded, record_property):
+    """diffusers' ``load_lora_weights`` takes the PEFT file on a real-size SDXL pipeline (meta-device
+    modules, no weights): every tensor lands on the module the key map names, the base layer's shape fits,
+    values equal the file's, scale = alpha/rank, and no other module gets a LoRA."""
+    pipe, errors = loaded
+    if errors["peft"] is not None:
+        _fail(f"diffusers did not load the PEFT file: {errors['peft']}")
+    problems, n = check_adapter(pipe, user.strict(), "peft")
+    record_property("diffusers_modules", n)
+    if problems:
+        _fail(f"{len(problems)} problem(s): " + "; ".join(problems[:5]))
+
+
+@conversion
+def test_diffusers_kohya_path_same_modules(user, loaded, record_property):
+    """The kohya file, read by diffusers' own kohya converter (which maps SGM block names itself), puts
+    the same tensors with the same scale on the same modules as the PEFT file: an independent check of
+    the key map."""
+    pipe, errors = loaded
+    if errors["kohya"] is not None:
+        _fail(f"diffusers did not load the kohya file: {errors['kohya']}")
+    problems, n = check_adapter(pipe, user.strict(), "kohya")
+    if errors["peft"] is None:
+        more, n = compare_adapters(pipe, "peft", "kohya")
+        problems += more
+    record_property("diffusers_modules", n)
+    if problems:
+        _fail(f"{len(problems)} problem(s): " + "; ".join(problems[:5]))
+
+
+# ---------------------------------------------------------------- with a base model
+
+
+@pytest.mark.parity
+@pytest.mark.image
+def test_parity_and_image_on_your_base(user, converted, sdxl_base_option, request, record_property, tmp_path):
+    """With ``--sdxl-base SPEC``: MindSpore (CPU unless ``--ms-device``) against diffusers on that base with
+    your LoRA, layer by layer and as a 2-step image (``compare --steps 2``); the report is kept in the
+    test's tmp folder."""
+    if sdxl_base_option is None:
+        pytest.skip("no --sdxl-base SPEC given (the base your LoRA was trained on: a diffusers folder, "
+                    "sd_xl_base_1.0.safetensors or random:sdxl-base)")
+    from lora_parity.compare import CompareOptions, run_compare
+    from lora_parity.parity import assert_report
+    from lora_parity.suite.plugin import gate_overrides
+
+    ms_lora, err = converted["ms"]
+    if err is not None:
+        _fail(f"the converter refused it: {err}")
+    cfg = request.config
+    size = cfg.getoption("--parity-size")
+    report = run_compare(CompareOptions(
+        base=sdxl_base_option, ms_lora=ms_lora, alpha=user.alpha, ema=user.ema if ms_lora == user.path else None,
+        steps=2, height=size, width=size, ms_device=cfg.getoption("--ms-device") or "CPU",
+        report_dir=tmp_path, **gate_overrides(cfg)))
+    record_property("report_json", str(tmp_path / "report.json"))
+    assert_report(report, record_property)
+    im = report.image
+    for key in ("mae", "psnr", "ssim", "max_error", "mae_threshold"):
+        record_property(f"image_{key}", im[key])
+    if not im["passed"]:
+        _fail(f"image MAE {im['mae']:.3f} >= {im['mae_threshold']}; images and heatmap in {tmp_path}")
