@@ -297,7 +297,7 @@ def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
         "seconds": {name: m.get("seconds") for name, m in sides.items()},
     })
     images = None
-    if ms.meta["inputs"].get("steps"):
+    if "image" in ms.images and "image" in pt.images:  # both generated (a reused capture may hold one too many)
         images = _image_check(o, report, ms, pt, pt_low, row)
     return report, images
 
@@ -323,8 +323,8 @@ def _image_check(o: CompareOptions, report: ParityReport, ms: SideResult, pt: Si
     from .sampling import to_uint8
     ms_img, pt_img = to_uint8(ms.images["image"]), to_uint8(pt.images["image"])
     m = image_metrics(ms_img, pt_img)
-    steps = ms.meta["inputs"]["steps"]
-    guidance = ms.meta["inputs"]["guidance"]
+    steps = pt.meta["inputs"]["steps"]
+    guidance = pt.meta["inputs"]["guidance"]
     gate = image_gate(o.dtype, backend, ms_device=o.ms_device, pt_device=o.pt_device, mae=o.image_mae,
                       max_error=o.image_max_error)
     passed = m.mae < gate["mae"] and (gate["max_error"] is None or m.max_error <= gate["max_error"])
