@@ -1,6 +1,6 @@
 """``python -m lora_parity`` runs the CLI."""
 import sys
 
-from .cli import main
+from lora_parity.cli import main
 
 sys.exit(main())

@@ -9,13 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import LoraParityError
+from lora_parity.errors import LoraParityError
 
 PROG = "lora-parity"
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import ConvertOptions, convert
+    from lora_parity.convert.converter import ConvertOptions, convert
 
     report = convert(ConvertOptions(
         src=Path(args.src), dst=Path(args.output) if args.output else None, fmt=args.format,
@@ -28,7 +28,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from .keys_table import keys_table
+    from lora_parity.convert.keys_table import keys_table
 
     rows = keys_table(Path(args.src), layout=args.layout, fmt=args.format, strict=args.strict)
     out = sys.stdout
@@ -40,14 +40,14 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     _quiet_framework_loading()
-    from .demo import run_demo
+    from lora_parity.demo import run_demo
 
     return run_demo(Path(args.workdir) if args.workdir else None)
 
 
 def _cmd_fixture(args: argparse.Namespace) -> int:
     _quiet_framework_loading()
-    from .fixtures.bundle import write_fixture
+    from lora_parity.fixtures.bundle import write_fixture
 
     paths = write_fixture(Path(args.dir), seed=args.seed)
     print(f"wrote {paths.pt_base}/, {paths.ms_base.name}, {paths.ms_lora.name}, {paths.latents.name}, "
@@ -62,7 +62,7 @@ def _quiet_framework_loading() -> None:
     either framework is imported; the side processes of ``compare`` inherit its environment
     and call the same function.
     """
-    from .sides.run import quiet_frameworks
+    from lora_parity.sides.run import quiet_frameworks
 
     quiet_frameworks()
 
@@ -71,18 +71,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.in_process:
         _quiet_framework_loading()
     else:  # the sides run in children (the PyTorch one quiets its frameworks itself)
-        from .sides.run import quiet_environment
+        from lora_parity.sides.run import quiet_environment
 
         quiet_environment()
-    from .compare import CompareOptions, run_compare
-    from .tensor import DTYPE_ALIASES
+    from lora_parity.compare import CompareOptions, run_compare
+    from lora_parity.convert.tensor import DTYPE_ALIASES
 
     overrides = {"F32": args.tol_f32, "F16": args.tol_f16, "BF16": args.tol_bf16}
     mismatch = {"F32": args.mismatch_f32, "F16": args.mismatch_f16, "BF16": args.mismatch_bf16}
     if args.ms_bundle or args.pt_bundle:
         if not (args.ms_bundle and args.pt_bundle):
             raise LoraParityError("give both --ms-bundle and --pt-bundle")
-        from .compare import compare_bundles
+        from lora_parity.compare import compare_bundles
 
         report = compare_bundles(CompareOptions(
             tol_overrides=overrides, mismatch_overrides=mismatch, image_mae=args.image_mae,
@@ -113,11 +113,11 @@ def _print_report(args: argparse.Namespace, report) -> int:
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from .sides.run import quiet_environment
+    from lora_parity.sides.run import quiet_environment
 
     quiet_environment()
-    from .compare import CompareOptions, run_capture
-    from .tensor import DTYPE_ALIASES
+    from lora_parity.compare import CompareOptions, run_capture
+    from lora_parity.convert.tensor import DTYPE_ALIASES
 
     lora = Path(args.lora) if args.lora else None
     out = run_capture(CompareOptions(
@@ -175,7 +175,7 @@ def _add_base_args(p: argparse.ArgumentParser, *, pair_help: bool = True) -> Non
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     _quiet_framework_loading()
-    from .infer import run_infer
+    from lora_parity.infer import run_infer
 
     out = run_infer(args.backend, Path(args.pt_base) if args.pt_base else None,
                     base=args.base, variant=args.variant, cache=args.cache, height=args.height, width=args.width,

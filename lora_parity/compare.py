@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .align import conditioning_alignment, text_alignment, unet_alignment, vae_alignment
-from .errors import LoraParityError
-from .layout import layout_from_pipeline_dir
-from .parity import ParityReport, compare, compare_low_precision
-from .sides.request import SideRequest, SideResult
-from .sides.run import run_side
-from .tolerances import PORT, PORT_EXACT, image_gate, layer_tolerance
+from lora_parity.parity.align import conditioning_alignment, text_alignment, unet_alignment, vae_alignment
+from lora_parity.errors import LoraParityError
+from lora_parity.convert.layout import layout_from_pipeline_dir
+from lora_parity.parity.metrics import ParityReport, compare, compare_low_precision
+from lora_parity.sides.request import SideRequest, SideResult
+from lora_parity.sides.run import run_side
+from lora_parity.parity.tolerances import PORT, PORT_EXACT, image_gate, layer_tolerance
 
 DEFAULT_TIMESTEP = 500.0
 
@@ -91,7 +91,7 @@ def resolve_bases(o: CompareOptions, sides: tuple[str, ...] = ("pt", "ms")) -> _
     if o.base is not None:
         if o.pt_base is not None or o.ms_base is not None:
             raise LoraParityError("give --base, or the pair --pt-base/--ms-base, not both")
-        from .bases import resolve_base
+        from lora_parity.bases import resolve_base
 
         b = resolve_base(o.base, variant=o.variant, cache=o.cache, progress=o.progress)
         return _Base(b.pipeline_dir, b.variant, o.base, None, b.is_refiner, b.default_image_size)
@@ -109,7 +109,7 @@ def resolve_bases(o: CompareOptions, sides: tuple[str, ...] = ("pt", "ms")) -> _
 
 def compare_latents(o: CompareOptions, base: _Base) -> np.ndarray:
     """The start latents: ``--latents``, else seed-0 noise of the requested (or the base's default) size."""
-    from .infer import read_latents, vae_scale_factor
+    from lora_parity.infer import read_latents, vae_scale_factor
 
     if o.latents is not None or (o.height is None and o.width is None and base.default_image_size is None):
         latents = read_latents(o.latents, base.pipeline_dir)
@@ -120,7 +120,7 @@ def compare_latents(o: CompareOptions, base: _Base) -> np.ndarray:
                 raise LoraParityError(f"latents {list(latents.shape)} are not for a {want[0]}x{want[1]} image",
                                       path=o.latents or "built-in latents")
         return latents
-    from .fixtures.tiny_pipeline import make_latents
+    from lora_parity.fixtures.tiny_pipeline import make_latents
 
     f = vae_scale_factor(base.pipeline_dir)
     h = o.height or base.default_image_size
@@ -156,7 +156,7 @@ def _side(o: CompareOptions, name: str, req: SideRequest) -> SideResult:
         if diff:
             raise LoraParityError(f"kept capture was made from other inputs ({', '.join(diff)})", path=kept)
         return out
-    from .backends import get_backend
+    from lora_parity.backends import get_backend
 
     python = get_backend(req.backend_name).interpreter(o.ms_python if req.side == "ms" else None)
     out = run_side(req, isolate=o.isolate or python != sys.executable, python=python)
@@ -167,7 +167,7 @@ def _side(o: CompareOptions, name: str, req: SideRequest) -> SideResult:
 
 def check_backend(o: CompareOptions) -> None:
     """The MindSpore backend can run here with this dtype; one error before any side runs."""
-    from .backends import MS_BACKENDS, get_backend
+    from lora_parity.backends import MS_BACKENDS, get_backend
 
     if o.ms_backend not in MS_BACKENDS:
         raise LoraParityError(f"--ms-backend {o.ms_backend!r}: choose one of {', '.join(MS_BACKENDS)}")
@@ -188,8 +188,8 @@ def _lora_for(o: CompareOptions, base: _Base, tmp: Path) -> tuple[str | None, st
     ``--ms-lora`` may also be a PEFT file for ``--ms-backend mindone`` (a LoRA that
     mindone.diffusers training wrote); then it is both sides' file unless ``--pt-lora`` is given.
     """
-    from .backends import get_backend
-    from .convert import ConvertOptions, convert
+    from lora_parity.backends import get_backend
+    from lora_parity.convert.converter import ConvertOptions, convert
 
     fmt = get_backend(o.ms_backend).lora_format
     ms_lora = Path(o.ms_lora) if o.ms_lora else None
@@ -217,8 +217,8 @@ def run_compare(o: CompareOptions) -> ParityReport:
     """Capture both sides (child processes, one after the other), then :func:`judge` them."""
     base = resolve_bases(o, sides=("pt", "ms") if o.ms_backend == PORT else ("pt",))
     check_backend(o)
-    from .fixtures.tiny_pipeline import DEFAULT_PROMPT
-    from .infer import default_size_cond
+    from lora_parity.fixtures.tiny_pipeline import DEFAULT_PROMPT
+    from lora_parity.infer import default_size_cond
 
     prompt = o.prompt if o.prompt is not None else DEFAULT_PROMPT
     latents = compare_latents(o, base)
@@ -244,7 +244,7 @@ def run_compare(o: CompareOptions) -> ParityReport:
         "isolated_processes": o.isolate,
     })
     if o.report_dir is not None:
-        from .report import write_report
+        from lora_parity.parity.report import write_report
 
         write_report(Path(o.report_dir), report, images)
     return report
@@ -252,7 +252,7 @@ def run_compare(o: CompareOptions) -> ParityReport:
 
 def alignment_for(configs_dir: Path, timesteps, naming: str) -> list:
     """Every compared point; a backend that records diffusers names is aligned name to name."""
-    from .parity import Aligned
+    from lora_parity.parity.metrics import Aligned
 
     layout = layout_from_pipeline_dir(configs_dir)
     vae_blocks = len(_json(configs_dir / "vae" / "config.json")["block_out_channels"])
@@ -267,7 +267,7 @@ def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
           pt_low: SideResult | None) -> tuple[ParityReport, dict | None]:
     """Align and judge two captures (made here or anywhere: see :mod:`.bundle`) by the table's gates;
     the report and the two (three) uint8 images when the captures generated images."""
-    from .backends import get_backend
+    from lora_parity.backends import get_backend
 
     backend = ms.meta.get("backend") or o.ms_backend
     timesteps = [float(t) for t in ms.meta["inputs"]["timesteps"]]
@@ -319,8 +319,8 @@ def _image_check(o: CompareOptions, report: ParityReport, ms: SideResult, pt: Si
     and MindSpore's image is judged against PyTorch's fp32 image (the reference); PyTorch's own
     low-precision image error is recorded next to it.
     """
-    from .image_metrics import image_metrics
-    from .sampling import to_uint8
+    from lora_parity.parity.image_metrics import image_metrics
+    from lora_parity.sampling import to_uint8
     ms_img, pt_img = to_uint8(ms.images["image"]), to_uint8(pt.images["image"])
     m = image_metrics(ms_img, pt_img)
     steps = pt.meta["inputs"]["steps"]
@@ -344,15 +344,15 @@ def _image_check(o: CompareOptions, report: ParityReport, ms: SideResult, pt: Si
     return out
 
 
-# ---------------------------------------------------------------- bundles (see lora_parity.bundle)
+# ---------------------------------------------------------------- bundles (see lora_parity.sides.bundle)
 
 
 def run_capture(o: CompareOptions, backend: str, out: Path, *, force: bool = False) -> Path:
     """``lora-parity capture``: one backend's capture of the inputs ``compare`` would use, as a bundle."""
-    from .backends import get_backend
-    from .bundle import write_bundle
-    from .fixtures.tiny_pipeline import DEFAULT_PROMPT
-    from .infer import default_size_cond
+    from lora_parity.backends import get_backend
+    from lora_parity.sides.bundle import write_bundle
+    from lora_parity.fixtures.tiny_pipeline import DEFAULT_PROMPT
+    from lora_parity.infer import default_size_cond
 
     try:
         be = get_backend(backend)
@@ -378,7 +378,7 @@ def run_capture(o: CompareOptions, backend: str, out: Path, *, force: bool = Fal
         if lora is not None and be.lora_format == "mindone-ckpt" and lora.suffix != ".ckpt":
             raise LoraParityError(f"--backend {be.name} loads a MindONE LoRA (.ckpt)", path=lora)
         if lora is not None and be.lora_format == "peft" and lora.suffix == ".ckpt":
-            from .convert import ConvertOptions, convert
+            from lora_parity.convert.converter import ConvertOptions, convert
 
             fmt = o.pt_format if be.name == "diffusers" else "peft"
             conv = Path(tmp) / f"converted_{fmt}.safetensors"
@@ -399,7 +399,7 @@ def compare_bundles(o: CompareOptions, ms_dir: Path, pt_dir: Path, pt_low_dir: P
     that dtype), after checking they ran identical inputs; the same judge as :func:`run_compare`."""
     from dataclasses import replace
 
-    from .bundle import check_same_inputs, read_bundle
+    from lora_parity.sides.bundle import check_same_inputs, read_bundle
 
     ms, pt = read_bundle(ms_dir), read_bundle(pt_dir)
     if ms.manifest["side"] != "ms":
@@ -424,7 +424,7 @@ def compare_bundles(o: CompareOptions, ms_dir: Path, pt_dir: Path, pt_low_dir: P
                         "bundles": {"mindspore": str(ms_dir), "pytorch": str(pt_dir),
                                     **({"pytorch_low": str(pt_low_dir)} if low else {})}})
     if o.report_dir is not None:
-        from .report import write_report
+        from lora_parity.parity.report import write_report
 
         write_report(Path(o.report_dir), report, images)
     return report

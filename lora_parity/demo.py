@@ -11,10 +11,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from . import formats
-from .convert import ConvertOptions, convert
-from .layout import PRESETS
-from .synthetic import make_lora, training_extras, write_ms_lora
+from lora_parity.convert import formats
+from lora_parity.convert.converter import ConvertOptions, convert
+from lora_parity.convert.layout import PRESETS
+from lora_parity.fixtures.synthetic import make_lora, training_extras, write_ms_lora
 
 
 def run_demo(workdir: Path | None = None) -> int:
@@ -71,7 +71,7 @@ def _parity(root: Path, report_root: Path) -> int:
     """Both frameworks on the built-in tiny SDXL with a trained-looking LoRA, layer by layer."""
     import os
 
-    from .sides.run import quiet_frameworks
+    from lora_parity.sides.run import quiet_frameworks
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_frameworks()  # before diffusers is imported (run_demo may be called without the CLI)
@@ -82,8 +82,8 @@ def _parity(root: Path, report_root: Path) -> int:
         print(f"5. Parity skipped: {exc.name} is not installed (make setup installs it)")
         return 0
 
-    from .compare import CompareOptions, run_compare
-    from .fixtures.bundle import write_fixture
+    from lora_parity.compare import CompareOptions, run_compare
+    from lora_parity.fixtures.bundle import write_fixture
 
     print("5. Parity on the built-in tiny SDXL: MindSpore (SGM cells + MindONE LoRA) vs "
           "PyTorch (diffusers + load_lora_weights of the converted file):")

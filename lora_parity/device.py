@@ -34,7 +34,7 @@ def use_device(device: str) -> dict:
             else:  # pragma: no cover - older MindSpore
                 ms.set_context(device_target=device)
         except RuntimeError:
-            from .errors import LoraParityError
+            from lora_parity.errors import LoraParityError
 
             raise LoraParityError(f"MindSpore already runs on {current} in this process; "
                                   f"start a new process for --ms-device {device}") from None

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LoraParityError
-from .sampling import to_uint8
+from lora_parity.errors import LoraParityError
+from lora_parity.sampling import to_uint8
 
 BACKENDS = ("ms", "pt", "mindone")  # ms: the port; mindone: mindone.diffusers (its own environment)
 DEFAULT_STEPS = 4
@@ -27,7 +27,7 @@ DEFAULT_GUIDANCE = 5.0
 
 def tokenize(pipeline_dir: str | Path, prompt: str) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (1, 77) int64 for both SDXL tokenizers, as ``StableDiffusionXLPipeline.encode_prompt`` makes them."""
-    from .sides.tokens import token_ids
+    from lora_parity.sides.tokens import token_ids
 
     ids = token_ids(pipeline_dir, prompt)
     return ids["input_ids"], ids["input_ids_2"]
@@ -53,7 +53,7 @@ def read_latents(path: str | Path | None, pipeline_dir: str | Path | None = None
     an input error named here, not a framework traceback later.
     """
     if path is None:
-        from .fixtures.tiny_pipeline import make_latents
+        from lora_parity.fixtures.tiny_pipeline import make_latents
 
         arr = make_latents(0)
     else:
@@ -89,9 +89,9 @@ def generate(backend: str, pt_base: str | Path | None = None, *, base: str | Non
     """
     import tempfile
 
-    from .compare import CompareOptions, compare_latents, resolve_bases, side_request
-    from .fixtures.tiny_pipeline import DEFAULT_PROMPT
-    from .sides.run import run_side
+    from lora_parity.compare import CompareOptions, compare_latents, resolve_bases, side_request
+    from lora_parity.fixtures.tiny_pipeline import DEFAULT_PROMPT
+    from lora_parity.sides.run import run_side
 
     if backend not in BACKENDS:
         raise LoraParityError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -112,7 +112,7 @@ def generate(backend: str, pt_base: str | Path | None = None, *, base: str | Non
         if backend == "ms":
             req = side_request(o, b, "ms", lora=str(ms_lora) if ms_lora else None, **common)
         elif backend == "mindone":
-            from .backends import get_backend
+            from lora_parity.backends import get_backend
 
             be = get_backend("mindone")
             python = be.interpreter(None)
@@ -121,7 +121,7 @@ def generate(backend: str, pt_base: str | Path | None = None, *, base: str | Non
                 raise LoraParityError(f"--backend mindone cannot run: {why}")
             lora = Path(pt_lora or ms_lora) if (pt_lora or ms_lora) else None
             if lora is not None and lora.suffix == ".ckpt":  # mindone.diffusers loads PEFT files
-                from .convert import ConvertOptions, convert
+                from lora_parity.convert.converter import ConvertOptions, convert
 
                 conv = Path(tmp) / "converted_peft.safetensors"
                 convert(ConvertOptions(src=lora, dst=conv, layout=str(b.pipeline_dir)))
@@ -131,7 +131,7 @@ def generate(backend: str, pt_base: str | Path | None = None, *, base: str | Non
         else:
             lora = Path(pt_lora) if pt_lora else None
             if lora is None and ms_lora is not None:  # convert the MindONE LoRA on the fly
-                from .convert import ConvertOptions, convert
+                from lora_parity.convert.converter import ConvertOptions, convert
 
                 lora = Path(tmp) / "converted_pt.safetensors"
                 convert(ConvertOptions(src=Path(ms_lora), dst=lora, layout=str(b.pipeline_dir)))
@@ -148,8 +148,8 @@ def run_infer(backend: str, pt_base: str | Path | None = None, ms_base=None, ms_
     """Generate with ``backend`` ("ms" or "pt") and write the first image to ``out_png``; returns the path."""
     from PIL import Image
 
-    from .atomic import atomic_output
-    from .errors import OutputExistsError
+    from lora_parity.atomic import atomic_output
+    from lora_parity.errors import OutputExistsError
 
     out = Path(out_png)
     if out.exists() and not force:

@@ -13,7 +13,7 @@ rounds so every variant sees a warm page cache):
 * cp:   ``cp SRC DST`` (wall time)
 
 and once per run the start-up: ``lora-parity convert --help`` and
-``python -c "import lora_parity.convert"`` (everything ``convert`` imports
+``python -c "import lora_parity.convert.converter"`` (everything ``convert`` imports
 before it reads a byte).  If a start-up median exceeds 0.5 s (or with
 ``--importtime``) the top offenders of ``python -X importtime`` are listed.
 
@@ -53,8 +53,8 @@ TARGET_STARTUP_S = 0.5
 GENERATE = r"""
 import sys
 from pathlib import Path
-from lora_parity.layout import PRESETS
-from lora_parity.synthetic import make_lora, write_ms_lora
+from lora_parity.convert.layout import PRESETS
+from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
 rank, path = int(sys.argv[1]), Path(sys.argv[2])
 write_ms_lora(path, make_lora(PRESETS["sdxl-base"], rank=rank, seed=0))
 """
@@ -184,7 +184,7 @@ def bench_startup(repeat: int, warmup: int, force_importtime: bool) -> dict:
     cli = cli_argv()
     cases = {
         "convert_help": cli + ["convert", "--help"],
-        "import_convert": [sys.executable, "-c", "import lora_parity.convert"],
+        "import_convert": [sys.executable, "-c", "import lora_parity.convert.converter"],
         "python_baseline": [sys.executable, "-c", "pass"],
     }
     out = {}
@@ -193,13 +193,13 @@ def bench_startup(repeat: int, warmup: int, force_importtime: bool) -> dict:
         out[name] = _median_of(rs)
     # which heavy frameworks does the convert path pull in?  (should be none)
     probe = measure([sys.executable, "-c",
-                     "import sys, lora_parity.cli, lora_parity.convert; "
+                     "import sys, lora_parity.cli, lora_parity.convert.converter; "
                      "print(','.join(m for m in ('torch', 'mindspore', 'diffusers', 'transformers', 'safetensors', "
                      "'tqdm', 'scipy') if m in sys.modules))"])
     out["heavy_modules_imported_by_convert"] = [m for m in probe["stdout"].strip().split(",") if m]
     slow = force_importtime or any(out[k]["wall_s"] > TARGET_STARTUP_S for k in ("convert_help", "import_convert"))
     if slow:
-        it = measure([sys.executable, "-X", "importtime", "-c", "import lora_parity.cli, lora_parity.convert"])
+        it = measure([sys.executable, "-X", "importtime", "-c", "import lora_parity.cli, lora_parity.convert.converter"])
         out["importtime"] = parse_importtime(it["stderr"])
     return out
 

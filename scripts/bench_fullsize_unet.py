@@ -32,7 +32,7 @@ def _run_diffusers(cache, repeat):
     import torch
 
     from lora_parity.bases import resolve_base
-    from lora_parity.sides.pt_side import _Loader
+    from lora_parity.backends.diffusers.capture import _Loader
     from lora_parity.sides.request import SideRequest
 
     b = resolve_base(SPEC, cache=cache)
@@ -51,11 +51,11 @@ def _run_mindspore(cache, repeat, graph):
     import numpy as np
     from mindspore import Tensor
 
-    from lora_parity.backends.mindspore.runtime import configure_cpu
-    from lora_parity.backends.mindspore.unet import UNetModel
+    from lora_parity.backends.port.runtime import configure_cpu
+    from lora_parity.backends.port.unet import UNetModel
     from lora_parity.bases import resolve_base
-    from lora_parity.layout import layout_from_pipeline_dir
-    from lora_parity.sides.ms_side import _Loader
+    from lora_parity.convert.layout import layout_from_pipeline_dir
+    from lora_parity.backends.port.capture import _Loader
     from lora_parity.sides.request import SideRequest
 
     configure_cpu()

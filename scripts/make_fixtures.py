@@ -4,7 +4,7 @@
     .venv/bin/python scripts/make_fixtures.py [--out DIR] [--only NAME ...] [--no-report]
 
 Every file is written by the tool whose output it stands for, on the built-in tiny SDXL
-(:func:`lora_parity.tiny.tiny_layout`, the pipeline of :mod:`lora_parity.fixtures.tiny_pipeline`):
+(:func:`lora_parity.convert.tiny.tiny_layout`, the pipeline of :mod:`lora_parity.fixtures.tiny_pipeline`):
 
 * ``mindone_lora_{f32,f16,bf16,f64}.ckpt``: ``mindspore.save_checkpoint`` of a list of
   ``{"name", "data"}`` (what MindONE's ``save_checkpoint(..., only_save_lora=True)`` hands it),
@@ -74,8 +74,8 @@ def _ensure_hash_seed() -> None:
 
 def mindone_modules() -> list[str]:
     """SGM module names MindONE's gm LoRA wraps on the tiny layout (UNet attention + TE attention)."""
-    from lora_parity.keymap import keymap_for
-    from lora_parity.tiny import tiny_layout
+    from lora_parity.convert.keymap import keymap_for
+    from lora_parity.convert.tiny import tiny_layout
 
     km = keymap_for(tiny_layout())
     unet = [e.sgm for e in km.attention_entries()]
@@ -86,9 +86,9 @@ def mindone_modules() -> list[str]:
 def write_mindone(out: Path) -> list[Path]:
     import mindspore as ms
 
-    from lora_parity.formats import tensors_for
-    from lora_parity.synthetic import make_lora
-    from lora_parity.tiny import tiny_layout
+    from lora_parity.convert.formats import tensors_for
+    from lora_parity.fixtures.synthetic import make_lora
+    from lora_parity.convert.tiny import tiny_layout
 
     lora = make_lora(tiny_layout(), rank=RANK, modules=mindone_modules(), dtype="F32", seed=7)
     f32 = {k: t.data for k, t in tensors_for(lora, "ms")[0].items()}  # interleaved A, B per module
@@ -159,8 +159,8 @@ def sd_scripts_module_names() -> list[tuple[str, str, object]]:
     import torch
 
     from lora_parity.fixtures.tiny_pipeline import build_tiny_components
-    from lora_parity.keymap import UNET_SGM, keymap_for
-    from lora_parity.tiny import tiny_layout
+    from lora_parity.convert.keymap import UNET_SGM, keymap_for
+    from lora_parity.convert.tiny import tiny_layout
 
     comps = build_tiny_components(0)
     out = []

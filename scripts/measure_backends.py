@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_parity.bundle import check_same_inputs, read_bundle  # noqa: E402
+from lora_parity.sides.bundle import check_same_inputs, read_bundle  # noqa: E402
 from lora_parity.compare import alignment_for  # noqa: E402
-from lora_parity.parity import compare  # noqa: E402
-from lora_parity.tolerances import layer_tolerance  # noqa: E402
+from lora_parity.parity.metrics import compare  # noqa: E402
+from lora_parity.parity.tolerances import layer_tolerance  # noqa: E402
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "conditioning", "unet", "vae")
 

@@ -28,7 +28,7 @@ ALPHA = 8.0
 def measure(preset: str, cache: str | None) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lora_parity.bases import resolve_base
-    from lora_parity.layout import PRESETS
+    from lora_parity.convert.layout import PRESETS
     from tests.faults import write_fullsize_lora
 
     resolve_base(f"random:{preset}", cache=cache, progress=True)

@@ -208,8 +208,8 @@ class Runner:
     def prepare(self) -> float:
         """Generate the base and LoRA, run the clean comparison (must pass) and keep its captures."""
         from lora_parity.bases import resolve_base
-        from lora_parity.layout import layout_from_pipeline_dir
-        from lora_parity.synthetic import make_lora, write_ms_lora
+        from lora_parity.convert.layout import layout_from_pipeline_dir
+        from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
 
         t0 = time.perf_counter()
         self.work.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_parity.lora_set import LoraPair, LoraSet
+from lora_parity.convert.lora_set import LoraPair, LoraSet
 
 
 def swap_projections(lora: LoraSet, block: str | None = None) -> LoraSet:
@@ -46,8 +46,8 @@ def qkv_wrong_order(sgm: dict[str, np.ndarray], prefix: str, layer: int = 0) -> 
 def write_fullsize_lora(layout, path, *, rank: int = 4, alpha: float = 8.0, seed: int = 1, b_std: float = 0.1):
     """What MindONE trains at full size: q/k/v/out of all UNet attention modules, plus the text
     encoders' attention (CLIP-L q/k/v/out, bigG in_proj/out_proj), alpha != rank."""
-    from lora_parity.keymap import keymap_for
-    from lora_parity.synthetic import make_lora, write_ms_lora
+    from lora_parity.convert.keymap import keymap_for
+    from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
 
     km = keymap_for(layout)
     modules = [e.sgm for e in km.attention_entries()]
@@ -63,7 +63,7 @@ def plant_keymap_swap(monkeypatch, layout, sgm_a: str, sgm_b: str) -> None:
     then writes their LoRA crosswise (shapes equal, every key mapped, nothing reported)."""
     from dataclasses import replace
 
-    from lora_parity import keymap
+    from lora_parity.convert import keymap
 
     km = keymap.KeyMap(layout)
     by = {e.sgm: e for e in km.entries}
@@ -74,7 +74,7 @@ def plant_keymap_swap(monkeypatch, layout, sgm_a: str, sgm_b: str) -> None:
 
 
 def keymap_entries(layout):
-    from lora_parity.keymap import keymap_for
+    from lora_parity.convert.keymap import keymap_for
 
     return keymap_for(layout).entries
 
@@ -86,7 +86,7 @@ def keymap_entries(layout):
 def plant_peft_alpha(monkeypatch, written, components=None) -> None:
     """The PEFT writer puts a wrong ``<component>.lora_alpha`` in the ``lora_adapter_metadata``
     header: ``written(r, alpha) -> alpha stored`` (e.g. ``lambda r, a: r``: alpha lost)."""
-    from lora_parity import formats
+    from lora_parity.convert import formats
 
     metadata = formats._adapter_metadata
 
@@ -102,7 +102,7 @@ def plant_peft_alpha(monkeypatch, written, components=None) -> None:
 
 def plant_writer_drop(monkeypatch, drop) -> None:
     """The PEFT / kohya writer leaves out every key for which ``drop(key)`` is true (a filter bug)."""
-    from lora_parity import formats
+    from lora_parity.convert import formats
 
     tensors_for = formats.tensors_for
 
@@ -118,8 +118,8 @@ def plant_writer_drop(monkeypatch, drop) -> None:
 def plant_transposed_update(monkeypatch, sgm: str) -> None:
     """For one square module (in == out) the writer stores the transposed update
     ``(B A)^T = A^T B^T``: lora_A := B^T, lora_B := A^T.  Shapes fit exactly, so only values differ."""
-    from lora_parity import formats
-    from lora_parity.tensor import Tensor
+    from lora_parity.convert import formats
+    from lora_parity.convert.tensor import Tensor
 
     pair_tensors = formats.pair_tensors
 
@@ -137,8 +137,8 @@ def plant_transposed_update(monkeypatch, sgm: str) -> None:
 def plant_lora_a_layout_mixup(monkeypatch, component: str = "unet") -> None:
     """lora_A written as ``A.T.reshape(A.shape)`` (a MindSpore (in, out) layout mix-up that a
     reshape "fixes"), for the Linear modules of one component."""
-    from lora_parity import formats
-    from lora_parity.tensor import Tensor
+    from lora_parity.convert import formats
+    from lora_parity.convert.tensor import Tensor
 
     pair_tensors = formats.pair_tensors
 
@@ -153,7 +153,7 @@ def plant_lora_a_layout_mixup(monkeypatch, component: str = "unet") -> None:
 
 def plant_alpha_not_forwarded(monkeypatch) -> None:
     """``convert`` reads the MindONE .ckpt without the user's ``--alpha`` (alpha defaults to r)."""
-    from lora_parity import convert
+    from lora_parity.convert import converter as convert
 
     load_lora = convert.load_lora
 
@@ -168,7 +168,7 @@ def plant_fused_keymap_order(monkeypatch, layout, order=(1, 0, 2)) -> None:
     rows into the wrong diffusers projections."""
     from dataclasses import replace
 
-    from lora_parity import keymap
+    from lora_parity.convert import keymap
 
     km = keymap.KeyMap(layout)
     km.entries = tuple(replace(e, diffusers=tuple(e.diffusers[i] for i in order)) if e.fused else e
@@ -181,7 +181,7 @@ def plant_keymap_block_swap(monkeypatch, layout, block_a: str, block_b: str) -> 
     (an index off by one in the generator between two same-shaped blocks)."""
     from dataclasses import replace
 
-    from lora_parity import keymap
+    from lora_parity.convert import keymap
 
     km = keymap.KeyMap(layout)
     by = {e.sgm: e for e in km.entries}
@@ -198,8 +198,8 @@ def plant_keymap_block_swap(monkeypatch, layout, block_a: str, block_b: str) -> 
 
 def plant_kohya_name_swap(monkeypatch, layout, sgm_a: str, sgm_b: str) -> None:
     """The kohya writer names module ``sgm_a`` as ``sgm_b`` and back."""
-    from lora_parity import formats
-    from lora_parity.keymap import keymap_for
+    from lora_parity.convert import formats
+    from lora_parity.convert.keymap import keymap_for
 
     by = keymap_for(layout).by_sgm
     kohya_name = formats.kohya_name

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_parity.lora_set import LoraPair, LoraSet
-from lora_parity.tensor import Tensor
+from lora_parity.convert.lora_set import LoraPair, LoraSet
+from lora_parity.convert.tensor import Tensor
 
 
 def _with(lora: LoraSet, updates: dict[str, LoraPair]) -> LoraSet:

@@ -22,9 +22,9 @@ from lora_parity.bases.random_weights import (ACTIVATION_RMS_RANGE, BIAS_STD, EM
 from lora_parity.bases.single_file import SingleFileWeights, expected_params, torch_spelling, write_single_file
 from lora_parity.errors import LoraParityError
 from lora_parity.fixtures.tiny_pipeline import EOS_TOKEN
-from lora_parity.fullweights import VaeLayout, normalize_diffusers_names, param_maps
-from lora_parity.safetensors_io import read_safetensors, write_safetensors
-from lora_parity.tiny import TINY_IMAGE_SIZE
+from lora_parity.convert.fullweights import VaeLayout, normalize_diffusers_names, param_maps
+from lora_parity.convert.safetensors_io import read_safetensors, write_safetensors
+from lora_parity.convert.tiny import TINY_IMAGE_SIZE
 
 # conversion: names, files, bytes; parity: tests that run a forward pass (the init rule's health)
 
@@ -220,7 +220,7 @@ def test_random_tiny_activations_stay_finite_and_nontrivial(tiny_base):
 @pytest.mark.conversion
 def test_folder_weights_cover_the_mindspore_port(tiny_base):
     pytest.importorskip("mindspore")
-    from lora_parity.backends.mindspore.model import build_sdxl
+    from lora_parity.backends.port.model import build_sdxl
 
     cfgs = PIPELINES[tiny_base.layout_name]
     src = tiny_base.sgm_weights()
@@ -320,7 +320,7 @@ def test_single_file_extra_and_missing_names_are_errors(tiny_base, tmp_path):
 @pytest.mark.conversion
 def test_single_file_detects_full_size_models(tmp_path, width, refiner, model):
     """Detection by names and shapes (a header-sized stand-in: the check then lists what is missing)."""
-    from lora_parity.tensor import Tensor
+    from lora_parity.convert.tensor import Tensor
 
     t = {"model.diffusion_model.input_blocks.0.0.weight": Tensor.from_numpy(np.zeros((width, 4, 3, 3), np.float16))}
     te = "conditioner.embedders.0.model." if refiner else "conditioner.embedders.1.model."
@@ -350,7 +350,7 @@ def test_full_size_tensor_list_is_what_param_maps_expects(model):
 @pytest.mark.conversion
 def test_full_size_sgm_shapes_equal_the_mindspore_cells(model):
     pytest.importorskip("mindspore")
-    from lora_parity.backends.mindspore.model import SDXL_VAE_CONFIG as PORT_VAE, param_shapes
+    from lora_parity.backends.port.model import SDXL_VAE_CONFIG as PORT_VAE, param_shapes
 
     assert PORT_VAE == SDXL_VAE_CONFIG
     cfgs = PIPELINES[model]
@@ -378,7 +378,7 @@ def test_bad_specs_name_the_spec(tmp_path):
         with pytest.raises(LoraParityError, match=re.escape(word)):
             resolve_base(spec, cache=tmp_path / "c")
     ms_named = {"model.diffusion_model.out.0.gamma": np.ones(4, np.float32)}
-    from lora_parity.tensor import Tensor
+    from lora_parity.convert.tensor import Tensor
 
     write_safetensors(tmp_path / "lora.safetensors", {k: Tensor.from_numpy(v) for k, v in ms_named.items()})
     with pytest.raises(LoraParityError, match="lora.safetensors.*not an SGM"):

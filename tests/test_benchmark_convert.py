@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_parity import ckpt_io
-from lora_parity.convert import ConvertOptions, convert
-from lora_parity.layout import PRESETS
-from lora_parity.safetensors_io import read_safetensors
-from lora_parity.synthetic import make_lora, write_ms_lora
+from lora_parity.convert import ckpt_io
+from lora_parity.convert.converter import ConvertOptions, convert
+from lora_parity.convert.layout import PRESETS
+from lora_parity.convert.safetensors_io import read_safetensors
+from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
 
 MODULES = 560  # MindONE's attention LoRA on SDXL base
 TENSORS = 2 * MODULES  # lora_A + lora_B per module, in every format here
@@ -138,7 +138,7 @@ def test_bench_startup_convert_help(benchmark):
 @pytest.mark.benchmark(group="startup")
 def test_bench_startup_import_convert(benchmark):
     """Everything ``convert`` imports before reading a byte; none of it may be a framework."""
-    code = ("import sys, lora_parity.cli, lora_parity.convert; "
+    code = ("import sys, lora_parity.cli, lora_parity.convert.converter; "
             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
     proc = benchmark.pedantic(_run, args=([sys.executable, "-c", code],), rounds=10, warmup_rounds=1)
     assert proc.returncode == 0, proc.stderr

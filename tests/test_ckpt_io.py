@@ -9,12 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_parity import ckpt_io
+from lora_parity.convert import ckpt_io
 from lora_parity.atomic import atomic_output
-from lora_parity.ckpt_io import is_ckpt, iter_ckpt, read_ckpt, write_ckpt
+from lora_parity.convert.ckpt_io import is_ckpt, iter_ckpt, read_ckpt, write_ckpt
 from lora_parity.errors import CheckpointFormatError
-from lora_parity.tensor import Tensor, ms_name, storage_dtype
-from lora_parity.tensor import bf16_bits_to_f32 as _widen
+from lora_parity.convert.tensor import Tensor, ms_name, storage_dtype
+from lora_parity.convert.tensor import bf16_bits_to_f32 as _widen
 
 pytestmark = pytest.mark.conversion
 

@@ -1,4 +1,4 @@
-"""MindONE's real checkpoint variants are read correctly (see ``lora_parity.formats`` for the sources).
+"""MindONE's real checkpoint variants are read correctly (see ``lora_parity.convert.formats`` for the sources).
 
 * ``*_lora.ckpt`` and ``*_lora_ema.ckpt`` (EMA weights under the same names) both just work;
 * in-memory names MindONE strips before saving (``ema.``, ``._backbone``, ``stage1.``, wrapper
@@ -22,13 +22,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_parity import ckpt_io, formats
-from lora_parity.convert import ConvertOptions, convert, load_lora
+from lora_parity.convert import ckpt_io, formats
+from lora_parity.convert.converter import ConvertOptions, convert, load_lora
 from lora_parity.errors import LoraParityError
-from lora_parity.safetensors_io import write_safetensors
-from lora_parity.synthetic import make_lora
-from lora_parity.tensor import Tensor
-from lora_parity.tiny import tiny_layout
+from lora_parity.convert.safetensors_io import write_safetensors
+from lora_parity.fixtures.synthetic import make_lora
+from lora_parity.convert.tensor import Tensor
+from lora_parity.convert.tiny import tiny_layout
 
 from .helpers import run_cli, snapshot
 
@@ -417,7 +417,7 @@ def test_compare_takes_the_ema_choice_on_both_sides(tmp_path):
     the chosen set (a side that took the other set would fail the comparison)."""
     pytest.importorskip("mindspore")
     from lora_parity.fixtures.bundle import write_fixture
-    from lora_parity.layout import layout_from_pipeline_dir
+    from lora_parity.convert.layout import layout_from_pipeline_dir
 
     fx = write_fixture(tmp_path / "fx")
     layout = layout_from_pipeline_dir(fx.pt_base)

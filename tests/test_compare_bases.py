@@ -12,9 +12,9 @@ from lora_parity.bases import resolve_base
 from lora_parity.bases.single_file import write_single_file
 from lora_parity.compare import CompareOptions, run_compare
 from lora_parity.errors import LoraParityError
-from lora_parity.layout import layout_from_pipeline_dir
-from lora_parity.parity import assert_report
-from lora_parity.synthetic import make_lora, write_ms_lora
+from lora_parity.convert.layout import layout_from_pipeline_dir
+from lora_parity.parity.metrics import assert_report
+from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
 
 from . import faults
 from .helpers import run_cli
@@ -66,10 +66,10 @@ def test_locon_on_every_conv_agrees_through_compare(tiny, cache, record_property
 def test_locon_missing_on_the_pytorch_side_is_caught(tiny, cache, tmp_path):
     """A converter that keeps only Linear LoRAs (as the old tool did): the first conv block fails."""
     b, locon = tiny
-    from lora_parity import formats
-    from lora_parity.convert import load_lora
-    from lora_parity.lora_set import LoraSet
-    from lora_parity.safetensors_io import write_safetensors
+    from lora_parity.convert import formats
+    from lora_parity.convert.converter import load_lora
+    from lora_parity.convert.lora_set import LoraSet
+    from lora_parity.convert.safetensors_io import write_safetensors
 
     lora = load_lora(locon, layout=layout_from_pipeline_dir(b.pipeline_dir), alpha=ALPHA)
     linear_only = LoraSet({k: p for k, p in lora.pairs.items() if p.module.kind == "linear"}, lora.layout,
@@ -175,7 +175,7 @@ def test_infer_takes_a_base_spec_and_both_backends_agree(refiner, cache, tmp_pat
     from PIL import Image
 
     from lora_parity.sampling import image_mae
-    from lora_parity.tolerances import IMAGE_MAE_FP32_TARGET
+    from lora_parity.parity.tolerances import IMAGE_MAE_FP32_TARGET
 
     _, lora, _, _ = refiner
     pngs = []

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from lora_parity import ckpt_io, formats
-from lora_parity.convert import ConvertOptions, convert, load_lora
-from lora_parity.layout import PRESETS
-from lora_parity.safetensors_io import read_safetensors, write_safetensors
-from lora_parity.synthetic import make_lora, training_extras, write_ms_lora
-from lora_parity.tiny import tiny_layout
+from lora_parity.convert import ckpt_io, formats
+from lora_parity.convert.converter import ConvertOptions, convert, load_lora
+from lora_parity.convert.layout import PRESETS
+from lora_parity.convert.safetensors_io import read_safetensors, write_safetensors
+from lora_parity.fixtures.synthetic import make_lora, training_extras, write_ms_lora
+from lora_parity.convert.tiny import tiny_layout
 
 pytestmark = pytest.mark.conversion
 
@@ -62,7 +62,7 @@ def lora_cases(draw):
     layout = tiny_layout()
     rank = draw(st.integers(1, 8))
     alpha = draw(st.sampled_from([None, 1.0, 0.5, 3.0, 16.0]))
-    from lora_parity.keymap import keymap_for
+    from lora_parity.convert.keymap import keymap_for
 
     entries = keymap_for(layout).lora_entries()
     subset = draw(st.lists(st.sampled_from([e.sgm for e in entries]), min_size=1, max_size=20, unique=True))

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from lora_parity.compare import CompareOptions, run_compare
-from lora_parity.layout import layout_from_pipeline_dir
-from lora_parity.parity import ParityReport, assert_report
-from lora_parity.synthetic import make_lora, write_ms_lora
+from lora_parity.convert.layout import layout_from_pipeline_dir
+from lora_parity.parity.metrics import ParityReport, assert_report
+from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
 
 from . import faults
 from .helpers import run_cli

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_parity import formats
-from lora_parity.convert import ConvertOptions, convert, load_lora
-from lora_parity.keymap import keymap_for
-from lora_parity.lora_set import LoraSet
-from lora_parity.synthetic import make_lora, write_ms_lora
-from lora_parity.tolerances import CONVERSION_DELTA
+from lora_parity.convert import formats
+from lora_parity.convert.converter import ConvertOptions, convert, load_lora
+from lora_parity.convert.keymap import keymap_for
+from lora_parity.convert.lora_set import LoraSet
+from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
+from lora_parity.parity.tolerances import CONVERSION_DELTA
 
 from . import faults
 
@@ -27,7 +27,7 @@ def load_into_pipeline(pipeline_dir: Path, lora_file: Path):
     """The pipeline with the LoRA loaded by diffusers; raises LoraLoadError unless every key landed."""
     from diffusers import StableDiffusionXLPipeline
 
-    from lora_parity.backends.torch_backend import load_lora_checked
+    from lora_parity.backends.diffusers.view import load_lora_checked
 
     pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir)
     load_lora_checked(pipe, lora_file)
@@ -99,11 +99,11 @@ def test_converted_lora_loads_completely_and_deltas_match(tmp_path, tiny_pipelin
 def test_unconverted_mindone_file_loads_nothing_and_is_detected(tmp_path, tiny_pipeline_dir, ms_lora_file):
     """The user's original problem: MindONE names passed as-is load nothing."""
     _, lora = ms_lora_file
-    from lora_parity.safetensors_io import write_safetensors
+    from lora_parity.convert.safetensors_io import write_safetensors
 
     raw = tmp_path / "as_is.safetensors"
     write_safetensors(raw, formats.tensors_for(lora, "ms")[0])
-    from lora_parity.backends.torch_backend import LoraLoadError
+    from lora_parity.backends.diffusers.view import LoraLoadError
 
     with pytest.raises(LoraLoadError, match="no LoRA weight was injected"):
         load_into_pipeline(tiny_pipeline_dir, raw)
@@ -116,7 +116,7 @@ def test_faulty_conversion_is_caught(tmp_path, tiny_pipeline_dir, ms_lora_file, 
     broken = {"swap_projections": faults.swap_projections, "wrong_scale": faults.wrong_scale,
               "drop_block": lambda x: faults.drop_block(x, "input_blocks.3")}[fault](truth)
     out = tmp_path / "broken.safetensors"
-    from lora_parity.safetensors_io import write_safetensors
+    from lora_parity.convert.safetensors_io import write_safetensors
 
     write_safetensors(out, *formats.tensors_for(broken, "peft"))
     pipe = load_into_pipeline(tiny_pipeline_dir, out)

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_parity import ckpt_io, formats
-from lora_parity.convert import ConvertOptions, convert, load_lora
+from lora_parity.convert import ckpt_io, formats
+from lora_parity.convert.converter import ConvertOptions, convert, load_lora
 from lora_parity.errors import LoraParityError
-from lora_parity.safetensors_io import read_safetensors, write_safetensors
-from lora_parity.tensor import ms_name
-from lora_parity.tiny import tiny_layout
+from lora_parity.convert.safetensors_io import read_safetensors, write_safetensors
+from lora_parity.convert.tensor import ms_name
+from lora_parity.convert.tiny import tiny_layout
 
 # every test is `conversion` (seconds, no forward pass) but the one fresh `compare` run, which is `parity`
 conversion = pytest.mark.conversion
@@ -237,7 +237,7 @@ def test_single_file_name_list_matches_the_full_weight_map(fname, expected_singl
 def test_single_file_reader_accepts_the_official_names(tmp_path, fname):
     """A header-only (sparse) safetensors file with the official names, shapes and dtypes is taken as that model."""
     from lora_parity.bases.single_file import SingleFileWeights
-    from lora_parity.tensor import itemsize
+    from lora_parity.convert.tensor import itemsize
 
     header, offset = {}, 0
     for name, (shape, dtype) in _name_list(fname).items():

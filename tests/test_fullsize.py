@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_parity.align import unet_alignment
+from lora_parity.parity.align import unet_alignment
 from lora_parity.compare import CompareOptions, run_compare
-from lora_parity.layout import PRESETS, layout_from_pipeline_dir
-from lora_parity.parity import ParityReport, assert_report
-from lora_parity.tolerances import LAYER_ACTIVITY_MIN
+from lora_parity.convert.layout import PRESETS, layout_from_pipeline_dir
+from lora_parity.parity.metrics import ParityReport, assert_report
+from lora_parity.parity.tolerances import LAYER_ACTIVITY_MIN
 
 from . import faults
 

@@ -7,10 +7,10 @@ import pytest
 
 from lora_parity.errors import KeyMapError
 from lora_parity.fixtures.bundle import pipeline_state_dict
-from lora_parity.fullweights import (VaeLayout, diffusers_to_sgm, normalize_diffusers_names, param_maps,
+from lora_parity.convert.fullweights import (VaeLayout, diffusers_to_sgm, normalize_diffusers_names, param_maps,
                                      sgm_only_params, sgm_to_diffusers)
-from lora_parity.layout import PRESETS, SDXL_BASE_UNET_CONFIG
-from lora_parity.tiny import TINY_VAE_CONFIG
+from lora_parity.convert.layout import PRESETS, SDXL_BASE_UNET_CONFIG
+from lora_parity.convert.tiny import TINY_VAE_CONFIG
 
 from . import faults
 from .helpers import meta_text_encoder, meta_unet
@@ -58,7 +58,7 @@ def test_special_rules(tiny_sd, tiny_layout):
 @pytest.mark.parametrize("preset", ["sdxl-base", "sdxl-refiner"])
 def test_names_equal_the_mindspore_cells(preset):
     pytest.importorskip("mindspore")
-    from lora_parity.backends.mindspore.model import SDXL_VAE_CONFIG, param_shapes
+    from lora_parity.backends.port.model import SDXL_VAE_CONFIG, param_shapes
 
     layout = PRESETS[preset]
     shapes = param_shapes(layout, vae_config=SDXL_VAE_CONFIG)
@@ -69,7 +69,7 @@ def test_names_equal_the_mindspore_cells(preset):
 
 def test_sdxl_base_covers_every_diffusers_weight():
     """Every parameter of diffusers' real SDXL-base UNet and both CLIP encoders has an SGM name."""
-    from lora_parity.layout import CLIP_BIGG_CONFIG, CLIP_L_CONFIG
+    from lora_parity.convert.layout import CLIP_BIGG_CONFIG, CLIP_L_CONFIG
 
     layout = PRESETS["sdxl-base"]
     sd = {f"unet.{k}": None for k, _ in meta_unet(SDXL_BASE_UNET_CONFIG).named_parameters()}

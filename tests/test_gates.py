@@ -11,13 +11,13 @@ import shutil
 import numpy as np
 import pytest
 
-from lora_parity import formats
+from lora_parity.convert import formats
 from lora_parity.compare import CompareOptions, run_compare
-from lora_parity.convert import load_lora
-from lora_parity.layout import layout_from_pipeline_dir
-from lora_parity.parity import Aligned, compare_arrays, compare_low_precision
-from lora_parity.safetensors_io import write_safetensors
-from lora_parity.tolerances import IMAGE_GATES, IMAGE_MAE_MAX, LOW_PRECISION_FACTOR, PORT, layer_gate
+from lora_parity.convert.converter import load_lora
+from lora_parity.convert.layout import layout_from_pipeline_dir
+from lora_parity.parity.metrics import Aligned, compare_arrays, compare_low_precision
+from lora_parity.convert.safetensors_io import write_safetensors
+from lora_parity.parity.tolerances import IMAGE_GATES, IMAGE_MAE_MAX, LOW_PRECISION_FACTOR, PORT, layer_gate
 
 from . import gate_faults
 from .helpers import run_cli
@@ -133,7 +133,7 @@ def outlier_base(tmp_path_factory):
     from safetensors.numpy import load_file, save_file
 
     from lora_parity.bases import resolve_base
-    from lora_parity.synthetic import make_lora, write_ms_lora
+    from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
 
     tmp = tmp_path_factory.mktemp("outlier")
     b = resolve_base("random:tiny", cache=tmp / "cache")
@@ -208,7 +208,7 @@ def test_tol_f32_and_mismatch_f32_change_the_verdict_and_are_recorded(fx, tmp_pa
 def test_every_threshold_flag_reaches_the_options(monkeypatch):
     """Each compare flag lands in CompareOptions (the verdict tests above go through run_compare)."""
     import lora_parity.compare as compare_mod
-    from lora_parity.parity import ParityReport
+    from lora_parity.parity.metrics import ParityReport
 
     seen = {}
 
@@ -265,7 +265,7 @@ def test_ten_percent_lora_scale_error_fails_the_fp32_image_gate(fx, tmp_path, re
 
 
 def test_image_gate_is_chosen_by_dtype_backend_and_device():
-    from lora_parity.tolerances import IMAGE_GATE_CROSS_DEVICE, image_gate
+    from lora_parity.parity.tolerances import IMAGE_GATE_CROSS_DEVICE, image_gate
 
     for dtype in ("F32", "F16", "BF16"):
         same = image_gate(dtype)

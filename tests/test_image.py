@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from lora_parity import formats
+from lora_parity.convert import formats
 from lora_parity.compare import CompareOptions, run_compare
-from lora_parity.convert import load_lora
-from lora_parity.layout import layout_from_pipeline_dir
-from lora_parity.safetensors_io import write_safetensors
-from lora_parity.tolerances import IMAGE_MAE_FP32_TARGET
+from lora_parity.convert.converter import load_lora
+from lora_parity.convert.layout import layout_from_pipeline_dir
+from lora_parity.convert.safetensors_io import write_safetensors
+from lora_parity.parity.tolerances import IMAGE_MAE_FP32_TARGET
 
 from . import faults
 

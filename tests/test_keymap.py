@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from lora_parity.keymap import KeyMap, keymap_for
-from lora_parity.layout import (CLIP_BIGG_CONFIG, CLIP_L_CONFIG, PRESETS, SDXL_BASE_UNET_CONFIG,
+from lora_parity.convert.keymap import KeyMap, keymap_for
+from lora_parity.convert.layout import (CLIP_BIGG_CONFIG, CLIP_L_CONFIG, PRESETS, SDXL_BASE_UNET_CONFIG,
                                 SDXL_REFINER_UNET_CONFIG, ModelLayout, UNetLayout, sdxl_text_encoders)
-from lora_parity.tiny import TINY_TE1_CONFIG, TINY_TE2_CONFIG, TINY_UNET_CONFIG
+from lora_parity.convert.tiny import TINY_TE1_CONFIG, TINY_TE2_CONFIG, TINY_UNET_CONFIG
 
 from .helpers import meta_text_encoder, meta_unet, torch_modules
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_parity import formats
-from lora_parity.convert import load_lora
-from lora_parity.layout import layout_from_pipeline_dir
-from lora_parity.safetensors_io import read_safetensors, write_safetensors
+from lora_parity.convert import formats
+from lora_parity.convert.converter import load_lora
+from lora_parity.convert.layout import layout_from_pipeline_dir
+from lora_parity.convert.safetensors_io import read_safetensors, write_safetensors
 
 from . import faults
 from .helpers import run_cli
@@ -145,7 +145,7 @@ def test_bundles_judged_elsewhere_give_the_one_shot_verdict(fx, ms_backend, tmp_
     extra = []
     if lora == "swapped":  # the MindSpore side loads a faulty file, diffusers the right one
         if ms_backend == "port":
-            from lora_parity.ckpt_io import write_ckpt
+            from lora_parity.convert.ckpt_io import write_ckpt
 
             ms_lora = tmp_path / "swapped.ckpt"
             bad = faults.swap_projections(load_lora(fx.ms_lora, layout=layout_from_pipeline_dir(fx.pt_base)),
@@ -189,7 +189,7 @@ def test_bundles_from_different_inputs_are_refused(fx, tmp_path):
 
 def test_bundle_holds_inputs_versions_and_measurements(fx, tmp_path):
     b = _capture(fx, "diffusers", tmp_path / "pt_bundle", "--lora", str(fx.ms_lora))
-    from lora_parity.bundle import read_bundle
+    from lora_parity.sides.bundle import read_bundle
 
     got = read_bundle(b)
     assert got.manifest["backend"] == "diffusers" and got.manifest["naming"] == "diffusers"

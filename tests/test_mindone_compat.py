@@ -20,7 +20,7 @@ ms = pytest.importorskip("mindspore")
 from mindspore import Tensor, mint  # noqa: E402
 
 from lora_parity.backends.mindone import compat  # noqa: E402
-from lora_parity.backends.mindspore import configure_cpu  # noqa: E402
+from lora_parity.backends.port import configure_cpu  # noqa: E402
 
 F = mint.nn.functional
 RNG = np.random.default_rng(1234)

@@ -15,17 +15,17 @@ import math
 import numpy as np
 import pytest
 
-from lora_parity.tolerances import LORA_EFFECT_MIN_ABS, SAME_FRAMEWORK, layer_tolerance
+from lora_parity.parity.tolerances import LORA_EFFECT_MIN_ABS, SAME_FRAMEWORK, layer_tolerance
 
 ms = pytest.importorskip("mindspore")
 
-from lora_parity.backends.mindspore import (  # noqa: E402
+from lora_parity.backends.port import (  # noqa: E402
     SGM_UNET_PREFIX, UNetModel, build_sdxl, build_text_encoder, capture_activations, compile_for_graph,
     configure_cpu, inject_lora, load_params, lora_targets, merge_lora, sdxl_vector, set_conv_impl, structure_key,
     unmerge_lora, uses_graph)
-from lora_parity.backends.mindspore.graph import GRAPH_PHASE_PREFIX  # noqa: E402
-from lora_parity.backends.mindspore.layers import Conv2d, Linear  # noqa: E402
-from lora_parity.tiny import (TINY_LATENT_SHAPE, TINY_TE1_CONFIG, TINY_TE2_CONFIG,  # noqa: E402
+from lora_parity.backends.port.graph import GRAPH_PHASE_PREFIX  # noqa: E402
+from lora_parity.backends.port.layers import Conv2d, Linear  # noqa: E402
+from lora_parity.convert.tiny import (TINY_LATENT_SHAPE, TINY_TE1_CONFIG, TINY_TE2_CONFIG,  # noqa: E402
                               TINY_UNET_CONFIG, TINY_VAE_CONFIG, tiny_layout)
 
 pytestmark = pytest.mark.parity

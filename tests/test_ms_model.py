@@ -1,4 +1,4 @@
-"""The MindSpore SDXL cells (lora_parity.backends.mindspore) against diffusers / transformers.
+"""The MindSpore SDXL cells (lora_parity.backends.port) against diffusers / transformers.
 
 * names: the cells' parameter names and shapes are exactly the SGM / MindONE checkpoint
   names that diffusers' weights map to (tiny config with real weights; sdxl-base
@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from lora_parity.tolerances import SAME_FRAMEWORK, layer_tolerance
+from lora_parity.parity.tolerances import SAME_FRAMEWORK, layer_tolerance
 
 torch = pytest.importorskip("torch")
 ms = pytest.importorskip("mindspore")
@@ -25,15 +25,15 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from lora_parity.errors import LoraParityError  # noqa: E402
-from lora_parity.layout import (CLIP_BIGG_CONFIG, CLIP_L_CONFIG, PRESETS, SDXL_BASE_UNET_CONFIG,  # noqa: E402
+from lora_parity.convert.layout import (CLIP_BIGG_CONFIG, CLIP_L_CONFIG, PRESETS, SDXL_BASE_UNET_CONFIG,  # noqa: E402
                                 SDXL_REFINER_UNET_CONFIG, UNetLayout, sdxl_text_encoders)
-from lora_parity.tiny import (TINY_LATENT_SHAPE, TINY_TE1_CONFIG, TINY_TE2_CONFIG,  # noqa: E402
+from lora_parity.convert.tiny import (TINY_LATENT_SHAPE, TINY_TE1_CONFIG, TINY_TE2_CONFIG,  # noqa: E402
                               TINY_UNET_CONFIG, TINY_VAE_CONFIG)
-from lora_parity.backends.mindspore import (  # noqa: E402
+from lora_parity.backends.port import (  # noqa: E402
     HFCLIPTextEncoder, OpenCLIPTextEncoder, UNetModel, VAEDecoder, build_text_encoder,
     capture_activations, configure_cpu, inject_lora, lora_state, lora_targets, merge_lora, param_shapes,
     sdxl_vector, unmerge_lora, use_numerics)
-from lora_parity.backends.mindspore.model import SDXL_VAE_CONFIG  # noqa: E402
+from lora_parity.backends.port.model import SDXL_VAE_CONFIG  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
@@ -385,7 +385,7 @@ def test_sdxl_refiner_names_and_shapes_match_diffusers_meta():
 
 def test_mindone_style_checkpoint_loads_without_mismatch(tmp_path, torch_models, ms_models):
     """A .ckpt in MindONE naming (incl. entries the cells do not model) loads with nothing missing."""
-    from lora_parity.backends.mindspore import SDXLComponents
+    from lora_parity.backends.port import SDXLComponents
 
     comps = SDXLComponents(ms_models["unet"], (ms_models["te1"], ms_models["te2"]), ms_models["vae"])
     entries = [{"name": p.name, "data": p} for c in comps.cells() for p in c.get_parameters()]
@@ -418,7 +418,7 @@ def test_mindone_style_checkpoint_loads_without_mismatch(tmp_path, torch_models,
 @pytest.mark.parametrize("impl", ["im2col", "native"])
 @pytest.mark.parametrize("cin,cout,k,stride", [(8, 16, 3, 1), (16, 16, 3, 2), (16, 8, 1, 1)])
 def test_conv2d_matches_torch(impl, cin, cout, k, stride):
-    from lora_parity.backends.mindspore.layers import Conv2d
+    from lora_parity.backends.port.layers import Conv2d
 
     rng = np.random.default_rng(cin + k + stride)
     x = rng.standard_normal((2, cin, 9, 10)).astype(np.float32)

@@ -2,24 +2,24 @@
 
 * refiner: a tiny refiner (OpenCLIP-bigG only, at ``conditioner.embedders.0.model.``; ``y`` ends
   in original size, crop and *aesthetic score*) built with diffusers, weights copied into the
-  MindSpore cells by :mod:`lora_parity.fullweights`; every UNet block equals diffusers'
+  MindSpore cells by :mod:`lora_parity.convert.fullweights`; every UNet block equals diffusers'
   ``UNet2DConditionModel`` fed by ``StableDiffusionXLImg2ImgPipeline``'s own prompt encoding and
   ``_get_add_time_ids`` (``requires_aesthetics_score=True``); the whole img2img run (negative
   prompt "" encoded, negative score 2.5, ``latents=`` as-is, ``strength``) gives the same image.
   Dropping the score, or the base pipeline's zero negative, is caught.
 * LoCon: a LoRA on every convolution of the tiny base UNet, loaded by diffusers'
-  ``load_lora_weights`` from the PEFT file :mod:`lora_parity.formats` writes and injected into the
+  ``load_lora_weights`` from the PEFT file :mod:`lora_parity.convert.formats` writes and injected into the
   MindSpore cells, gives the same per-block outputs; merging equals the unmerged computation; a
   spatially flipped ``lora_A`` or a wrong scale on one ResBlock conv is caught.
 
-Thresholds come from :mod:`lora_parity.tolerances`.
+Thresholds come from :mod:`lora_parity.parity.tolerances`.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lora_parity.tolerances import (FAULT_FACTOR, IMAGE_MAE_FP32_TARGET, SAME_FRAMEWORK,
+from lora_parity.parity.tolerances import (FAULT_FACTOR, IMAGE_MAE_FP32_TARGET, SAME_FRAMEWORK,
                                     layer_tolerance)
 
 torch = pytest.importorskip("torch")
@@ -27,21 +27,21 @@ ms = pytest.importorskip("mindspore")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from lora_parity.align import unet_alignment  # noqa: E402
-from lora_parity.backends.mindspore import (build_sdxl, capture_activations, inject_lora,  # noqa: E402
+from lora_parity.parity.align import unet_alignment  # noqa: E402
+from lora_parity.backends.port import (build_sdxl, capture_activations, inject_lora,  # noqa: E402
                                             lora_state, merge_lora, sdxl_vector, set_conv_impl, unmerge_lora)
-from lora_parity.backends.mindspore.layers import Conv2d  # noqa: E402
-from lora_parity.backends.mindspore.sampler import (condition, generate_float,  # noqa: E402
+from lora_parity.backends.port.layers import Conv2d  # noqa: E402
+from lora_parity.backends.port.sampler import (condition, generate_float,  # noqa: E402
                                                     img2img_first_step)
-from lora_parity.backends.torch_backend import capture, load_lora_checked  # noqa: E402
+from lora_parity.backends.diffusers.view import capture, load_lora_checked  # noqa: E402
 from lora_parity.fixtures.tiny_pipeline import (SDXL_SCHEDULER_CONFIG, _build_tokenizer,  # noqa: E402
                                                 _rerandomize)
-from lora_parity.fullweights import (VaeLayout, diffusers_to_sgm, param_maps,  # noqa: E402
+from lora_parity.convert.fullweights import (VaeLayout, diffusers_to_sgm, param_maps,  # noqa: E402
                                      sgm_only_params)
-from lora_parity.keymap import keymap_for  # noqa: E402
-from lora_parity.layout import PRESETS, ModelLayout  # noqa: E402
+from lora_parity.convert.keymap import keymap_for  # noqa: E402
+from lora_parity.convert.layout import PRESETS, ModelLayout  # noqa: E402
 from lora_parity.sampling import EulerSchedule  # noqa: E402
-from lora_parity.tiny import (TINY_REFINER_UNET_CONFIG, TINY_TE2_CONFIG, TINY_UNET_CONFIG,  # noqa: E402
+from lora_parity.convert.tiny import (TINY_REFINER_UNET_CONFIG, TINY_TE2_CONFIG, TINY_UNET_CONFIG,  # noqa: E402
                               TINY_VAE_CONFIG, tiny_refiner_layout)
 
 pytestmark = pytest.mark.parity
@@ -153,7 +153,7 @@ def _latents(seed: int, n: int = 1) -> np.ndarray:
 def test_aesthetic_conditioning_is_derived_from_the_layout(refiner_ms):
     """uses_aesthetic_score follows adm_in_channels; a missing or superfluous score is a clear error."""
     assert refiner_ms.uses_aesthetic_score and refiner_ms.time_id_count == 5
-    from lora_parity.tiny import tiny_layout
+    from lora_parity.convert.tiny import tiny_layout
 
     base = build_sdxl(tiny_layout(), vae_config=None, configure_runtime=False)
     assert not base.uses_aesthetic_score and base.time_id_count == 6
@@ -263,7 +263,7 @@ def test_refiner_img2img_image_matches_diffusers(refiner_pipe, refiner_ms):
 @pytest.fixture(scope="module")
 def base_case(tiny_pipeline_dir, tiny_layout):
     """The tiny base pipeline (diffusers) and its UNet in MindSpore cells, same weights."""
-    from lora_parity.backends.mindspore import UNetModel, load_params
+    from lora_parity.backends.port import UNetModel, load_params
     from lora_parity.fixtures.bundle import sgm_weights_from_pipeline
 
     sgm = sgm_weights_from_pipeline(tiny_pipeline_dir)
@@ -278,21 +278,21 @@ def base_case(tiny_pipeline_dir, tiny_layout):
 
 
 def _conv_lora(layout, rank=4, alpha=8.0, seed=23):
-    from lora_parity.synthetic import make_lora
+    from lora_parity.fixtures.synthetic import make_lora
 
     convs = [e.sgm for e in keymap_for(layout).lora_entries("unet") if e.kind == "conv"]
     return make_lora(layout, rank=rank, alpha=alpha, modules=convs, seed=seed, b_std=0.1), convs
 
 
 def _ms_lora_tensors(lora) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    from lora_parity.formats import tensors_for
+    from lora_parity.convert.formats import tensors_for
 
     tensors = {k: t.to_float("float32") for k, t in tensors_for(lora, "ms")[0].items()}
     return tensors, {p.module.sgm: p.alpha for p in lora.pairs.values()}
 
 
 def _fresh_unet(base_case, tiny_layout):
-    from lora_parity.backends.mindspore import UNetModel, load_params
+    from lora_parity.backends.port import UNetModel, load_params
 
     unet = UNetModel(tiny_layout.unet)
     load_params(unet, {p.name: p.asnumpy() for p in base_case["unet"].get_parameters()})
@@ -318,7 +318,7 @@ def _ms_inputs(inp):
 @pytest.fixture(scope="module")
 def locon_reference(tmp_path_factory, tiny_pipeline_dir, tiny_layout, base_case):
     """diffusers with the conv LoRA loaded from our PEFT file: per-block outputs."""
-    from lora_parity import formats
+    from lora_parity.convert import formats
 
     lora, convs = _conv_lora(tiny_layout)
     path = tmp_path_factory.mktemp("locon") / "locon_peft.safetensors"
@@ -403,7 +403,7 @@ def test_locon_all_convs_match_diffusers_peft(base_case, tiny_layout, locon_refe
 @pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (1, 1)])
 def test_locon_conv_cell_matches_torch(impl, k, stride):
     """One LoCon conv (both conv implementations) against the PEFT formula in torch, and merged."""
-    from lora_parity.backends.mindspore.layers import Recordable
+    from lora_parity.backends.port.layers import Recordable
 
     class One(Recordable):
         def __init__(self):
@@ -478,7 +478,7 @@ def test_locon_native_conv_unet_matches_default(base_case, tiny_layout, locon_re
 def test_locon_unet_runs_in_graph_mode(base_case, tiny_layout, locon_reference):
     """Graph mode compiles the LoCon convs (unrolled ``lora_A is not None`` branch) and equals PyNative;
     merging recompiles (the structure key sees ``lora_merged``)."""
-    from lora_parity.backends.mindspore import compile_for_graph
+    from lora_parity.backends.port import compile_for_graph
 
     unet = _fresh_unet(base_case, tiny_layout)
     inject_lora(unet, *_ms_lora_tensors(locon_reference["lora"]))

@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_parity import convert as convert_mod
-from lora_parity import formats
-from lora_parity.image_metrics import image_metrics
-from lora_parity.parity import ParityReport
-from lora_parity.report import dumps_strict, strict_jsonable, write_report
-from lora_parity.safetensors_io import read_safetensors, write_safetensors
-from lora_parity.synthetic import make_lora
-from lora_parity.tensor import Tensor
-from lora_parity.tiny import tiny_layout
+from lora_parity.convert import converter as convert_mod
+from lora_parity.convert import formats
+from lora_parity.parity.image_metrics import image_metrics
+from lora_parity.parity.metrics import ParityReport
+from lora_parity.parity.report import dumps_strict, strict_jsonable, write_report
+from lora_parity.convert.safetensors_io import read_safetensors, write_safetensors
+from lora_parity.fixtures.synthetic import make_lora
+from lora_parity.convert.tensor import Tensor
+from lora_parity.convert.tiny import tiny_layout
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_parity"
 REPO = PACKAGE.parent

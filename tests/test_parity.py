@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_parity import ckpt_io, formats
+from lora_parity.convert import ckpt_io, formats
 from lora_parity.compare import CompareOptions, run_compare
-from lora_parity.convert import load_lora
-from lora_parity.layout import layout_from_pipeline_dir
-from lora_parity.parity import assert_report
-from lora_parity.safetensors_io import write_safetensors
-from lora_parity.tensor import Tensor
-from lora_parity.tolerances import FAULT_FACTOR, layer_tolerance
+from lora_parity.convert.converter import load_lora
+from lora_parity.convert.layout import layout_from_pipeline_dir
+from lora_parity.parity.metrics import assert_report
+from lora_parity.convert.safetensors_io import write_safetensors
+from lora_parity.convert.tensor import Tensor
+from lora_parity.parity.tolerances import FAULT_FACTOR, layer_tolerance
 
 from . import faults
 from .helpers import run_cli
@@ -141,7 +141,7 @@ LOW_PRECISION = ["F16", "BF16"]
 
 
 def _skip_unsupported(dtype):
-    from lora_parity.backends.mindspore_backend import MindSporeBackend
+    from lora_parity.backends.port.view import MindSporeBackend
 
     ok, why = MindSporeBackend.supports(dtype)
     if not ok:
@@ -196,7 +196,7 @@ def test_compare_and_infer_bad_input_one_line(fx, tmp_path, case):
         argv = ["compare", "--pt-base", str(tmp_path / "nope"), "--ms-base", str(fx.ms_base)]
     else:
         argv = ["compare", *base, "--dtype", "bf16"]
-        from lora_parity.backends.mindspore_backend import MindSporeBackend
+        from lora_parity.backends.port.view import MindSporeBackend
 
         if MindSporeBackend.supports("BF16")[0]:
             pytest.skip("this MindSpore device supports bf16")

@@ -1,4 +1,4 @@
-"""The port's numerics modes (lora_parity.backends.mindspore.numerics): selection and each branch.
+"""The port's numerics modes (lora_parity.backends.port.numerics): selection and each branch.
 
 * selection: "mindone" is the default; ``$LORA_PARITY_PORT_NUMERICS``, :func:`set_numerics` and
   the :func:`use_numerics` context select; specs add / remove single points;
@@ -20,19 +20,19 @@ ms = pytest.importorskip("mindspore")
 
 from mindspore import Tensor, ops  # noqa: E402
 
-from lora_parity.backends.mindspore import (  # noqa: E402
+from lora_parity.backends.port import (  # noqa: E402
     NUMERICS, POINTS, HFCLIPTextEncoder, OpenCLIPTextEncoder, UNetModel, VAEDecoder, apply_numerics,
     compile_for_graph, configure_cpu, current, current_numerics, inject_lora, merge_lora, set_numerics,
     unmerge_lora, use_numerics)
-from lora_parity.backends.mindspore import numerics as nx  # noqa: E402
-from lora_parity.backends.mindspore.layers import (GroupNorm, SiLU, apply_activation, attention,  # noqa: E402
+from lora_parity.backends.port import numerics as nx  # noqa: E402
+from lora_parity.backends.port.layers import (GroupNorm, SiLU, apply_activation, attention,  # noqa: E402
                                                    causal_mask, gelu, make_conv)
-from lora_parity.backends.mindspore.model import load_params  # noqa: E402
-from lora_parity.backends.mindspore.text import _HFMLP  # noqa: E402
-from lora_parity.backends.mindspore.unet import (ConcatTimestepEmbedderND, CrossAttention,  # noqa: E402
+from lora_parity.backends.port.model import load_params  # noqa: E402
+from lora_parity.backends.port.text import _HFMLP  # noqa: E402
+from lora_parity.backends.port.unet import (ConcatTimestepEmbedderND, CrossAttention,  # noqa: E402
                                                  timestep_embedding, timestep_frequencies)
-from lora_parity.layout import UNetLayout, sdxl_text_encoders  # noqa: E402
-from lora_parity.tiny import (TINY_LATENT_SHAPE, TINY_TE1_CONFIG, TINY_TE2_CONFIG, TINY_UNET_CONFIG,  # noqa: E402
+from lora_parity.convert.layout import UNetLayout, sdxl_text_encoders  # noqa: E402
+from lora_parity.convert.tiny import (TINY_LATENT_SHAPE, TINY_TE1_CONFIG, TINY_TE2_CONFIG, TINY_UNET_CONFIG,  # noqa: E402
                               TINY_VAE_CONFIG)
 
 SEQ = 77

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lora_parity.sampling import EulerSchedule, euler_step, image_mae, image_psnr, to_uint8
-from lora_parity.tolerances import (
+from lora_parity.parity.tolerances import (
     IMAGE_MAE_FP32_TARGET,
     IMAGE_MAE_MAX,
     LORA_EFFECT_FACTOR,
@@ -120,7 +120,7 @@ def test_epsilon_step_arithmetic_is_bitwise_for_the_same_sigmas(steps):
 def test_mindspore_step_arithmetic_matches_numpy_and_diffusers(prediction):
     ms = pytest.importorskip("mindspore")
     torch = pytest.importorskip("torch")
-    from lora_parity.backends.mindspore import sampler
+    from lora_parity.backends.port import sampler
 
     steps = 5
     config = dict(_sdxl_config(), prediction_type=prediction)
@@ -217,7 +217,7 @@ def images(fx, tmp_path_factory) -> Images:
     prompt = fx.prompt.read_text().strip()
     out, per_step = {}, {}
     runs = {"ms_lora": ("ms", {"ms_base": fx.ms_base, "ms_lora": fx.ms_lora}),
-            "pt_lora": ("pt", {"ms_lora": fx.ms_lora}),  # converted with lora_parity.convert on the fly
+            "pt_lora": ("pt", {"ms_lora": fx.ms_lora}),  # converted with lora_parity.convert.converter on the fly
             "ms_base": ("ms", {"ms_base": fx.ms_base}),
             "pt_base": ("pt", {})}
     for name, (backend, kw) in runs.items():
@@ -279,7 +279,7 @@ def test_infer_writes_pngs_that_agree(fx, tmp_path):
 @pytest.mark.parity
 def test_infer_tokenizer_matches_the_pipeline(tiny_pipeline_dir):
     pytest.importorskip("diffusers")
-    from lora_parity.backends.torch_backend import TorchBackend
+    from lora_parity.backends.diffusers.view import TorchBackend
     from lora_parity.infer import tokenize
 
     prompt = "a photo of a red cube on a wooden table"

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_parity import ckpt_io, formats
-from lora_parity.layout import PRESETS
-from lora_parity.tensor import Tensor
+from lora_parity.convert import ckpt_io, formats
+from lora_parity.convert.layout import PRESETS
+from lora_parity.convert.tensor import Tensor
 
 from .faults import write_fullsize_lora
 
@@ -180,7 +180,7 @@ sys.path.insert(0, {root!r})
 
 
 def pytest_configure(config):
-    from lora_parity.layout import PRESETS
+    from lora_parity.convert.layout import PRESETS
     from tests.faults import plant_keymap_swap
 
     block = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1."
@@ -262,8 +262,8 @@ def test_the_repository_runs_without_the_entry_point(tmp_path):
 def test_with_a_base_the_parity_and_image_test_runs(tmp_path):
     """``--sdxl-base random:tiny`` (generated into a temporary cache) and a tiny LoRA (``--lora-layout tiny``):
     the shipped parity/image test runs compare on it and passes."""
-    from lora_parity.synthetic import make_lora, write_ms_lora
-    from lora_parity.tiny import tiny_layout
+    from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
+    from lora_parity.convert.tiny import tiny_layout
 
     path = write_ms_lora(tmp_path / "tiny_lora.ckpt", make_lora(tiny_layout(), rank=4, seed=3))
     proc, outcomes, _ = run_pytest(tmp_path, "--pyargs", "lora_parity", "-m", "parity or image",

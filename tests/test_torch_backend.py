@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from lora_parity.tolerances import LORA_EFFECT_MIN_ABS, SAME_FRAMEWORK
+from lora_parity.parity.tolerances import LORA_EFFECT_MIN_ABS, SAME_FRAMEWORK
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub; the backend also passes local_files_only
 
@@ -19,14 +19,14 @@ from safetensors.numpy import load_file as load_np  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from lora_parity.backends import Activations, ParityInputs, PipelineView, get_view  # noqa: E402
-from lora_parity.backends.torch_backend import (  # noqa: E402
+from lora_parity.backends.diffusers.view import (  # noqa: E402
     LoraLoadError,
     TorchBackend,
     capture,
 )
 from lora_parity.errors import LoraParityError  # noqa: E402
 from lora_parity.fixtures import DEFAULT_PROMPT, build_tiny_pipeline, make_latents, write_latents  # noqa: E402
-from lora_parity.tiny import TINY_IMAGE_SIZE, TINY_LATENT_SHAPE  # noqa: E402
+from lora_parity.convert.tiny import TINY_IMAGE_SIZE, TINY_LATENT_SHAPE  # noqa: E402
 
 pytestmark = pytest.mark.parity
 

@@ -8,12 +8,12 @@ only when a backend runs.  :func:`get_view` gives the in-process numpy views the
 """
 from __future__ import annotations
 
-from .base import COMPONENTS, Activations, ParityInputs, PipelineView
-from .registry import BACKENDS, MS_BACKENDS, Backend, get_backend
+from lora_parity.backends.base import COMPONENTS, Activations, ParityInputs, PipelineView
+from lora_parity.backends.registry import BACKENDS, MS_BACKENDS, Backend, get_backend
 
 _VIEWS = {
-    "torch": ("lora_parity.backends.torch_backend", "TorchBackend"),
-    "mindspore": ("lora_parity.backends.mindspore_backend", "MindSporeBackend"),
+    "torch": ("lora_parity.backends.diffusers.view", "TorchBackend"),
+    "mindspore": ("lora_parity.backends.port.view", "MindSporeBackend"),
 }
 
 

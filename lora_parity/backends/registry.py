@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..sides.request import SideRequest, SideResult
+    from lora_parity.sides.request import SideRequest, SideResult
 
 MINDONE_PYTHON_ENV = "LORA_PARITY_MINDONE_PYTHON"
 MINDONE_VENV = ".venv-mindone"
@@ -84,7 +84,7 @@ def _ms_supports(dtype: str, device: str) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class DiffusersBackend:
-    """PyTorch: diffusers' own SDXL pipeline and ``load_lora_weights`` (:mod:`lora_parity.sides.pt_side`)."""
+    """PyTorch: diffusers' own SDXL pipeline and ``load_lora_weights`` (:mod:`lora_parity.backends.diffusers.capture`)."""
 
     name: str = "diffusers"
     side: str = "pt"
@@ -101,8 +101,8 @@ class DiffusersBackend:
         return (True, "") if dtype in ("F32", "F16", "BF16") else (False, f"unknown dtype {dtype}")
 
     def capture(self, req):
-        from ..sides.pt_side import capture_pt
-        from ..sides.run import quiet_frameworks
+        from lora_parity.backends.diffusers.capture import capture_pt
+        from lora_parity.sides.run import quiet_frameworks
 
         quiet_frameworks()  # before diffusers is imported
         return capture_pt(req)
@@ -110,7 +110,7 @@ class DiffusersBackend:
 
 @dataclass(frozen=True)
 class PortBackend:
-    """This project's SGM-layout SDXL in MindSpore ops, MindONE's ``.ckpt`` LoRA (:mod:`lora_parity.sides.ms_side`)."""
+    """This project's SGM-layout SDXL in MindSpore ops, MindONE's ``.ckpt`` LoRA (:mod:`lora_parity.backends.port.capture`)."""
 
     name: str = "port"
     side: str = "ms"
@@ -127,14 +127,14 @@ class PortBackend:
         return _ms_supports(dtype, device)
 
     def capture(self, req):
-        from ..sides.ms_side import capture_ms
+        from lora_parity.backends.port.capture import capture_ms
 
         return capture_ms(req)
 
 
 @dataclass(frozen=True)
 class MindoneBackend:
-    """mindone.diffusers' own SDXL pipeline and LoRA loader (:mod:`lora_parity.sides.mindone_side`)."""
+    """mindone.diffusers' own SDXL pipeline and LoRA loader (:mod:`lora_parity.backends.mindone.capture`)."""
 
     name: str = "mindone"
     side: str = "ms"
@@ -163,7 +163,7 @@ class MindoneBackend:
         return _ms_supports(dtype, device)
 
     def capture(self, req):
-        from ..sides.mindone_side import capture_mindone
+        from lora_parity.backends.mindone.capture import capture_mindone
 
         return capture_mindone(req)
 

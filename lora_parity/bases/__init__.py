@@ -7,9 +7,9 @@ to generate configs, tokenizers and tensor lists.
 """
 from __future__ import annotations
 
-from .single_file import SingleFileWeights, write_single_file
-from .sources import DiffusersFolderWeights, SgmWeights
-from .spec import BaseModel, default_cache_dir, resolve_base
+from lora_parity.bases.single_file import SingleFileWeights, write_single_file
+from lora_parity.bases.sources import DiffusersFolderWeights, SgmWeights
+from lora_parity.bases.spec import BaseModel, default_cache_dir, resolve_base
 
 __all__ = ["BaseModel", "DiffusersFolderWeights", "SgmWeights", "SingleFileWeights", "default_cache_dir",
            "resolve_base", "write_single_file"]

@@ -14,12 +14,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LoraParityError
-from ..fixtures.tiny_pipeline import (BOS_TOKEN, EOS_TOKEN, SDXL_SCHEDULER_CONFIG, build_clip_tokenizer,
+from lora_parity.errors import LoraParityError
+from lora_parity.fixtures.tiny_pipeline import (BOS_TOKEN, EOS_TOKEN, SDXL_SCHEDULER_CONFIG, build_clip_tokenizer,
                                       byte_units, tiny_vocab)
-from ..layout import (CLIP_BIGG_CONFIG, CLIP_L_CONFIG, SDXL_BASE_UNET_CONFIG, SDXL_REFINER_UNET_CONFIG,
+from lora_parity.convert.layout import (CLIP_BIGG_CONFIG, CLIP_L_CONFIG, SDXL_BASE_UNET_CONFIG, SDXL_REFINER_UNET_CONFIG,
                       ModelLayout, UNetLayout, sdxl_text_encoders)
-from ..tiny import (TINY_IMAGE_SIZE, TINY_REFINER_UNET_CONFIG, TINY_TE1_CONFIG, TINY_TE2_CONFIG,
+from lora_parity.convert.tiny import (TINY_IMAGE_SIZE, TINY_REFINER_UNET_CONFIG, TINY_TE1_CONFIG, TINY_TE2_CONFIG,
                     TINY_UNET_CONFIG, TINY_VAE_CONFIG)
 
 # diffusers AutoencoderKL config of the released SDXL VAE (public facts)
@@ -170,7 +170,7 @@ def meta_state_shapes(component: str, cfg: dict) -> dict[str, tuple[int, ...]]:
     flattens ``CLIPTextModel`` (no ``text_model.``) but still loads the prefixed names, while
     transformers 4 and mindone.transformers need the prefix (without it they silently
     initialise CLIP-L randomly)."""
-    from ..fullweights import normalize_diffusers_names
+    from lora_parity.convert.fullweights import normalize_diffusers_names
 
     shapes = {f"{component}.{k}": tuple(v.shape) for k, v in meta_model(component, cfg).state_dict().items()}
     return {k[len(component) + 1:]: v for k, v in normalize_diffusers_names(shapes).items()}

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .configs import PipelineConfigs, meta_state_shapes, write_skeleton
-from .sources import write_component_weights
+from lora_parity.bases.configs import PipelineConfigs, meta_state_shapes, write_skeleton
+from lora_parity.bases.sources import write_component_weights
 
 INIT_VERSION = 3  # 2: UNet weights in 1 GiB shards; 3: CLIP-L names with "text_model." (transformers 4 / mindone)
 VARIANT = "fp16"

@@ -3,7 +3,7 @@
 They hold every SGM parameter in *torch* spellings (norms ``weight``/``bias``,
 embeddings ``weight``), fp16, VAE encoder included.  The MindSpore port names the
 same parameters with MindSpore spellings (``gamma``/``beta``/``embedding_table``);
-the rename is derived from :func:`lora_parity.fullweights.param_maps` (which equals
+the rename is derived from :func:`lora_parity.convert.fullweights.param_maps` (which equals
 the port's parameter list, see tests/test_fullweights.py) by swapping only those
 MindSpore leaf names, so no name is listed by hand.  Files already in MindSpore
 spellings (MindONE's safetensors) are read as they are.
@@ -15,7 +15,7 @@ and shape is checked against the built-in configs (built on the meta device).
 
 The PyTorch side needs a diffusers folder: :func:`materialize` writes one into the
 cache (built-in configs, generated tokenizers, scheduler, weights converted with
-:func:`~lora_parity.fullweights.sgm_to_diffusers` parameter by parameter, streamed,
+:func:`~lora_parity.convert.fullweights.sgm_to_diffusers` parameter by parameter, streamed,
 in the file's dtype), atomically, once per (file name, size, mtime).
 """
 from __future__ import annotations
@@ -30,12 +30,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..errors import LoraParityError
-from ..fullweights import (ParamMap, VaeLayout, normalize_diffusers_names, param_maps, sgm_only_params,
+from lora_parity.errors import LoraParityError
+from lora_parity.convert.fullweights import (ParamMap, VaeLayout, normalize_diffusers_names, param_maps, sgm_only_params,
                            sgm_to_diffusers)
-from ..tensor import Tensor
-from .configs import PIPELINES, PipelineConfigs, meta_state_shapes, write_skeleton
-from .sources import DiffusersFolderWeights, LazySafetensors, sgm_shape, write_component_weights, write_safetensors_streaming
+from lora_parity.convert.tensor import Tensor
+from lora_parity.bases.configs import PIPELINES, PipelineConfigs, meta_state_shapes, write_skeleton
+from lora_parity.bases.sources import DiffusersFolderWeights, LazySafetensors, sgm_shape, write_component_weights, write_safetensors_streaming
 
 # MindSpore's parameter names -> torch's: nn.LayerNorm/GroupNorm gamma/beta, nn.Embedding embedding_table
 _TORCH_LEAF = {"gamma": "weight", "beta": "bias", "embedding_table": "weight"}

@@ -8,7 +8,7 @@ header first and then the tensors one by one, for the same reason.
 
 :class:`DiffusersFolderWeights` is the MindSpore side's view of a diffusers
 pipeline folder: diffusers names are mapped to SGM names (MindSpore spellings)
-by :func:`lora_parity.fullweights.param_maps`, the exact same rules as the
+by :func:`lora_parity.convert.fullweights.param_maps`, the exact same rules as the
 in-memory converter, applied one parameter at a time.
 """
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
-from ..atomic import atomic_output
-from ..errors import CheckpointFormatError, LoraParityError
-from ..fullweights import (ParamMap, VaeLayout, diffusers_to_sgm, normalize_diffusers_names, param_maps,
+from lora_parity.atomic import atomic_output
+from lora_parity.errors import CheckpointFormatError, LoraParityError
+from lora_parity.convert.fullweights import (ParamMap, VaeLayout, diffusers_to_sgm, normalize_diffusers_names, param_maps,
                            sgm_only_params)
-from ..layout import ModelLayout, layout_from_pipeline_dir
-from ..safetensors_io import read_header
-from ..tensor import Tensor, from_st_name, itemsize, st_name, storage_dtype
+from lora_parity.convert.layout import ModelLayout, layout_from_pipeline_dir
+from lora_parity.convert.safetensors_io import read_header
+from lora_parity.convert.tensor import Tensor, from_st_name, itemsize, st_name, storage_dtype
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 # diffusers / transformers weight file names: stem, optional .variant, optional -0000i-of-0000n shard
@@ -191,7 +191,7 @@ class DiffusersFolderWeights:
         return set(self._maps) | set(self._fixed)
 
     def ordered_names(self) -> list[str]:
-        """Every name, in :func:`~lora_parity.fullweights.param_maps` order, SGM-only ones last."""
+        """Every name, in :func:`~lora_parity.convert.fullweights.param_maps` order, SGM-only ones last."""
         return [*self._maps, *self._fixed]
 
     def shape(self, name: str) -> tuple[int, ...]:

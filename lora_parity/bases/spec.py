@@ -13,10 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LoraParityError
-from ..layout import UNetLayout, layout_from_pipeline_dir
-from .configs import PIPELINES, pipeline_configs
-from .sources import COMPONENTS, DiffusersFolderWeights, SgmWeights, weight_files
+from lora_parity.errors import LoraParityError
+from lora_parity.convert.layout import UNetLayout, layout_from_pipeline_dir
+from lora_parity.bases.configs import PIPELINES, pipeline_configs
+from lora_parity.bases.sources import COMPONENTS, DiffusersFolderWeights, SgmWeights, weight_files
 
 RANDOM_PREFIX = "random:"
 
@@ -45,7 +45,7 @@ class BaseModel:
     def sgm_weights(self) -> SgmWeights:
         """The MindSpore side's weights: the single file itself, else the diffusers folder."""
         if self.kind == "single-file":
-            from .single_file import SingleFileWeights
+            from lora_parity.bases.single_file import SingleFileWeights
 
             return SingleFileWeights(self.single_file, pipeline_configs(self.layout_name))
         return DiffusersFolderWeights(self.pipeline_dir, self.variant)
@@ -67,7 +67,7 @@ def resolve_base(spec: str, *, variant: str | None = None, cache: Path | None = 
 
 
 def _random(spec: str, cache: Path, progress: bool) -> BaseModel:
-    from .random_weights import VARIANT, ensure_random_pipeline
+    from lora_parity.bases.random_weights import VARIANT, ensure_random_pipeline
 
     name, _, seed_s = spec[len(RANDOM_PREFIX):].partition(":")
     if name not in PIPELINES:
@@ -101,7 +101,7 @@ def _diffusers(spec: str, path: Path, variant: str | None) -> BaseModel:
 
 
 def _single_file(spec: str, path: Path, cache: Path) -> BaseModel:
-    from .single_file import SingleFileWeights, materialize
+    from lora_parity.bases.single_file import SingleFileWeights, materialize
 
     weights = SingleFileWeights(path)
     folder = materialize(weights, cache)

@@ -5,7 +5,7 @@ A module of its own so that :mod:`.run` is imported once, as itself (a test may 
 """
 import sys
 
-from .run import main, quiet_environment
+from lora_parity.sides.run import main, quiet_environment
 
 quiet_environment()
 sys.exit(main())

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..safetensors_io import read_safetensors, write_safetensors
-from ..tensor import Tensor
+from lora_parity.convert.safetensors_io import read_safetensors, write_safetensors
+from lora_parity.convert.tensor import Tensor
 
 REQUEST_JSON = "request.json"
 RESULT_JSON = "result.json"

@@ -15,15 +15,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import LoraParityError
-from .request import SideRequest, SideResult
+from lora_parity.errors import LoraParityError
+from lora_parity.sides.request import SideRequest, SideResult
 
 ERROR_FILE = "error.txt"
 
 
 def capture(req: SideRequest) -> SideResult:
     """Run the backend named by ``req`` in this process; the result records the inputs' fingerprint."""
-    from ..backends.registry import get_backend
+    from lora_parity.backends.registry import get_backend
 
     fingerprint = req.fingerprint()  # before the side adds token ids of its own
     try:

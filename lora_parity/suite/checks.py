@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import formats
-from ..convert import ConvertOptions, convert
-from ..errors import KeyMapError, LoraParityError
-from ..keymap import KeyMap, ModuleEntry, keymap_for
-from ..layout import PRESETS, ModelLayout, load_layout
-from ..lora_set import LoraSet, NamedHalves, choose_layout, resolve
+from lora_parity.convert import formats
+from lora_parity.convert.converter import ConvertOptions, convert
+from lora_parity.errors import KeyMapError, LoraParityError
+from lora_parity.convert.keymap import KeyMap, ModuleEntry, keymap_for
+from lora_parity.convert.layout import PRESETS, ModelLayout, load_layout
+from lora_parity.convert.lora_set import LoraSet, NamedHalves, choose_layout, resolve
 
 #: the test that reports each stage's failure (dependent tests are skipped naming it)
 OWNERS = {
@@ -319,7 +319,7 @@ def bitwise_diff(expected: dict, got: dict) -> list[str]:
 def pipeline_configs_for(layout: ModelLayout, layout_spec: str | None) -> tuple[dict[str, dict], bool]:
     """(component -> config, is_refiner) of the pipeline the layout describes: a built-in model by
     name, or the configs of a ``--lora-layout`` pipeline folder."""
-    from ..bases.configs import PIPELINES
+    from lora_parity.bases.configs import PIPELINES
 
     if layout_spec is not None and Path(layout_spec).is_dir():
         folder = Path(layout_spec)
@@ -355,7 +355,7 @@ def hollow_pipeline(layout: ModelLayout, layout_spec: str | None = None):
     module trees with real shapes and no weights (meta device, then zero-stride tensors)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from ..bases.configs import meta_model
+    from lora_parity.bases.configs import meta_model
 
     comps, refiner = pipeline_configs_for(layout, layout_spec)
     models = {c: _hollow(meta_model(c, cfg)) for c, cfg in comps.items()}

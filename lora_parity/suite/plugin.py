@@ -74,7 +74,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "mindone (mindone.diffusers, in its own environment) or all (default)")
     g.addoption("--fullsize-cache", action="store", default=None, metavar="DIR",
                 help="where the fullsize layer generates its random SDXL bases (default: ~/.cache/lora-parity)")
-    for dt in ("f32", "f16", "bf16"):  # as compare's flags; lora_parity.tolerances documents what they replace
+    for dt in ("f32", "f16", "bf16"):  # as compare's flags; lora_parity.parity.tolerances documents what they replace
         g.addoption(f"--tol-{dt}", type=float, default=None,
                     help=f"override the {dt} per-layer bound on max|a-b|/max|ref|")
         g.addoption(f"--mismatch-{dt}", type=float, default=None,
@@ -211,8 +211,8 @@ def _check_options(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--lora-alpha {alpha}: must be a positive number")
     layout = config.getoption("--lora-layout")
     if layout is not None:
-        from ..errors import LoraParityError
-        from ..layout import load_layout
+        from lora_parity.errors import LoraParityError
+        from lora_parity.convert.layout import load_layout
 
         try:
             load_layout(os.path.expanduser(layout))

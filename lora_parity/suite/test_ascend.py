@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lora_parity.compare import CompareOptions, run_compare
-from lora_parity.parity import assert_report
+from lora_parity.parity.metrics import assert_report
 
 pytestmark = pytest.mark.ascend
 
@@ -38,7 +38,7 @@ def bases(request, tmp_path_factory, ms_device) -> dict:
     single-file checkpoint or ``random:sdxl-base``; both sides built from it) with ``--lora-ckpt``
     (or a generated LoRA), else the built-in tiny SDXL with its LoRA."""
     from lora_parity.fixtures.bundle import write_fixture
-    from lora_parity.synthetic import make_lora, write_ms_lora
+    from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
 
     root = tmp_path_factory.mktemp("ascend")
     spec, lora = request.config.getoption("--sdxl-base"), request.config.getoption("--lora-ckpt")
@@ -49,7 +49,7 @@ def bases(request, tmp_path_factory, ms_device) -> dict:
         return {"pt_base": fx.pt_base, "ms_base": fx.ms_base, "ms_lora": fx.ms_lora}
     if lora is None:
         from lora_parity.bases import resolve_base
-        from lora_parity.layout import layout_from_pipeline_dir
+        from lora_parity.convert.layout import layout_from_pipeline_dir
 
         layout = layout_from_pipeline_dir(resolve_base(spec).pipeline_dir)
         lora = write_ms_lora(root / "generated_lora.ckpt", make_lora(layout, rank=4))
@@ -75,7 +75,7 @@ ASCEND_GUIDANCE = 5.0
 
 
 def test_image_parity_on_device(bases, ms_device, request, record_property, tmp_path):
-    from lora_parity.tolerances import image_gate
+    from lora_parity.parity.tolerances import image_gate
 
     mae = request.config.getoption("--image-mae")
     report = run_compare(CompareOptions(**bases, ms_device=ms_device, steps=ASCEND_STEPS, guidance=ASCEND_GUIDANCE, image_mae=mae,

@@ -263,7 +263,7 @@ def converted(user, tmp_path_factory):
 
 
 def _round_trip(user, converted, fmt, record_property):
-    from lora_parity import formats
+    from lora_parity.convert import formats
 
     for name in ("ms", fmt, f"{fmt}_back"):
         path, err = converted[name]
@@ -311,7 +311,7 @@ def loaded(user, converted):
     as adapter 'kohya', by diffusers' own ``load_lora_weights``; errors kept per adapter."""
     pytest.importorskip("diffusers", reason="diffusers is not installed (pip install 'lora-parity[test]')")
     pytest.importorskip("peft", reason="peft is not installed (pip install 'lora-parity[test]')")
-    from lora_parity.backends.torch_backend import load_lora_checked
+    from lora_parity.backends.diffusers.view import load_lora_checked
 
     lora = user.strict()
     try:
@@ -374,7 +374,7 @@ def test_parity_and_image_on_your_base(user, converted, sdxl_base_option, reques
         pytest.skip("no --sdxl-base SPEC given (the base your LoRA was trained on: a diffusers folder, "
                     "sd_xl_base_1.0.safetensors or random:sdxl-base)")
     from lora_parity.compare import CompareOptions, run_compare
-    from lora_parity.parity import assert_report
+    from lora_parity.parity.metrics import assert_report
     from lora_parity.suite.plugin import gate_overrides
 
     ms_lora, err = converted["ms"]

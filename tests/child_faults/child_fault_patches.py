@@ -5,7 +5,7 @@ from __future__ import annotations
 def _truncate_middle() -> None:
     """The middle block's transformer stack runs one block short (an off-by-one in the depth loop);
     its weights and LoRA still load, so only the computation is wrong."""
-    from lora_parity.backends.mindspore import unet as unet_mod
+    from lora_parity.backends.port import unet as unet_mod
 
     init = unet_mod.UNetModel.__init__
     construct = unet_mod.SpatialTransformer.construct
@@ -31,7 +31,7 @@ def _truncate_middle() -> None:
 
 def _drop_aesthetic() -> None:
     """The refiner's aesthetic score lost on the way to the conditioning vector (taken as 0)."""
-    from lora_parity.backends.mindspore import unet as unet_mod
+    from lora_parity.backends.port import unet as unet_mod
 
     vector = unet_mod.sdxl_vector
 
@@ -60,8 +60,8 @@ TE2 = "conditioner.embedders.1.model."
 
 def _lora_unet_only() -> None:
     """``_Loader.fill`` injects the LoRA into the UNet only (text encoders run without theirs)."""
-    from lora_parity.backends.mindspore.unet import UNetModel
-    from lora_parity.sides import ms_side
+    from lora_parity.backends.port.unet import UNetModel
+    from lora_parity.backends.port import capture as ms_side
 
     fill = ms_side._Loader.fill
 
@@ -79,7 +79,7 @@ def _lora_unet_only() -> None:
 
 def _te2_layer_lora_dropped() -> None:
     """The LoRA tensors of one OpenCLIP layer (resblocks.1) are lost while reading the .ckpt."""
-    from lora_parity.sides import ms_side
+    from lora_parity.backends.port import capture as ms_side
 
     read = ms_side._lora_tensors
 
@@ -95,7 +95,7 @@ def _lora_b_transposed() -> None:
     """lora_B read in (in, out) order and reshaped to fit: ``B.T.reshape(B.shape)`` (Dense layout mix-up)."""
     import numpy as np
 
-    from lora_parity.sides import ms_side
+    from lora_parity.backends.port import capture as ms_side
 
     read = ms_side._lora_tensors
 
@@ -114,7 +114,7 @@ def _lora_b_transposed() -> None:
 # ---- LoRA injection and scale: lora_parity/backends/mindspore/lora.py
 
 def _patch_scale(fn) -> None:
-    from lora_parity.backends.mindspore import lora as lora_mod
+    from lora_parity.backends.port import lora as lora_mod
 
     attach = lora_mod._attach
 
@@ -138,7 +138,7 @@ def _in_proj_lora_rows_kqv() -> None:
     """The fused OpenCLIP in_proj LoRA output added in k/q/v row order instead of q/k/v."""
     from mindspore import ops
 
-    from lora_parity.backends.mindspore import text
+    from lora_parity.backends.port import text
 
     def construct(self, x):
         out = self.lora_B(self.lora_A(x)) * self.scale
@@ -152,7 +152,7 @@ def _in_proj_lora_rows_kqv() -> None:
 
 def _groupnorm_eps() -> None:
     """ResBlock / ``out`` GroupNorm eps 1e-6 (the SpatialTransformer's) instead of SGM's 1e-5."""
-    from lora_parity.backends.mindspore import unet as unet_mod
+    from lora_parity.backends.port import unet as unet_mod
 
     init = unet_mod.UNetModel.__init__
 
@@ -166,7 +166,7 @@ def _timestep_sin_cos_swapped() -> None:
     """Sinusoidal embedding ``[sin, cos]`` instead of SGM's cos-first (flip_sin_to_cos) order."""
     from mindspore import ops
 
-    from lora_parity.backends.mindspore import unet as unet_mod
+    from lora_parity.backends.port import unet as unet_mod
 
     embed = unet_mod.timestep_embedding
 
@@ -180,8 +180,8 @@ def _timestep_sin_cos_swapped() -> None:
 
 def _self_attention_qk_swapped() -> None:
     """UNet self-attention called as attention(k, q, v)."""
-    from lora_parity.backends.mindspore import unet as unet_mod
-    from lora_parity.backends.mindspore.layers import attention
+    from lora_parity.backends.port import unet as unet_mod
+    from lora_parity.backends.port.layers import attention
 
     construct = unet_mod.CrossAttention.construct
 
@@ -195,8 +195,8 @@ def _self_attention_qk_swapped() -> None:
 
 def _qkv_split_wrong_order() -> None:
     """OpenCLIP's fused in_proj output split as k, q, v."""
-    from lora_parity.backends.mindspore import text
-    from lora_parity.backends.mindspore.layers import attention
+    from lora_parity.backends.port import text
+    from lora_parity.backends.port.layers import attention
 
     def construct(self, x, mask):
         b, length, w = x.shape
@@ -213,7 +213,7 @@ def _qkv_split_wrong_order() -> None:
 
 def _last_hidden_state_as_context() -> None:
     """Text encoders hand the UNet their last layer's states, not the penultimate (SDXL's clip skip)."""
-    from lora_parity.backends.mindspore import text
+    from lora_parity.backends.port import text
 
     build = text.build_text_encoder
 
@@ -225,7 +225,7 @@ def _last_hidden_state_as_context() -> None:
 
 def _crop_and_original_size_swapped() -> None:
     """The SDXL vector built from (crop, original size, target) instead of (original size, crop, target)."""
-    from lora_parity.backends.mindspore import unet as unet_mod
+    from lora_parity.backends.port import unet as unet_mod
 
     vector = unet_mod.sdxl_vector
 
@@ -237,7 +237,7 @@ def _crop_and_original_size_swapped() -> None:
 
 def _vae_scaling_factor_missing() -> None:
     """The VAE decodes the latents without dividing by ``scaling_factor``."""
-    from lora_parity.backends.mindspore import vae as vae_mod
+    from lora_parity.backends.port import vae as vae_mod
 
     construct = vae_mod.VAEDecoder.construct
 
@@ -302,7 +302,7 @@ def _up_attention_index_off_by_one() -> None:
 
 def _cfg_wrong_branch() -> None:
     """Guidance pushes away from the prompt: ``c + g * (u - c)``."""
-    from lora_parity.backends.mindspore import sampler
+    from lora_parity.backends.port import sampler
 
     guide = sampler.guide
     sampler.guide = lambda eps_uncond, eps_cond, guidance: guide(eps_cond, eps_uncond, guidance)
@@ -310,7 +310,7 @@ def _cfg_wrong_branch() -> None:
 
 def _input_scale_sigma_off_by_one() -> None:
     """``scale_model_input`` divides by the next step's sqrt(sigma**2 + 1) (sigma index + 1)."""
-    from lora_parity.backends.mindspore import sampler
+    from lora_parity.backends.port import sampler
 
     scale = sampler.scale_input
     sampler.scale_input = lambda x, schedule, i: scale(x, schedule, i + 1)
@@ -318,7 +318,7 @@ def _input_scale_sigma_off_by_one() -> None:
 
 def _init_noise_sigma_missing() -> None:
     """The start noise is not multiplied by ``init_noise_sigma``."""
-    from lora_parity.backends.mindspore import sampler
+    from lora_parity.backends.port import sampler
 
     denoise = sampler.denoise
 
@@ -331,7 +331,7 @@ def _init_noise_sigma_missing() -> None:
 
 def _unconditional_not_zeroed() -> None:
     """``force_zeros_for_empty_prompt`` ignored: the unconditional branch gets the prompt's context."""
-    from lora_parity.backends.mindspore import sampler
+    from lora_parity.backends.port import sampler
 
     sampler.unconditional = lambda context, y, *args, **kwargs: (context, y)
 

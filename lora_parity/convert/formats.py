@@ -1,0 +1,570 @@
+"""File formats: read any LoRA file into named halves, write a LoraSet in one format.
+
+Formats: ``ms`` (MindONE names, ``.ckpt`` protobuf or MindSpore safetensors),
+``peft`` (diffusers ``save_lora_weights``), ``kohya`` (sd-scripts SDXL).  The
+format of an input is detected from its content, never from its name alone.
+Pickles are only read with ``torch.load(weights_only=True)`` and only when the
+extension asks for it.
+
+MindONE checkpoints come in more shapes than the plain ``*_lora.ckpt``; what the
+reader accepts was checked against MindONE's own code (mindspore-lab/mindone):
+
+* ``examples/stable_diffusion_xl/gm/helpers.py`` ``save_checkpoint`` writes the
+  names holding ``lora_`` to ``<name>_lora.ckpt`` and, with EMA, the EMA copies to
+  ``<name>_lora_ema.ckpt`` under the *same* names: it strips the in-memory
+  ``ema.`` prefix (``EMA`` clones the trainable parameters with
+  ``ParameterTuple.clone(prefix="ema")``, which MindSpore spells ``"ema." + name``)
+  and the first ``._backbone`` ("save checkpoint bug on mindspore 2.1.0").
+  ``gm/models/diffusion.py`` ``load_pretrained`` removes every ``._backbone``
+  ("parameter auto-prefix name bug on mindspore 2.2.10") and reads a
+  ``global_step`` entry; ``DiffusionEngineMultiGraph.save_checkpoint`` renames its
+  ``stage1.`` / ``stage2.`` UNet halves to ``model.``.  Older or hand-saved files
+  may keep any of these, so they are normalised here.  An older ``helpers.py``
+  (mindone commit 0387c2fb) had the same ``EMA`` class but sent every ``lora_``
+  name, ``ema.`` ones included, into the one ``_lora.ckpt``: saving the EMA cell
+  (as ``train.py`` does, ``save_checkpoint(model if not ema else ema, ...)``) gives a
+  file holding both sets, which needs ``--ema`` / ``--no-ema``.
+* ``mindone/trainers/ema.py`` also keeps ``swap.``-prefixed copies (its
+  ``swap_cache``); ``mindone/trainers/train_step.py`` keeps
+  ``grad_accumulated_.``-prefixed gradient buffers, gm's
+  ``gm/models/trainer_factory.py`` ``accum_grad.`` ones, and gm's ``train.py``
+  strips ``ldm_with_loss_grad.optimizer.`` from optimizer files (MindSpore's
+  auto-prefix puts wrapper attribute names in front of parameter names).
+  MindSpore's ``AdamWeightDecay`` keeps ``adam_m.`` / ``adam_v.`` copies of every
+  trained tensor plus ``global_step`` and ``learning_rate`` (``nn.Adam``:
+  ``moment1.`` / ``moment2.``, ``beta1_power`` / ``beta2_power``); checked with
+  mindspore 2.10, whose ``save_checkpoint(optimizer)`` (gm's ``optimizer.ckpt``)
+  also writes the trained tensors themselves under their own names.
+* ``mindone/trainers/callback.py`` ``EvalSaveCallback`` saves the trainable
+  parameters with ``append_dict={"lora_rank": ...}`` and a ``train_resume.ckpt``
+  of the whole train network (base weights, optimizer state, ``scale_sense``,
+  EMA) with ``epoch_num`` / ``cur_step`` / ``loss_scale``.
+* gm's ``UNetModel_lora`` trains no bias (``mark_only_lora_as_trainable(bias="none")``)
+  and ``save_checkpoint`` keeps only ``lora_`` names, so no MindONE path found
+  writes a bias into a LoRA file; ``gm/modules/lora/utils.py`` ``lora_state_dict``
+  does support ``bias="lora_only"`` (``<module>.lora_A.weight`` -> ``<module>.bias``,
+  the layer's whole trained bias), which is what a LoRA-only file with ``.bias``
+  entries is read as.
+
+Everything that is not the chosen LoRA set is listed by kind in the
+conversion summary; optimizer copies of LoRA tensors are never taken as LoRA.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lora_parity.convert import ckpt_io
+from lora_parity.atomic import atomic_output
+from lora_parity.errors import CheckpointFormatError, LoraParityError
+from lora_parity.convert.keymap import UNET_DIFFUSERS, kohya_name
+from lora_parity.convert.lora_set import LoraPair, LoraSet, NamedHalves
+from lora_parity.convert.safetensors_io import is_safetensors, read_safetensors, write_safetensors
+from lora_parity.convert.tensor import Tensor, storage_dtype
+
+FORMATS = ("peft", "kohya", "ms")
+PICKLE_EXTS = (".bin", ".pt", ".pth")
+MODEL_ROOTS = ("model.diffusion_model.", "conditioner.embedders.")
+# MindSpore optimizer / EMA state that shadows parameter names: listed, never converted
+OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "moments.", "accum.", "optimizer.",
+                      "ema.", "vhat.", "mean_grad.", "mean_square.", "lamb_m.", "lamb_v.")
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers reads for PEFT LoraConfig kwargs
+OUR_METADATA_KEY = "lora_parity"
+
+_MS_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<half>[AB])\.weight$")
+# PEFT / kohya keys for a bias that belongs to a LoRA (never silently skipped, see _refuse_pt_bias)
+_PEFT_BIAS_RE = re.compile(r"^(?:unet|text_encoder|text_encoder_2)\..+\.bias$")
+_KOHYA_BIAS_RE = re.compile(r"^lora_(?:unet|te1|te2|te)_.+\.(?:diff_b|bias|lora_(?:up|down)\.bias)$")
+_PEFT_RE = re.compile(r"^(?P<comp>unet|text_encoder|text_encoder_2)\.(?P<mod>.+)"
+                      r"\.(?:lora_(?P<half>[AB])\.weight|(?P<alpha>alpha))$")
+_KOHYA_RE = re.compile(r"^(?P<mod>lora_(?:unet|te1|te2|te)_.+?)\.(?:lora_(?P<half>down|up)\.weight|(?P<alpha>alpha))$")
+
+
+def read_tensors(path: str | Path, *, progress: bool = False,
+                 non_tensor: list[str] | None = None) -> tuple[dict[str, Tensor], dict[str, str], str]:
+    """(tensors, metadata, container) for a .ckpt, safetensors or (asked-for) pickle file.
+
+    ``non_tensor``: a list receiving the names of a .ckpt's non-tensor records
+    (``append_dict`` strings) instead of a warning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LoraParityError("no such file", path=path)
+    if path.stat().st_size == 0:
+        raise CheckpointFormatError("empty file", path=path)
+    if is_safetensors(path) and not ckpt_io.is_ckpt(path):
+        tensors, meta = read_safetensors(path)
+        return tensors, meta, "safetensors"
+    if path.suffix.lower() in PICKLE_EXTS and not ckpt_io.is_ckpt(path):
+        return _read_pickle(path), {}, "pickle"
+    # everything else is parsed as a .ckpt, whose reader says precisely what is wrong
+    # (truncated, encrypted, corrupt record, ...)
+    return ckpt_io.read_ckpt(path, progress=progress, skipped=non_tensor), {}, "ckpt"
+
+
+def _read_pickle(path: Path) -> dict[str, Tensor]:
+    try:
+        import torch
+    except ImportError:
+        raise LoraParityError("reading .bin/.pt needs torch; use safetensors", path=path) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad pickles
+        raise CheckpointFormatError(f"cannot be loaded safely (weights_only): {str(exc).splitlines()[0]}",
+                                    path=path) from None
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError("does not hold a dict of tensors", path=path)
+    return {str(k): _from_torch(v, path, str(k)) for k, v in obj.items()}
+
+
+def _from_torch(t, path, key) -> Tensor:
+    import torch
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointFormatError(f"is a {type(t).__name__}, not a tensor", path=path, key=key)
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return Tensor("BF16", t.view(torch.int16).numpy().view(np.uint16))
+    return Tensor.from_numpy(t.numpy())
+
+
+def detect_format(tensors: dict[str, Tensor]) -> str:
+    """'ms', 'peft' or 'kohya' by what the majority of LoRA keys look like."""
+    votes = Counter()
+    for k in tensors:
+        if _KOHYA_RE.match(k):
+            votes["kohya"] += 1
+        elif _PEFT_RE.match(k):
+            votes["peft"] += 1
+        elif classify_ms_key(k, 2).kind == "lora":  # MindONE names, wrappers / 'ema.' included
+            votes["ms"] += 1
+    return votes.most_common(1)[0][0] if votes else "unknown"
+
+
+# ---------------------------------------------------------------- MindONE checkpoint names
+
+#: Where a model parameter's name starts, as segment tuples (SGM / gm names).
+MS_ROOTS = (("model", "diffusion_model"), ("conditioner", "embedders"), ("first_stage_model",))
+#: gm's DiffusionEngineMultiGraph holds the UNet as stage1/stage2 and saves it as "model."
+_STAGE_SEGMENTS = ("stage1", "stage2")
+#: Name segments that mark optimizer state (MindSpore / MindONE optimizers, gradient buffers).
+OPTIMIZER_SEGMENTS = frozenset({
+    "adam_m", "adam_v", "moment1", "moment2", "moments", "accum", "accum_grad", "grad_accumulated_",
+    "vhat", "mean_grad", "mean_square", "lamb_m", "lamb_v", "exp_avg", "exp_avg_sq", "optimizer"})
+#: Non-parameter scalars/vectors a MindSpore training checkpoint carries next to the model.
+TRAINING_STATE_NAMES = frozenset({
+    "global_step", "learning_rate", "beta1_power", "beta2_power", "scale_sense", "loss_scale",
+    "epoch_num", "step_num", "cur_step", "lora_rank", "updates", "accum_step",
+    "current_iterator_step", "last_overflow_iterator_step"})
+#: Wrapper attribute names MindSpore's auto-prefix puts in front of parameter names (evidence:
+#: gm train.py ``remove_prefix="ldm_with_loss_grad.optimizer."``); dropped when reading.
+WRAPPER_SEGMENTS = frozenset({"ldm_with_loss_grad"})
+EMA_SEGMENT, SWAP_SEGMENT, BACKBONE_SEGMENT = "ema", "swap", "_backbone"
+
+# kinds of ignored entries, as the summary names them
+IGNORED_OPTIMIZER = "optimizer state"
+IGNORED_SWAP = "EMA swap copies"
+IGNORED_STATE = "training counters"
+IGNORED_BASE = "base-model weights"
+IGNORED_OTHER = "other non-LoRA entries"
+IGNORED_STRINGS = "non-tensor entries"
+IGNORED_EMA_LORA = "EMA LoRA tensors not chosen"
+IGNORED_PLAIN_LORA = "non-EMA LoRA tensors not chosen"
+
+
+@dataclass(frozen=True)
+class MsKey:
+    """What one key of a MindSpore checkpoint is.
+
+    ``kind``: ``lora`` (``<module>.lora_A/B.weight``), ``bias`` (``<module>.bias`` / ``.beta``),
+    ``base`` (any other model parameter), ``optimizer``, ``swap``, ``state`` (counters),
+    ``unknown`` (LoRA-looking but not MindONE's naming) or ``other``.  ``name`` is the
+    normalised parameter name (``_backbone`` segments, wrappers and ``ema.`` removed,
+    ``stage1.``/``stage2.`` -> ``model.``) for the model kinds; ``ema`` says an ``ema``
+    segment was removed.
+    """
+
+    kind: str
+    name: str | None = None
+    ema: bool = False
+
+
+def _root_at(segs: list[str]) -> int | None:
+    for i, seg in enumerate(segs):
+        nxt = segs[i + 1] if i + 1 < len(segs) else None
+        if seg in _STAGE_SEGMENTS and nxt == "diffusion_model":
+            return i
+        for root in MS_ROOTS:
+            if tuple(segs[i:i + len(root)]) == root:
+                return i
+    return None
+
+
+def classify_ms_key(key: str, numel: int) -> MsKey:
+    """Classify one MindSpore checkpoint key (see :class:`MsKey`); pure function of the name."""
+    segs = [s for s in key.split(".") if s != BACKBONE_SEGMENT]
+    looks_lora = "lora" in key.lower()
+    root = _root_at(segs)
+    if root is None:  # not a model parameter
+        if any(s in OPTIMIZER_SEGMENTS for s in segs):
+            return MsKey("optimizer")
+        if SWAP_SEGMENT in segs[:-1]:
+            return MsKey("swap")
+        if segs and segs[-1] in TRAINING_STATE_NAMES or numel <= 1:
+            return MsKey("state")
+        return MsKey("unknown" if looks_lora else "other")
+    wrapper, rest = segs[:root], segs[root:]
+    if any(s in OPTIMIZER_SEGMENTS for s in wrapper):
+        return MsKey("optimizer")
+    if SWAP_SEGMENT in wrapper:
+        return MsKey("swap")
+    ema = EMA_SEGMENT in wrapper
+    if any(s not in WRAPPER_SEGMENTS and s != EMA_SEGMENT for s in wrapper):
+        return MsKey("unknown" if looks_lora else "other")
+    if rest[0] in _STAGE_SEGMENTS:
+        rest = ["model", *rest[1:]]
+    name = ".".join(rest)
+    if _MS_RE.match(name):
+        return MsKey("lora", name, ema)
+    if rest[-1] in ("bias", "beta") and len(rest) > 1:
+        return MsKey("bias", name, ema)
+    if looks_lora:
+        return MsKey("unknown", name, ema)
+    return MsKey("base", name, ema)
+
+
+@dataclass
+class MsSelection:
+    """The LoRA tensors chosen from a MindSpore checkpoint, by normalised name, and what was left."""
+
+    lora: dict[str, tuple[str, Tensor]] = field(default_factory=dict)  # name -> (file key, tensor)
+    biases: dict[str, tuple[str, Tensor]] = field(default_factory=dict)  # module -> (file key, tensor)
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # kind -> file keys
+    unknown: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def select_ms_tensors(path: Path, tensors: dict[str, Tensor], ema: bool | None) -> MsSelection:
+    """Pick the LoRA set of a MindONE checkpoint: plain, or its ``ema.`` copies.
+
+    ``ema=None``: the only set there is (a file with both is refused: pass ``--ema`` or
+    ``--no-ema``); ``True``: the ``ema.`` set; ``False``: the plain set.  A ``.bias`` is a
+    trained LoRA bias only in a file without base-model weights (MindONE's
+    ``lora_state_dict(bias="lora_only")``); next to base weights it is a base weight.
+    """
+    out = MsSelection()
+    by_set: dict[bool, dict[str, tuple[str, Tensor]]] = {False: {}, True: {}}
+    bias_by_set: dict[bool, dict[str, tuple[str, Tensor]]] = {False: {}, True: {}}
+    base_keys: list[str] = []
+
+    def ignore(kind: str, key: str) -> None:
+        out.ignored.setdefault(kind, []).append(key)
+
+    for key, t in tensors.items():
+        c = classify_ms_key(key, int(np.prod(t.shape)))
+        if c.kind in ("lora", "bias"):
+            target = (by_set if c.kind == "lora" else bias_by_set)[c.ema]
+            name = c.name if c.kind == "lora" else c.name.rsplit(".", 1)[0]
+            if name in target:
+                raise CheckpointFormatError(
+                    f"names the same parameter as '{target[name][0]}' once MindSpore wrapper names "
+                    f"('_backbone', 'ema.', 'stage1.') are removed", path=path, key=key)
+            target[name] = (key, t)
+        elif c.kind == "base":
+            base_keys.append(key)
+        elif c.kind == "unknown":
+            out.unknown.append(key)
+        else:
+            ignore({"optimizer": IGNORED_OPTIMIZER, "swap": IGNORED_SWAP, "state": IGNORED_STATE}
+                   .get(c.kind, IGNORED_OTHER), key)
+
+    plain, emas = by_set[False], by_set[True]
+    if ema is None:
+        if plain and emas:
+            raise LoraParityError(
+                f"holds both trained LoRA tensors ({len(plain)}) and their EMA copies ('ema.' names, "
+                f"{len(emas)}); pass --ema to convert the EMA weights or --no-ema for the trained ones",
+                path=path, key=next(iter(emas.values()))[0])
+        use_ema = bool(emas)
+    elif ema:
+        if not emas:
+            raise LoraParityError(
+                "--ema: no 'ema.' LoRA tensors in this file (MindONE saves EMA LoRA weights to a separate "
+                "*_lora_ema.ckpt under plain names: convert that file without --ema)", path=path)
+        use_ema = True
+    else:
+        if not plain and emas:
+            raise LoraParityError("--no-ema: this file holds only EMA LoRA tensors ('ema.' names); "
+                                  "convert without --no-ema to use them", path=path,
+                                  key=next(iter(emas.values()))[0])
+        use_ema = False
+    out.lora = by_set[use_ema]
+    for key, _ in by_set[not use_ema].values():
+        ignore(IGNORED_PLAIN_LORA if use_ema else IGNORED_EMA_LORA, key)
+    if use_ema:
+        out.notes.append(f"EMA weights: the {len(out.lora)} 'ema.' LoRA tensors"
+                         + (" (--ema)" if ema else " (the file has no others)"))
+
+    for key in base_keys:
+        ignore(IGNORED_BASE, key)
+    for is_ema, biases in bias_by_set.items():
+        for mod, (key, t) in biases.items():
+            if base_keys:  # a training / full checkpoint: biases are base weights like the rest
+                ignore(IGNORED_BASE, key)
+            elif is_ema != use_ema:
+                ignore(IGNORED_PLAIN_LORA if use_ema else IGNORED_EMA_LORA, key)
+            else:
+                out.biases[mod] = (key, t)
+    if out.biases:
+        out.notes.append(f"{len(out.biases)} trained bias(es) saved with the LoRA (bias='lora_only')")
+    return out
+
+
+def _refuse_pt_bias(path: Path, key: str, fmt: str) -> None:
+    """A bias in a PEFT / kohya LoRA: MindONE's LoRA layer has no term that holds it."""
+    if fmt == "peft" and key.endswith(".lora_B.bias"):
+        why = ("PEFT lora_B.bias (lora_bias=True) is added to the base layer's bias times alpha/r; "
+               "MindONE's LoRA layer has no such term")
+    elif fmt == "kohya" and key.endswith(".diff_b"):
+        why = "a .diff_b is added to the base model's bias (ComfyUI); MindONE's LoRA layer has no such term"
+    else:
+        why = ("a trained bias in a PyTorch LoRA file (diffusers' load_lora_weights does not load it) "
+               "has no MindONE LoRA equivalent")
+    raise LoraParityError(f"{why}: cannot convert this LoRA exactly", path=path, key=key)
+
+
+def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt: str, *,
+          ema: bool | None = None, non_tensor: list[str] | None = None) -> NamedHalves:
+    """Group a file's keys into modules; classify the rest as skipped or unknown.
+
+    ``ema`` chooses between the plain and the ``ema.`` LoRA tensors of a MindONE
+    checkpoint (see :func:`select_ms_tensors`); for PEFT / kohya files only ``True`` matters
+    (refused: they have no EMA copies).
+    """
+    space = {"ms": "sgm", "peft": "diffusers", "kohya": "kohya"}[fmt]
+    h = NamedHalves(path=path, space=space, fmt=fmt, modules={}, keys={})
+    if fmt == "ms":
+        h = _parse_ms(h, tensors, ema)
+        if non_tensor:  # append_dict strings: never model data
+            h.ignored.setdefault(IGNORED_STRINGS, []).extend(non_tensor)
+            h.skipped.extend(non_tensor)
+        return h
+    if ema:
+        raise LoraParityError(f"--ema: a {fmt} file has no EMA copies (only MindONE checkpoints do)", path=path)
+    regex = {"peft": _PEFT_RE, "kohya": _KOHYA_RE}[fmt]
+    bias_re = {"peft": _PEFT_BIAS_RE, "kohya": _KOHYA_BIAS_RE}[fmt]
+    for key, t in tensors.items():
+        m = regex.match(key)
+        if m is None:
+            if bias_re.match(key):
+                _refuse_pt_bias(path, key, fmt)
+            if key.startswith(OPTIMIZER_PREFIXES) or "lora" not in key.lower():
+                h.skipped.append(key)
+            else:
+                h.unknown.append(key)
+            continue
+        mod = m.group("mod")
+        if fmt == "peft":
+            mod = f"{m.group('comp')}.{mod}"
+            if m.group("comp") == "text_encoder" and not mod.startswith("text_encoder.text_model."):
+                # written by diffusers with transformers 5, whose CLIPTextModel has no "text_model."
+                mod = "text_encoder.text_model." + mod[len("text_encoder."):]
+        if m.groupdict().get("alpha"):
+            if t.shape not in ((), (1,)):
+                raise CheckpointFormatError(f"alpha must be a scalar, got shape {list(t.shape)}", path=path, key=key)
+            h.alpha_overrides[mod] = float(t.to_float().reshape(-1)[0])
+            continue
+        half = {"down": "A", "up": "B"}.get(m.group("half"), m.group("half"))
+        h.modules.setdefault(mod, {})[half] = t
+        h.keys.setdefault(mod, {})[half] = key
+    for mod in list(h.alpha_overrides):
+        if mod not in h.modules:
+            h.unknown.append(f"{mod}.alpha")
+    if fmt == "peft":
+        h.default_alpha = _peft_alphas(path, metadata, h)
+    for key in h.skipped:
+        h.ignored.setdefault(IGNORED_OPTIMIZER if key.startswith(OPTIMIZER_PREFIXES) else IGNORED_OTHER,
+                             []).append(key)
+    return h
+
+
+def _parse_ms(h: NamedHalves, tensors: dict[str, Tensor], ema: bool | None) -> NamedHalves:
+    sel = select_ms_tensors(h.path, tensors, ema)
+    for name, (key, t) in sel.lora.items():
+        m = _MS_RE.match(name)
+        mod, half = m.group("mod"), m.group("half")
+        h.modules.setdefault(mod, {})[half] = t
+        h.keys.setdefault(mod, {})[half] = key
+    for mod, (key, t) in sel.biases.items():
+        h.biases[mod] = t
+        h.bias_keys[mod] = key
+    h.ignored = sel.ignored
+    h.skipped = [k for keys in sel.ignored.values() for k in keys]
+    h.unknown = sel.unknown
+    h.notes = sel.notes
+    return h
+
+
+def _peft_alphas(path: Path, metadata: dict[str, str], h: NamedHalves) -> dict[str, float]:
+    """diffusers' ``lora_adapter_metadata``: '<component>.lora_alpha' plus alpha_pattern."""
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise CheckpointFormatError(f"corrupt '{ADAPTER_METADATA_KEY}' header metadata", path=path) from None
+    out = {}
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        if f"{comp}.lora_alpha" in meta:
+            out[comp] = float(meta[f"{comp}.lora_alpha"])
+        for mod, a in (meta.get(f"{comp}.alpha_pattern") or {}).items():
+            h.alpha_overrides[f"{comp}.{mod}"] = float(a)
+    return out
+
+
+# ---------------------------------------------------------------- writers
+
+def bias_refusal(fmt: str) -> str:
+    """Why a trained bias (MindONE ``bias="lora_only"``: the layer's whole bias) cannot be written as ``fmt``.
+
+    diffusers' SDXL ``load_lora_weights`` refuses any key without 'lora' ("Invalid LoRA
+    checkpoint"), so a base ``.bias`` / ``.base_layer.bias`` key cannot ride along; PEFT's
+    ``lora_B.bias`` (``lora_bias=True``) and ComfyUI's ``.diff_b`` are *added* to the base bias
+    (PEFT: times alpha/r), and sd-scripts' LoRA has no bias at all.  Writing the MindONE
+    bias as such an addition needs the base model's bias, which a LoRA file does not have.
+    """
+    target = ("PEFT's lora_B.bias is added to the base bias times alpha/r and diffusers refuses other "
+              "bias keys" if fmt == "peft" else
+              "kohya LoRAs have no bias (sd-scripts), ComfyUI's .diff_b is added to the base bias")
+    return (f"trained bias (MindONE bias='lora_only', the layer's whole bias) cannot be written as {fmt}: "
+            f"{target}, so it needs the base model; use --format ms to keep it")
+
+
+def check_writable(lora: LoraSet, fmt: str, src: Path | None = None) -> None:
+    """Refuse, naming the source key, what ``fmt`` cannot hold (before anything is written)."""
+    if fmt != "ms":
+        biased = lora.biased()
+        if biased:
+            sgm = biased[0].module.sgm
+            more = f" ({len(biased)} biases)" if len(biased) > 1 else ""
+            raise LoraParityError(bias_refusal(fmt) + more, path=src,
+                                  key=lora.bias_keys.get(sgm, f"{sgm}.bias"))
+
+
+def pair_tensors(p: LoraPair, fmt: str, te_kohya: dict[str, str]) -> list[tuple[str, Tensor, str]]:
+    """(key, tensor, role) stored for one module in ``fmt``; role is 'A', 'B', 'alpha' or 'bias'."""
+    if fmt == "ms":
+        out = [(f"{p.module.sgm}.lora_A.weight", p.A, "A"), (f"{p.module.sgm}.lora_B.weight", p.B, "B")]
+        if p.bias is not None:  # as MindONE's lora_state_dict(bias="lora_only") names it
+            out.append((f"{p.module.sgm}.bias", p.bias, "bias"))
+        return out
+    if p.bias is not None:
+        raise LoraParityError(bias_refusal(fmt), key=f"{p.module.sgm}.bias")
+    n = len(p.module.diffusers)
+    rows = p.B.shape[0] // n
+    out = []
+    for i, dif in enumerate(p.module.diffusers):
+        b = p.B if n == 1 else Tensor(p.B.dtype, p.B.data[i * rows:(i + 1) * rows])
+        if fmt == "peft":
+            out += [(f"{dif}.lora_A.weight", p.A, "A"), (f"{dif}.lora_B.weight", b, "B")]
+        else:
+            kn = kohya_name(p.module, i, te_prefixes=te_kohya)
+            out += [(f"{kn}.lora_down.weight", p.A, "A"), (f"{kn}.lora_up.weight", b, "B"),
+                    (f"{kn}.alpha", kohya_alpha(p.alpha, p.A.dtype), "alpha")]
+    return out
+
+
+def kohya_alpha(alpha: float, dtype: str) -> Tensor:
+    """A kohya ``.alpha``: a 0-d tensor in the LoRA's own dtype, as sd-scripts saves it.
+
+    sd-scripts registers alpha as a 0-d buffer and ``save_weights`` casts the whole state
+    dict to the save dtype.  A shape-[1] alpha breaks its LoRAModule: ``alpha.numpy() / rank``
+    becomes a 1-element array, which promotes an fp16 forward to float32 and fails bf16, and
+    ``load_state_dict`` (training with ``--network_weights``) rejects the shape.  If the alpha
+    is not exactly representable in a half dtype (e.g. 0.1 in fp16) it is written in float32
+    instead: scale = alpha / rank is kept exactly, and every loader reads either dtype.
+    (``Tensor.from_numpy`` cannot build it: ``np.ascontiguousarray`` turns 0-d into shape [1].)
+    """
+    if dtype == "F64":
+        return Tensor("F64", np.array(alpha, dtype=storage_dtype("F64")).reshape(()))
+    if dtype in ("F16", "BF16"):
+        narrow = Tensor.from_numpy(np.array([alpha], dtype=np.float32), dtype)
+        narrow = Tensor(dtype, narrow.data.reshape(()))
+        if float(narrow.to_float()) == float(np.float32(alpha)):
+            return narrow
+    return Tensor("F32", np.array(alpha, dtype=storage_dtype("F32")).reshape(()))
+
+
+def tensors_for(lora: LoraSet, fmt: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The exact key -> tensor dict (and header metadata) a format stores."""
+    te_kohya = lora.keymap.te_kohya
+    out = {k: t for p in lora.ordered() for k, t, _ in pair_tensors(p, fmt, te_kohya)}
+    meta: dict[str, str] = {}
+    if fmt == "peft":
+        meta[ADAPTER_METADATA_KEY] = json.dumps(_adapter_metadata(lora), sort_keys=True, allow_nan=False)
+        meta["format"] = "pt"
+    if fmt != "ms":
+        meta[OUR_METADATA_KEY] = json.dumps({"layout": lora.layout.name, "source_format": lora.source_format},
+                                            allow_nan=False)
+    return out, meta
+
+
+def _adapter_metadata(lora: LoraSet) -> dict:
+    """diffusers' per-component LoraConfig kwargs: most common r/alpha plus exact patterns."""
+    per_comp: dict[str, list[tuple[str, int, float]]] = {}
+    for p in lora.ordered():
+        for dif in p.module.diffusers:
+            comp, mod = dif.split(".", 1)
+            # transformers 5 flattens CLIPTextModel (no "text_model."); PEFT matches target
+            # names as suffixes, so the unprefixed name fits both old and new module trees
+            mod = mod.removeprefix("text_model.")
+            per_comp.setdefault(comp, []).append((mod, p.rank, p.alpha))
+    adapter = {}
+    for comp, mods in per_comp.items():
+        r = Counter(rr for _, rr, _ in mods).most_common(1)[0][0]
+        a = Counter(aa for _, _, aa in mods).most_common(1)[0][0]
+        adapter[f"{comp}.r"] = r
+        adapter[f"{comp}.lora_alpha"] = a
+        adapter[f"{comp}.target_modules"] = sorted({m for m, _, _ in mods})
+        adapter[f"{comp}.rank_pattern"] = {m: rr for m, rr, _ in mods if rr != r}
+        adapter[f"{comp}.alpha_pattern"] = {m: aa for m, _, aa in mods if aa != a}
+    return adapter
+
+
+def write(path: Path, lora: LoraSet, fmt: str) -> tuple[int, int]:
+    """Atomically write ``lora`` as ``fmt``; the container follows the extension. Returns (bytes, tensors)."""
+    tensors, meta = tensors_for(lora, fmt)
+    suffix = path.suffix.lower()
+    if fmt == "ms":
+        if suffix == ".safetensors":
+            return write_safetensors(path, tensors, {"format": "ms"}), len(tensors)
+        ckpt_io.write_ckpt(path, tensors)
+        return path.stat().st_size, len(tensors)
+    if suffix in PICKLE_EXTS:
+        return _write_pickle(path, tensors), len(tensors)
+    return write_safetensors(path, tensors, meta), len(tensors)
+
+
+def _write_pickle(path: Path, tensors: dict[str, Tensor]) -> int:
+    try:
+        import torch
+    except ImportError:
+        raise LoraParityError("writing .bin/.pt needs torch; use .safetensors", path=path) from None
+    out = {}
+    for k, t in tensors.items():
+        if t.dtype == "BF16":
+            out[k] = torch.from_numpy(t.data.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            out[k] = torch.from_numpy(t.data.copy())
+    with atomic_output(path) as fh:
+        torch.save(out, fh)
+    return path.stat().st_size
+
+
+def component_of(diffusers_name: str) -> str:
+    return "unet" if diffusers_name.startswith(UNET_DIFFUSERS) else diffusers_name.split(".", 1)[0]

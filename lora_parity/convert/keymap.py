@@ -1,0 +1,263 @@
+"""Name maps SGM (MindONE) <-> diffusers <-> kohya, generated from a layout.
+
+Small exact tables (one per block type) are expanded by one generator walking
+the UNet the way both frameworks build it, so conversion is a dict lookup and
+the order of keys in a file never matters.  Every entry also carries the
+module's shape, so a LoRA tensor can be checked against the architecture
+before anything is written.  Norm layers are listed too (not LoRA-able) so the
+full-weight converter can reuse the same walk.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+
+from lora_parity.convert.layout import ModelLayout, TextEncoderLayout, UNetLayout
+
+UNET_SGM = "model.diffusion_model."
+UNET_DIFFUSERS = "unet."
+KOHYA_UNET = "lora_unet_"
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """One Linear / Conv / Norm module, named in both layouts.
+
+    ``diffusers`` has one name, or three for OpenCLIP's fused ``attn.in_proj``
+    (q, k, v in that order, each ``out_features // 3`` rows).
+    """
+
+    sgm: str
+    diffusers: tuple[str, ...]
+    kind: str  # "linear" | "conv" | "norm"
+    in_features: int
+    out_features: int
+    component: str  # "unet" | "text_encoder" | "text_encoder_2"
+    block: str  # SGM block label, for summaries and activation alignment
+    kernel: tuple[int, int] = (1, 1)
+    bias: bool = True
+
+    @property
+    def lora_able(self) -> bool:
+        return self.kind in ("linear", "conv")
+
+    @property
+    def fused(self) -> bool:
+        return len(self.diffusers) > 1
+
+    def lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Expected (lora_A, lora_B) shapes for this module at ``rank``."""
+        if self.kind == "conv":
+            return (rank, self.in_features, *self.kernel), (self.out_features, rank, 1, 1)
+        return (rank, self.in_features), (self.out_features, rank)
+
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.kind == "conv":
+            return (self.out_features, self.in_features, *self.kernel)
+        if self.kind == "norm":
+            return (self.out_features,)
+        return (self.out_features, self.in_features)
+
+
+# --- tables: (sgm suffix, diffusers suffix, kind, (in, out) from block channels, kernel, bias) ---
+
+def _resblock(sgm: str, dif: str, cin: int, cout: int, temb: int, comp: str, block: str):
+    rows = [
+        ("in_layers.0", "norm1", "norm", cin, cin, (1, 1)),
+        ("in_layers.2", "conv1", "conv", cin, cout, (3, 3)),
+        ("emb_layers.1", "time_emb_proj", "linear", temb, cout, (1, 1)),
+        ("out_layers.0", "norm2", "norm", cout, cout, (1, 1)),
+        ("out_layers.3", "conv2", "conv", cout, cout, (3, 3)),
+    ]
+    if cin != cout:
+        rows.append(("skip_connection", "conv_shortcut", "conv", cin, cout, (1, 1)))
+    for s, d, kind, i, o, k in rows:
+        yield ModuleEntry(f"{sgm}.{s}", (f"{dif}.{d}",), kind, i, o, comp, block, k)
+
+
+def _transformer(sgm: str, dif: str, ch: int, ctx: int, depth: int, comp: str, block: str):
+    yield ModuleEntry(f"{sgm}.norm", (f"{dif}.norm",), "norm", ch, ch, comp, block)
+    yield ModuleEntry(f"{sgm}.proj_in", (f"{dif}.proj_in",), "linear", ch, ch, comp, block)
+    for t in range(depth):
+        tb = f"transformer_blocks.{t}"
+        for attn, kv_in in (("attn1", ch), ("attn2", ctx)):
+            for proj, cin in (("to_q", ch), ("to_k", kv_in), ("to_v", kv_in)):
+                name = f"{tb}.{attn}.{proj}"
+                yield ModuleEntry(f"{sgm}.{name}", (f"{dif}.{name}",), "linear", cin, ch, comp,
+                                  block, bias=False)
+            name = f"{tb}.{attn}.to_out.0"
+            yield ModuleEntry(f"{sgm}.{name}", (f"{dif}.{name}",), "linear", ch, ch, comp, block)
+        for n in ("norm1", "norm2", "norm3"):
+            yield ModuleEntry(f"{sgm}.{tb}.{n}", (f"{dif}.{tb}.{n}",), "norm", ch, ch, comp, block)
+        yield ModuleEntry(f"{sgm}.{tb}.ff.net.0.proj", (f"{dif}.{tb}.ff.net.0.proj",), "linear",
+                          ch, 8 * ch, comp, block)
+        yield ModuleEntry(f"{sgm}.{tb}.ff.net.2", (f"{dif}.{tb}.ff.net.2",), "linear",
+                          4 * ch, ch, comp, block)
+    yield ModuleEntry(f"{sgm}.proj_out", (f"{dif}.proj_out",), "linear", ch, ch, comp, block)
+
+
+def unet_entries(layout: UNetLayout):
+    """Walk the UNet as SGM's ``UNetModel`` and diffusers' ``UNet2DConditionModel`` build it."""
+    S, D, comp = UNET_SGM, UNET_DIFFUSERS, "unet"
+    mc, temb, lpb, ctx = layout.model_channels, layout.time_embed_dim, layout.layers_per_block, layout.context_dim
+
+    def lin(s, d, i, o, block):
+        return ModuleEntry(S + s, (D + d,), "linear", i, o, comp, block)
+
+    yield lin("time_embed.0", "time_embedding.linear_1", mc, temb, "time_embed")
+    yield lin("time_embed.2", "time_embedding.linear_2", temb, temb, "time_embed")
+    if layout.adm_in_channels:
+        yield lin("label_emb.0.0", "add_embedding.linear_1", layout.adm_in_channels, temb, "label_emb")
+        yield lin("label_emb.0.2", "add_embedding.linear_2", temb, temb, "label_emb")
+    yield ModuleEntry(S + "input_blocks.0.0", (D + "conv_in",), "conv", layout.in_channels, mc, comp,
+                      "input_blocks.0", (3, 3))
+
+    skip_chans = [mc]
+    ch = mc
+    idx = 1
+    for level in range(layout.levels):
+        out_ch = layout.level_channels(level)
+        depth = layout.transformer_depth[level]
+        for j in range(lpb):
+            blk = f"input_blocks.{idx}"
+            dif = f"down_blocks.{level}"
+            yield from _resblock(f"{S}{blk}.0", f"{D}{dif}.resnets.{j}", ch, out_ch, temb, comp, blk)
+            ch = out_ch
+            if depth:
+                yield from _transformer(f"{S}{blk}.1", f"{D}{dif}.attentions.{j}", ch, ctx, depth, comp, blk)
+            skip_chans.append(ch)
+            idx += 1
+        if level != layout.levels - 1:
+            blk = f"input_blocks.{idx}"
+            yield ModuleEntry(f"{S}{blk}.0.op", (f"{D}down_blocks.{level}.downsamplers.0.conv",), "conv",
+                              ch, ch, comp, blk, (3, 3))
+            skip_chans.append(ch)
+            idx += 1
+
+    blk = "middle_block"
+    yield from _resblock(f"{S}{blk}.0", f"{D}mid_block.resnets.0", ch, ch, temb, comp, blk)
+    if layout.transformer_depth_middle:
+        yield from _transformer(f"{S}{blk}.1", f"{D}mid_block.attentions.0", ch, ctx,
+                                layout.transformer_depth_middle, comp, blk)
+        last = f"{S}{blk}.2"
+    else:
+        last = f"{S}{blk}.1"
+    yield from _resblock(last, f"{D}mid_block.resnets.1", ch, ch, temb, comp, blk)
+
+    idx = 0
+    for up, level in enumerate(reversed(range(layout.levels))):
+        out_ch = layout.level_channels(level)
+        depth = layout.transformer_depth_up[level]
+        for j in range(lpb + 1):
+            blk = f"output_blocks.{idx}"
+            dif = f"up_blocks.{up}"
+            cin = ch + skip_chans.pop()
+            yield from _resblock(f"{S}{blk}.0", f"{D}{dif}.resnets.{j}", cin, out_ch, temb, comp, blk)
+            ch = out_ch
+            slot = 1
+            if depth:
+                yield from _transformer(f"{S}{blk}.1", f"{D}{dif}.attentions.{j}", ch, ctx, depth, comp, blk)
+                slot = 2
+            if level != 0 and j == lpb:
+                yield ModuleEntry(f"{S}{blk}.{slot}.conv", (f"{D}{dif}.upsamplers.0.conv",), "conv",
+                                  ch, ch, comp, blk, (3, 3))
+            idx += 1
+
+    yield ModuleEntry(S + "out.0", (D + "conv_norm_out",), "norm", ch, ch, comp, "out")
+    yield ModuleEntry(S + "out.2", (D + "conv_out",), "conv", ch, layout.out_channels, comp, "out", (3, 3))
+
+
+def text_encoder_entries(te: TextEncoderLayout):
+    """CLIP-L keeps HF names under SGM's prefix; OpenCLIP-bigG uses resblocks with fused in_proj."""
+    comp = te.diffusers_prefix.rstrip(".")
+    h, inter = te.hidden_size, te.intermediate_size
+    for n in range(te.num_layers):
+        hf = f"text_model.encoder.layers.{n}"
+        dif = f"{te.diffusers_prefix}{hf}"
+        block = f"{comp}.layers.{n}"
+        if te.style == "hf":
+            sgm = f"{te.sgm_prefix}{hf}"
+            pairs = [(f"self_attn.{p}_proj", f"self_attn.{p}_proj", "linear", h, h) for p in "qkvo"[:3]]
+            pairs += [("self_attn.out_proj", "self_attn.out_proj", "linear", h, h),
+                      ("layer_norm1", "layer_norm1", "norm", h, h),
+                      ("mlp.fc1", "mlp.fc1", "linear", h, inter),
+                      ("mlp.fc2", "mlp.fc2", "linear", inter, h),
+                      ("layer_norm2", "layer_norm2", "norm", h, h)]
+            for s, d, kind, i, o in pairs:
+                yield ModuleEntry(f"{sgm}.{s}", (f"{dif}.{d}",), kind, i, o, comp, block)
+        else:
+            sgm = f"{te.sgm_prefix}transformer.resblocks.{n}"
+            yield ModuleEntry(f"{sgm}.attn.in_proj",
+                              tuple(f"{dif}.self_attn.{p}_proj" for p in "qkv"), "linear", h, 3 * h,
+                              comp, block)
+            for s, d, kind, i, o in (("attn.out_proj", "self_attn.out_proj", "linear", h, h),
+                                     ("ln_1", "layer_norm1", "norm", h, h),
+                                     ("mlp.c_fc", "mlp.fc1", "linear", h, inter),
+                                     ("mlp.c_proj", "mlp.fc2", "linear", inter, h),
+                                     ("ln_2", "layer_norm2", "norm", h, h)):
+                yield ModuleEntry(f"{sgm}.{s}", (f"{dif}.{d}",), kind, i, o, comp, block)
+    final = "text_model.final_layer_norm" if te.style == "hf" else "ln_final"
+    yield ModuleEntry(f"{te.sgm_prefix}{final}", (f"{te.diffusers_prefix}text_model.final_layer_norm",),
+                      "norm", h, h, comp, f"{comp}.final_layer_norm")
+
+
+def kohya_name(entry: ModuleEntry, part: int = 0, *, te_prefixes: dict[str, str]) -> str:
+    """sd-scripts' SDXL naming: SGM names for the UNet, HF names for the text encoders."""
+    if entry.component == "unet":
+        return KOHYA_UNET + entry.sgm[len(UNET_SGM):].replace(".", "_")
+    dif = entry.diffusers[part]
+    return te_prefixes[entry.component] + dif.split(".", 1)[1].replace(".", "_")
+
+
+class KeyMap:
+    """All modules of one model layout, indexed by SGM, diffusers and kohya names."""
+
+    def __init__(self, layout: ModelLayout):
+        self.layout = layout
+        entries = list(unet_entries(layout.unet))
+        for te in layout.text_encoders:
+            entries.extend(text_encoder_entries(te))
+        self.entries: tuple[ModuleEntry, ...] = tuple(entries)
+        self.te_kohya = {te.diffusers_prefix.rstrip("."): te.kohya_prefix for te in layout.text_encoders}
+
+    @cached_property
+    def by_sgm(self) -> dict[str, ModuleEntry]:
+        return {e.sgm: e for e in self.entries}
+
+    @cached_property
+    def by_diffusers(self) -> dict[str, tuple[ModuleEntry, int]]:
+        return {d: (e, i) for e in self.entries for i, d in enumerate(e.diffusers)}
+
+    @cached_property
+    def by_kohya(self) -> dict[str, tuple[ModuleEntry, int]]:
+        """sd-scripts names, plus the diffusers-layout variant some trainers write for the UNet."""
+        out: dict[str, tuple[ModuleEntry, int]] = {}
+        for e in self.entries:
+            if not e.lora_able:
+                continue
+            for i, d in enumerate(e.diffusers):
+                out[kohya_name(e, i, te_prefixes=self.te_kohya)] = (e, i)
+                if e.component == "unet":
+                    out[KOHYA_UNET + d[len(UNET_DIFFUSERS):].replace(".", "_")] = (e, i)
+        return out
+
+    def lora_entries(self, component: str | None = None) -> list[ModuleEntry]:
+        return [e for e in self.entries if e.lora_able and (component is None or e.component == component)]
+
+    def attention_entries(self) -> list[ModuleEntry]:
+        """What MindONE trains by default: q/k/v/out of every UNet attention."""
+        return [e for e in self.lora_entries("unet") if ".attn1." in e.sgm or ".attn2." in e.sgm]
+
+    def block_counts(self, sgm_names) -> Counter:
+        return Counter(self.by_sgm[n].block for n in sgm_names if n in self.by_sgm)
+
+
+_CACHE: dict[ModelLayout, KeyMap] = {}
+
+
+def keymap_for(layout: ModelLayout) -> KeyMap:
+    """Key maps are pure functions of the (frozen, hashable) layout: build each once."""
+    if layout not in _CACHE:  # keyed by the layout itself: equal layouts share, no hash collisions
+        _CACHE[layout] = KeyMap(layout)
+    return _CACHE[layout]

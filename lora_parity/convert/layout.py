@@ -1,0 +1,263 @@
+"""Frozen descriptions of the SDXL architecture, from which every name map is generated.
+
+A :class:`UNetLayout` holds just what decides module names and shapes (channels,
+blocks, transformer depths); it comes from a preset or from a diffusers
+``config.json``.  Text encoders are described by :class:`TextEncoderLayout`.
+Nothing here knows about LoRA or files: the key map expands these into tables.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_parity.errors import LoraParityError
+
+
+@dataclass(frozen=True)
+class UNetLayout:
+    """The SGM ``UNetModel`` / diffusers ``UNet2DConditionModel`` shape-defining numbers."""
+
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    layers_per_block: int
+    # transformer blocks per level on the down path; 0 = level without attention
+    transformer_depth: tuple[int, ...]
+    # per level on the up path, indexed like ``transformer_depth`` (level, not up-block index)
+    transformer_depth_up: tuple[int, ...]
+    transformer_depth_middle: int
+    context_dim: int
+    adm_in_channels: int | None
+    in_channels: int = 4
+    out_channels: int = 4
+    # head size used by the MindSpore model (diffusers' SDXL "attention_head_dim" is a head count)
+    num_head_channels: int = 64
+    norm_num_groups: int = 32
+    addition_time_embed_dim: int = 256
+    name: str = "custom"
+
+    @property
+    def levels(self) -> int:
+        return len(self.channel_mult)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+    def level_channels(self, level: int) -> int:
+        return self.model_channels * self.channel_mult[level]
+
+    def heads(self, level_or_mid: int | None) -> int:
+        ch = self.level_channels(self.levels - 1 if level_or_mid is None else level_or_mid)
+        return max(1, ch // self.num_head_channels)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_diffusers_config(cls, cfg: dict, name: str = "custom") -> "UNetLayout":
+        """Read a diffusers ``UNet2DConditionModel`` config (SDXL family, linear projections)."""
+        try:
+            boc = tuple(int(c) for c in cfg["block_out_channels"])
+            mc = boc[0]
+            if any(c % mc for c in boc):
+                raise LoraParityError(f"block_out_channels {boc} are not multiples of {mc}")
+            mult = tuple(c // mc for c in boc)
+            levels = len(boc)
+            tlpb = cfg.get("transformer_layers_per_block", 1)
+            tlpb = [int(tlpb)] * levels if isinstance(tlpb, int) else [int(t) for t in tlpb]
+            down_types = cfg["down_block_types"]
+            up_types = cfg["up_block_types"]
+            depth = tuple(t if "CrossAttn" in bt else 0 for t, bt in zip(tlpb, down_types))
+            rtl = cfg.get("reverse_transformer_layers_per_block")
+            rev = list(reversed(tlpb)) if rtl is None else [
+                (r[0] if isinstance(r, (list, tuple)) else int(r)) for r in rtl
+            ]
+            up_depth_by_upblock = [t if "CrossAttn" in bt else 0 for t, bt in zip(rev, up_types)]
+            depth_up = tuple(reversed(up_depth_by_upblock))
+            mid_type = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+            mid = tlpb[-1] if mid_type == "UNetMidBlock2DCrossAttn" else 0
+            if not cfg.get("use_linear_projection", False):
+                raise LoraParityError("only SDXL-style UNets (use_linear_projection: true) are supported")
+            adm = cfg.get("projection_class_embeddings_input_dim")
+            heads = cfg.get("attention_head_dim", 8)
+            heads = [heads] * levels if isinstance(heads, int) else list(heads)
+            head_ch = boc[-1] // heads[-1]
+            return cls(
+                model_channels=mc,
+                channel_mult=mult,
+                layers_per_block=int(cfg.get("layers_per_block", 2)),
+                transformer_depth=depth,
+                transformer_depth_up=depth_up,
+                transformer_depth_middle=mid,
+                context_dim=int(cfg["cross_attention_dim"]),
+                adm_in_channels=None if adm is None else int(adm),
+                in_channels=int(cfg.get("in_channels", 4)),
+                out_channels=int(cfg.get("out_channels", 4)),
+                num_head_channels=head_ch,
+                norm_num_groups=int(cfg.get("norm_num_groups", 32)),
+                addition_time_embed_dim=int(cfg.get("addition_time_embed_dim") or 256),
+                name=name,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoraParityError(f"not a diffusers UNet config: {exc!r}") from None
+
+
+@dataclass(frozen=True)
+class TextEncoderLayout:
+    """A CLIP text transformer: HF ``CLIPTextModel`` numbers plus where SGM keeps it."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    # "hf": SGM wraps a HF CLIPTextModel (CLIP-L); "openclip": fused in_proj resblocks (bigG)
+    style: str
+    sgm_prefix: str
+    diffusers_prefix: str
+    kohya_prefix: str
+    projection_dim: int | None = None
+    num_heads: int = 12
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """A whole SDXL-family model: UNet plus its text encoders."""
+
+    name: str
+    unet: UNetLayout
+    text_encoders: tuple[TextEncoderLayout, ...] = field(default_factory=tuple)
+
+
+# diffusers configs of the released models (public facts; the tests build these on the meta device)
+SDXL_BASE_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+SDXL_REFINER_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [6, 12, 24, 24],
+    "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2560,
+    "sample_size": 128,
+    "transformer_layers_per_block": 4,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+# HF CLIPTextConfig numbers of the released text encoders
+CLIP_L_CONFIG = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "projection_dim": 768}
+CLIP_BIGG_CONFIG = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                    "num_attention_heads": 20, "projection_dim": 1280}
+
+
+def text_encoder_layout(hf_cfg: dict, *, style: str, sgm_prefix: str, diffusers_prefix: str,
+                        kohya_prefix: str) -> TextEncoderLayout:
+    return TextEncoderLayout(
+        hidden_size=int(hf_cfg["hidden_size"]),
+        intermediate_size=int(hf_cfg["intermediate_size"]),
+        num_layers=int(hf_cfg["num_hidden_layers"]),
+        num_heads=int(hf_cfg.get("num_attention_heads", 12)),
+        projection_dim=hf_cfg.get("projection_dim"),
+        vocab_size=int(hf_cfg.get("vocab_size", 49408)),
+        max_position_embeddings=int(hf_cfg.get("max_position_embeddings", 77)),
+        style=style,
+        sgm_prefix=sgm_prefix,
+        diffusers_prefix=diffusers_prefix,
+        kohya_prefix=kohya_prefix,
+    )
+
+
+def sdxl_text_encoders(te1_cfg: dict | None, te2_cfg: dict, *, refiner: bool = False
+                       ) -> tuple[TextEncoderLayout, ...]:
+    """SDXL base: CLIP-L at embedders.0 and bigG at embedders.1; the refiner has bigG only, at .0."""
+    out = []
+    if te1_cfg is not None and not refiner:
+        out.append(text_encoder_layout(
+            te1_cfg, style="hf", sgm_prefix="conditioner.embedders.0.transformer.",
+            diffusers_prefix="text_encoder.", kohya_prefix="lora_te1_"))
+    idx = 0 if refiner else 1
+    out.append(text_encoder_layout(
+        te2_cfg, style="openclip", sgm_prefix=f"conditioner.embedders.{idx}.model.",
+        diffusers_prefix="text_encoder_2.", kohya_prefix="lora_te2_"))
+    return tuple(out)
+
+
+PRESETS: dict[str, ModelLayout] = {
+    "sdxl-base": ModelLayout(
+        "sdxl-base",
+        UNetLayout.from_diffusers_config(SDXL_BASE_UNET_CONFIG, name="sdxl-base"),
+        sdxl_text_encoders(CLIP_L_CONFIG, CLIP_BIGG_CONFIG),
+    ),
+    "sdxl-refiner": ModelLayout(
+        "sdxl-refiner",
+        UNetLayout.from_diffusers_config(SDXL_REFINER_UNET_CONFIG, name="sdxl-refiner"),
+        sdxl_text_encoders(None, CLIP_BIGG_CONFIG, refiner=True),
+    ),
+}
+
+
+def load_layout(spec: str) -> ModelLayout:
+    """A preset name, a diffusers UNet ``config.json``, or a diffusers pipeline folder."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    if spec == "tiny":  # the built-in test model; never auto-detected
+        from lora_parity.convert.tiny import tiny_layout
+
+        return tiny_layout()
+    path = Path(spec)
+    if path.is_dir():
+        return layout_from_pipeline_dir(path)
+    if not path.is_file():
+        raise LoraParityError(
+            f"not a preset ({', '.join(PRESETS)}) nor an existing config.json", path=spec)
+    cfg = _read_json(path)
+    return ModelLayout(path.parent.name or "custom",
+                       UNetLayout.from_diffusers_config(cfg, name=str(path)))
+
+
+def layout_from_pipeline_dir(path: Path) -> ModelLayout:
+    """A diffusers SDXL pipeline folder: ``unet/``, ``text_encoder/``, ``text_encoder_2/``."""
+    unet_cfg = path / "unet" / "config.json"
+    if not unet_cfg.is_file():
+        raise LoraParityError("no unet/config.json in this folder", path=path)
+    unet = UNetLayout.from_diffusers_config(_read_json(unet_cfg), name=str(path))
+    te1 = path / "text_encoder" / "config.json"
+    te2 = path / "text_encoder_2" / "config.json"
+    tes: tuple[TextEncoderLayout, ...] = ()
+    if te2.is_file():
+        tes = sdxl_text_encoders(_read_json(te1) if te1.is_file() else None, _read_json(te2),
+                                 refiner=not te1.is_file())
+    return ModelLayout(path.name, unet, tes)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LoraParityError(f"cannot read JSON: {exc}", path=path) from None

@@ -1,0 +1,280 @@
+"""The converter's one in-memory form of a LoRA: pairs keyed by SGM module name.
+
+Every file format is parsed into *named* halves (A/B, down/up) first; this module
+resolves those names through the key map, chooses or checks the layout, and
+validates ranks, shapes and finiteness.  Fused OpenCLIP ``in_proj`` LoRAs are
+kept fused here (as MindONE trains them) and split only by the PEFT/kohya writers.
+
+A pair may carry a trained bias: the layer's whole bias as MindONE's
+``lora_state_dict(bias="lora_only")`` saves it next to ``lora_A``/``lora_B``
+(``<module>.bias``).  Only the MindONE format can hold it (see ``formats``).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lora_parity.errors import KeyMapError, LoraParityError
+from lora_parity.convert.keymap import KeyMap, ModuleEntry, keymap_for
+from lora_parity.convert.layout import PRESETS, ModelLayout
+from lora_parity.convert.tensor import FLOAT_DTYPES, Tensor
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One adapted module: delta W = (alpha / rank) * B @ A."""
+
+    module: ModuleEntry
+    A: Tensor
+    B: Tensor
+    alpha: float
+    bias: Tensor | None = None  # trained full bias (bias="lora_only"), replaces the base bias
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> np.ndarray:
+        """Merged weight delta in float64 (conv: (out, in, kh, kw))."""
+        a = self.A.to_float().reshape(self.rank, -1)
+        b = self.B.to_float().reshape(-1, self.rank)
+        return (self.scale * (b @ a)).reshape(self.module.weight_shape())
+
+
+@dataclass
+class LoraSet:
+    """A whole LoRA, validated against one layout."""
+
+    pairs: dict[str, LoraPair]
+    layout: ModelLayout
+    layout_note: str
+    source_format: str
+    skipped: list[str] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # kind -> skipped file keys
+    notes: list[str] = field(default_factory=list)  # what was chosen (EMA set, trained biases)
+    bias_keys: dict[str, str] = field(default_factory=dict)  # sgm module -> bias key as in the file
+
+    @property
+    def keymap(self) -> KeyMap:
+        return keymap_for(self.layout)
+
+    def ordered(self) -> list[LoraPair]:
+        """Pairs in architecture order, so outputs never depend on input order."""
+        return [self.pairs[e.sgm] for e in self.keymap.entries if e.sgm in self.pairs]
+
+    def ranks(self) -> Counter:
+        return Counter(p.rank for p in self.pairs.values())
+
+    def alphas(self) -> Counter:
+        return Counter(p.alpha for p in self.pairs.values())
+
+    def dtypes(self) -> Counter:
+        return Counter(p.A.dtype for p in self.pairs.values())
+
+    def nbytes(self) -> int:
+        return sum(p.A.nbytes + p.B.nbytes + (p.bias.nbytes if p.bias is not None else 0)
+                   for p in self.pairs.values())
+
+    def biased(self) -> list[LoraPair]:
+        """Pairs that carry a trained bias, in architecture order."""
+        return [p for p in self.ordered() if p.bias is not None]
+
+    def cast(self, dtype: str | None) -> "LoraSet":
+        if dtype is None:
+            return self
+        pairs = {k: LoraPair(p.module, p.A.astype(dtype), p.B.astype(dtype), p.alpha,
+                             None if p.bias is None else p.bias.astype(dtype))
+                 for k, p in self.pairs.items()}
+        return LoraSet(pairs, self.layout, self.layout_note, self.source_format,
+                       self.skipped, self.unmapped, self.ignored, self.notes, self.bias_keys)
+
+
+@dataclass
+class NamedHalves:
+    """A parsed file before name resolution: module name -> {'A','B','alpha'}.
+
+    ``space`` says which names the module keys are in: "sgm", "diffusers" or "kohya".
+    """
+
+    path: Path
+    space: str
+    fmt: str
+    modules: dict[str, dict[str, Tensor]]
+    # module -> key names as they appeared in the file (for error messages)
+    keys: dict[str, dict[str, str]]
+    skipped: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    default_alpha: dict[str, float] = field(default_factory=dict)  # per component, from metadata
+    alpha_overrides: dict[str, float] = field(default_factory=dict)  # per module name
+    biases: dict[str, Tensor] = field(default_factory=dict)  # module -> trained bias (MindONE only)
+    bias_keys: dict[str, str] = field(default_factory=dict)  # module -> bias key as in the file
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # kind -> skipped keys
+    notes: list[str] = field(default_factory=list)
+
+
+def _lookup(km: KeyMap, space: str, name: str) -> tuple[ModuleEntry, int] | None:
+    if space == "sgm":
+        e = km.by_sgm.get(name)
+        return (e, -1) if e is not None else None
+    if space == "diffusers":
+        return km.by_diffusers.get(name)
+    return km.by_kohya.get(name)
+
+
+def _fits(km: KeyMap, halves: NamedHalves) -> tuple[int, int]:
+    """(modules whose name and A/B shapes fit this layout, total modules)."""
+    ok = 0
+    for name, parts in halves.modules.items():
+        hit = _lookup(km, halves.space, name)
+        if hit is None or "A" not in parts or "B" not in parts:
+            continue
+        entry, part = hit
+        if not entry.lora_able:
+            continue
+        rank = parts["A"].shape[0] if parts["A"].shape else 0
+        exp_a, exp_b = entry.lora_shapes(rank)
+        if part >= 0 and entry.fused:
+            exp_b = (exp_b[0] // len(entry.diffusers), *exp_b[1:])
+        if parts["A"].shape == exp_a and parts["B"].shape == exp_b:
+            ok += 1
+    return ok, len(halves.modules)
+
+
+def choose_layout(halves: NamedHalves, layout: ModelLayout | None) -> tuple[ModelLayout, str]:
+    """The given layout, or the one preset every module name and shape fits."""
+    if layout is not None:
+        return layout, f"layout '{layout.name}' (given)"
+    if not halves.modules:
+        raise KeyMapError("no LoRA tensors found in this file", path=halves.path)
+    scores = {name: _fits(keymap_for(p), halves) for name, p in PRESETS.items()}
+    full = [n for n, (ok, total) in scores.items() if ok == total]
+    if len(full) == 1:
+        return PRESETS[full[0]], f"layout '{full[0]}' (detected from names and shapes)"
+    best = max(scores, key=lambda n: scores[n][0])
+    ok, total = scores[best]
+    if len(full) > 1:
+        return PRESETS[full[0]], f"layout '{full[0]}' (detected; also fits {', '.join(full[1:])})"
+    raise KeyMapError(
+        f"fits no preset layout (best: {best}, {ok}/{total} modules match by name and shape); "
+        f"pass --layout with the model's unet config.json or pipeline folder", path=halves.path)
+
+
+def resolve(halves: NamedHalves, layout: ModelLayout | None, *, alpha: float | None,
+            strict: bool) -> LoraSet:
+    """Turn named halves into a validated :class:`LoraSet`."""
+    layout, note = choose_layout(halves, layout)
+    km = keymap_for(layout)
+    path = halves.path
+    unmapped = list(halves.unknown)
+    fused_parts: dict[str, dict[int, tuple[str, dict[str, Tensor]]]] = {}
+    pairs: dict[str, LoraPair] = {}
+    bias_keys: dict[str, str] = {}
+    for name, key in halves.bias_keys.items():
+        if name not in halves.modules:
+            raise KeyMapError("a trained bias of a module with no LoRA in this file (MindONE bias='all'?); "
+                              "only biases of LoRA modules (bias='lora_only') can be converted",
+                              path=path, key=key)
+
+    for name, parts in halves.modules.items():
+        keys = halves.keys[name]
+        for half in ("A", "B"):
+            if half not in parts:
+                other = "B" if half == "A" else "A"
+                raise KeyMapError(f"has no matching lora_{half} (or lora_{'down' if half == 'A' else 'up'}) tensor",
+                                  path=path, key=keys[other])
+        a, b = parts["A"], parts["B"]
+        for half, t in (("A", a), ("B", b)):
+            if not t.is_finite():
+                raise KeyMapError("contains NaN or Inf values", path=path, key=keys[half])
+        if a.dtype != b.dtype:
+            raise KeyMapError(f"dtype {b.dtype} differs from its lora_A's {a.dtype}", path=path, key=keys["B"])
+        if len(a.shape) not in (2, 4) or len(b.shape) not in (2, 4) or a.shape[0] != b.shape[1]:
+            raise KeyMapError(f"rank mismatch: lora_A {list(a.shape)} vs lora_B {list(b.shape)}",
+                              path=path, key=keys["B"])
+        hit = _lookup(km, halves.space, name)
+        if hit is None or not hit[0].lora_able:
+            unmapped.append(keys["A"])
+            if name in halves.bias_keys:
+                unmapped.append(halves.bias_keys[name])
+            continue
+        entry, part = hit
+        exp_a, exp_b = entry.lora_shapes(a.shape[0])
+        if part >= 0 and entry.fused:
+            exp_b = (exp_b[0] // len(entry.diffusers), *exp_b[1:])
+        if a.shape != exp_a or b.shape != exp_b:
+            bad, got, exp = ("A", a.shape, exp_a) if a.shape != exp_a else ("B", b.shape, exp_b)
+            raise KeyMapError(f"shape {list(got)} does not fit layout '{layout.name}' module "
+                              f"{entry.sgm} (expected {list(exp)})", path=path, key=keys[bad])
+        mod_alpha = halves.alpha_overrides.get(name)
+        if mod_alpha is None:
+            mod_alpha = halves.default_alpha.get(entry.component)
+        if alpha is not None:
+            mod_alpha = alpha
+        if mod_alpha is None:
+            mod_alpha = float(a.shape[0])
+        if entry.fused and part >= 0:
+            fused_parts.setdefault(entry.sgm, {})[part] = (keys["A"], {"A": a, "B": b, "alpha": mod_alpha})
+            continue
+        bias = halves.biases.get(name)
+        if bias is not None:
+            _check_bias(path, halves.bias_keys[name], entry, bias, layout)
+            bias_keys[entry.sgm] = halves.bias_keys[name]
+        pairs[entry.sgm] = LoraPair(entry, a, b, float(mod_alpha), bias)
+
+    for sgm, parts in fused_parts.items():
+        pairs[sgm] = _fuse(path, km.by_sgm[sgm], parts)
+
+    if unmapped and strict:
+        shown = ", ".join(unmapped[:5]) + (f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else "")
+        raise KeyMapError(f"{len(unmapped)} LoRA key(s) do not map to layout '{layout.name}': {shown} "
+                          f"(--no-strict skips them)", path=path, key=unmapped[0])
+    return LoraSet(pairs, layout, note, halves.fmt, list(halves.skipped), unmapped,
+                   dict(halves.ignored), list(halves.notes), bias_keys)
+
+
+def _check_bias(path: Path, key: str, entry: ModuleEntry, bias: Tensor, layout: ModelLayout) -> None:
+    """A trained bias must belong to a layer that has one, with its shape, finite."""
+    if not entry.bias:
+        raise KeyMapError(f"module {entry.sgm} has no bias in layout '{layout.name}' "
+                          f"(MindONE builds it without one)", path=path, key=key)
+    if bias.shape != (entry.out_features,):
+        raise KeyMapError(f"bias shape {list(bias.shape)} does not fit module {entry.sgm} "
+                          f"(expected [{entry.out_features}])", path=path, key=key)
+    if bias.dtype not in FLOAT_DTYPES:
+        raise KeyMapError(f"bias has dtype {bias.dtype}, not a float type", path=path, key=key)
+    if not bias.is_finite():
+        raise KeyMapError("contains NaN or Inf values", path=path, key=key)
+
+
+def _fuse(path: Path, entry: ModuleEntry, parts: dict) -> LoraPair:
+    """q/k/v LoRAs back into one fused in_proj LoRA, only where that is exact."""
+    n = len(entry.diffusers)
+    missing = [entry.diffusers[i] for i in range(n) if i not in parts]
+    if missing:
+        some_key = next(iter(parts.values()))[0]
+        raise KeyMapError(f"fused {entry.sgm} needs LoRA on q, k and v; missing {', '.join(missing)}",
+                          path=path, key=some_key)
+    key0, first = parts[0]
+    for i in range(1, n):
+        key, p = parts[i]
+        if p["alpha"] != first["alpha"] or not p["A"].bitwise_equal(first["A"]):
+            raise KeyMapError(f"cannot be fused back exactly into {entry.sgm}: q/k/v LoRAs have different "
+                              f"lora_A or alpha", path=path, key=key)
+    b = np.concatenate([parts[i][1]["B"].data for i in range(n)], axis=0)
+    return LoraPair(entry, first["A"], Tensor(first["B"].dtype, b), float(first["alpha"]))
+
+
+def check_alpha(alpha: float | None) -> float | None:
+    if alpha is None:
+        return None
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise LoraParityError(f"--alpha must be a positive number, got {alpha}")
+    return float(alpha)

@@ -1,0 +1,96 @@
+"""The built-in tiny SDXL: diffusers configs shared by fixtures, both backends and tests.
+
+Sized for a 2-core CPU where MindSpore's Conv2D is ~120x slower than torch's:
+two UNet levels with 32/64 channels on 16x16 latents, 3-layer text encoders.
+It keeps every SDXL feature that names or numerics depend on: a level without
+attention, transformer depth > 1, linear projections, GEGLU, text_time
+conditioning, two text encoders (quick_gelu CLIP-L style, gelu bigG style).
+"""
+from __future__ import annotations
+
+TINY_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2],
+    "attention_head_dim": [2, 4],
+    "cross_attention_dim": 64,
+    "norm_num_groups": 8,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,  # 6 * 8 + TE2 projection_dim 32
+}
+
+TINY_TE1_CONFIG = {  # CLIP-L style (transformers CLIPTextConfig)
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+    "vocab_size": 514,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": 512,
+    "eos_token_id": 513,
+    "pad_token_id": 513,
+}
+
+TINY_TE2_CONFIG = {  # OpenCLIP-bigG style, loaded as CLIPTextModelWithProjection
+    **TINY_TE1_CONFIG,
+    "hidden_act": "gelu",
+}
+
+TINY_VAE_CONFIG = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "norm_num_groups": 8,
+    "sample_size": 32,
+    "scaling_factor": 0.13025,
+}
+
+# The tiny SDXL refiner: bigG-style TE2 only (cross_attention_dim = its hidden size), attention on the
+# middle level only (like the refiner's [0, 4, 4, 0]), depth 2, aesthetic-score conditioning:
+# 5 size/crop/aesthetic numbers * addition_time_embed_dim + TE2 projection_dim.
+TINY_REFINER_UNET_CONFIG = {
+    **TINY_UNET_CONFIG,
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": 2,
+    "attention_head_dim": [2, 4, 4],
+    "cross_attention_dim": TINY_TE2_CONFIG["hidden_size"],
+    "projection_class_embeddings_input_dim": 5 * TINY_UNET_CONFIG["addition_time_embed_dim"]
+    + TINY_TE2_CONFIG["projection_dim"],
+}
+
+TINY_LATENT_SHAPE = (1, 4, 16, 16)
+TINY_IMAGE_SIZE = 32
+
+
+def tiny_layout():
+    """The tiny model's layout (UNet + both text encoders), as the key map sees it."""
+    from lora_parity.convert.layout import ModelLayout, UNetLayout, sdxl_text_encoders
+
+    return ModelLayout("tiny", UNetLayout.from_diffusers_config(TINY_UNET_CONFIG, name="tiny"),
+                       sdxl_text_encoders(TINY_TE1_CONFIG, TINY_TE2_CONFIG))
+
+
+def tiny_refiner_layout():
+    """The tiny refiner's layout (UNet + the bigG-style encoder at ``conditioner.embedders.0``)."""
+    from lora_parity.convert.layout import ModelLayout, UNetLayout, sdxl_text_encoders
+
+    return ModelLayout("tiny-refiner", UNetLayout.from_diffusers_config(TINY_REFINER_UNET_CONFIG,
+                                                                        name="tiny-refiner"),
+                       sdxl_text_encoders(None, TINY_TE2_CONFIG, refiner=True))

@@ -1,0 +1,71 @@
+"""Which MindSpore (SGM) activation corresponds to which diffusers module output.
+
+Generated from the key map: each SGM block aligns with the diffusers module that
+ends it (the last module the walk emits for that block), so a UNet of any
+layout is aligned without a hand-written list.
+"""
+from __future__ import annotations
+
+from lora_parity.convert.keymap import UNET_SGM, keymap_for
+from lora_parity.convert.layout import ModelLayout
+from lora_parity.parity.metrics import Aligned
+
+
+def _ending_module(diffusers_name: str) -> str:
+    parts = diffusers_name.split(".")
+    if parts[1] in ("down_blocks", "up_blocks"):
+        return ".".join(parts[:5])
+    if parts[1] == "mid_block":
+        return "unet.mid_block"
+    if parts[1] in ("time_embedding", "add_embedding"):
+        return ".".join(parts[:2])
+    return diffusers_name
+
+
+def timestep_suffix(t, timesteps) -> str:
+    """Activation-name suffix for one of several timesteps ("" when there is only one)."""
+    return "" if len(timesteps) == 1 else f"@t{float(t):g}"
+
+
+def unet_alignment(layout: ModelLayout, timesteps=(None,)) -> list[Aligned]:
+    """Every UNet block; repeated per timestep with an ``@t<T>`` suffix when there are several."""
+    last: dict[str, str] = {}
+    for e in keymap_for(layout).entries:
+        if e.component == "unet":
+            last[e.block] = _ending_module(e.diffusers[0])
+    out = []
+    for t in timesteps:
+        sfx = timestep_suffix(t, timesteps)
+        out += [Aligned(UNET_SGM + block + sfx, dif + sfx, "unet", i) for i, (block, dif) in enumerate(last.items())]
+    return out
+
+
+def text_alignment(layout: ModelLayout) -> list[Aligned]:
+    out = []
+    for te in layout.text_encoders:
+        comp = te.diffusers_prefix.rstrip(".")
+        p = te.sgm_prefix
+        if te.style == "hf":
+            names = [f"{p}text_model.embeddings"] + [f"{p}text_model.encoder.layers.{i}" for i in range(te.num_layers)]
+            tail = [(f"{p}text_model.final_layer_norm", f"{comp}.last_hidden_state"), (f"{p}pooled", f"{comp}.pooler_output")]
+        else:
+            names = [f"{p}token_embedding"] + [f"{p}transformer.resblocks.{i}" for i in range(te.num_layers)]
+            tail = [(f"{p}ln_final", f"{comp}.last_hidden_state"), (f"{p}text_projection", f"{comp}.text_embeds")]
+        pairs = [(n, f"{comp}.hidden_states.{i}") for i, n in enumerate(names)] + tail
+        out += [Aligned(s, d, comp, i) for i, (s, d) in enumerate(pairs)]
+    return out
+
+
+def conditioning_alignment() -> list[Aligned]:
+    """The UNet's inputs built from the prompt: cross-attention context and the vector y."""
+    return [Aligned("conditioner.context", "conditioning.prompt_embeds", "conditioning", 0),
+            Aligned("conditioner.vector", "conditioning.add_embedding_input", "conditioning", 1)]
+
+
+def vae_alignment(num_blocks: int, prefix: str = "first_stage_model.") -> list[Aligned]:
+    pairs = [("post_quant_conv", "vae.post_quant_conv"), ("decoder.conv_in", "vae.decoder.conv_in"),
+             ("decoder.mid.block_2", "vae.decoder.mid_block")]
+    pairs += [(f"decoder.up.{level}", f"vae.decoder.up_blocks.{num_blocks - 1 - level}")
+              for level in reversed(range(num_blocks))]
+    pairs += [("decoder.conv_out", "vae.decoder.conv_out")]
+    return [Aligned(prefix + s, d, "vae", i) for i, (s, d) in enumerate(pairs)]
