@@ -410,30 +410,3 @@ def test_classifier_never_takes_optimizer_state_as_lora(name, ema, backbone, wra
     else:
         assert c.kind == ("swap" if optimizer == "swap" else "optimizer")
 
-
-@pytest.mark.parity
-def test_compare_takes_the_ema_choice_on_both_sides(tmp_path):
-    """compare with a file holding both sets: refused without a choice; with --ema / --no-ema both sides run
-    the chosen set (a side that took the other set would fail the comparison)."""
-    pytest.importorskip("mindspore")
-    from lora_parity.fixtures.bundle import write_fixture
-    from lora_parity.convert.layout import layout_from_pipeline_dir
-
-    fx = write_fixture(tmp_path / "fx")
-    layout = layout_from_pipeline_dir(fx.pt_base)
-    trained = make_lora(layout, rank=4, alpha=8.0, seed=21, b_std=0.1)
-    averaged = make_lora(layout, rank=4, alpha=8.0, seed=22, b_std=0.1)
-    src = tmp_path / "both_lora.ckpt"
-    ckpt_io.write_ckpt(src, both_sets(trained, averaged))
-    base = ["compare", "--pt-base", str(fx.pt_base), "--ms-base", str(fx.ms_base), "--latents", str(fx.latents),
-            "--ms-lora", str(src), "--quiet"]
-    code, _, err = run_cli(base)
-    assert code == 2 and "--ema" in err and str(src) in err
-    for flag in ("--ema", "--no-ema"):
-        code, out, err = run_cli(base + [flag])
-        assert code == 0, out + err[-2000:]
-    # the choice reaches the MindSpore side too: PyTorch given the EMA set, MindSpore the trained one
-    ema_peft = tmp_path / "ema.safetensors"
-    to_peft(src, ema_peft, ema=True)
-    code, out, err = run_cli(base + ["--no-ema", "--pt-lora", str(ema_peft)])
-    assert code == 1, out + err[-2000:]

@@ -205,3 +205,32 @@ def test_compare_and_infer_bad_input_one_line(fx, tmp_path, case):
     lines = [ln for ln in err.splitlines() if ln.startswith("lora-parity: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_compare_takes_the_ema_choice_on_both_sides(tmp_path):
+    """compare with a MindONE file holding both sets: refused without a choice; with --ema / --no-ema both
+    sides run the chosen set (a side that took the other set would fail the comparison)."""
+    from lora_parity.convert.converter import ConvertOptions, convert
+    from lora_parity.fixtures.bundle import write_fixture
+    from lora_parity.fixtures.synthetic import make_lora
+
+    fx = write_fixture(tmp_path / "fx")
+    layout = layout_from_pipeline_dir(fx.pt_base)
+    trained = make_lora(layout, rank=4, alpha=8.0, seed=21, b_std=0.1)
+    averaged = make_lora(layout, rank=4, alpha=8.0, seed=22, b_std=0.1)
+    both = dict(formats.tensors_for(trained, "ms")[0])
+    both.update({f"ema.{k}": v for k, v in formats.tensors_for(averaged, "ms")[0].items()})
+    src = tmp_path / "both_lora.ckpt"
+    ckpt_io.write_ckpt(src, both)
+    base = ["compare", "--pt-base", str(fx.pt_base), "--ms-base", str(fx.ms_base), "--latents", str(fx.latents),
+            "--ms-lora", str(src), "--quiet"]
+    code, _, err = run_cli(base)
+    assert code == 2 and "--ema" in err and str(src) in err
+    for flag in ("--ema", "--no-ema"):
+        code, out, err = run_cli(base + [flag])
+        assert code == 0, out + err[-2000:]
+    # the choice reaches the MindSpore side too: PyTorch given the EMA set, MindSpore the trained one
+    ema_peft = tmp_path / "ema.safetensors"
+    convert(ConvertOptions(src=src, dst=ema_peft, fmt="peft", layout=str(fx.pt_base), ema=True))
+    code, out, err = run_cli(base + ["--no-ema", "--pt-lora", str(ema_peft)])
+    assert code == 1, out + err[-2000:]

@@ -20,7 +20,9 @@ from lora_parity.convert.tensor import Tensor
 
 from .faults import write_fullsize_lora
 
-conversion = pytest.mark.conversion  # not module-wide: the last test here is a parity/image one
+# "suite", not "conversion": each test runs pytest in a subprocess (seconds each); `pytest -m conversion`
+# stays the quick layer users run first. Not module-wide: the last test here is a parity/image one.
+conversion = pytest.mark.suite
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,6 +18,7 @@ import copy
 import inspect
 import os
 from pathlib import Path
+import re
 
 import pytest
 
@@ -30,6 +31,7 @@ MARKERS = {
     "ascend": "real MindSpore on an Ascend NPU (skipped without one; --ms-device CPU runs it here)",
     "fullsize": "real-size SDXL base and refiner (random weights, generated once into the cache) through compare",
     "benchmark": "speed measurements with pytest-benchmark (run with `make bench`)",
+    "suite": "the shipped suite run as users run it (pytest in a subprocess, from outside the repository)",
 }
 
 #: options whose value is a path: given as ``--opt VALUE``, pytest locates its configuration
@@ -238,8 +240,34 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     except OSError:
         return None
     if path == package or not path.is_relative_to(package) or path.is_relative_to(suite):
-        return None
+        return _no_selected_marker(path, config)
     return True
+
+
+_MARK = re.compile(r"\bpytest\.mark\.(\w+)")
+
+
+def _no_selected_marker(path: Path, config: pytest.Config) -> bool | None:
+    """``True`` for a test file none of whose tests can match a positive ``-m`` expression.
+
+    ``pytest -m conversion`` is the layer users run first: importing a module that only holds
+    parity or benchmark tests (and imports torch, diffusers and mindspore to do so) costs
+    seconds each, for tests that are then deselected.  The markers a test can carry are a
+    subset of those the file names (``pytest.mark.X``; ``benchmark`` for users of the fixture),
+    so if the expression is false even with all of them, no test there is selected.  With a
+    ``not`` the upper bound says nothing, and the file is collected as usual.
+    """
+    expr = (config.getoption("markexpr", "") or "").strip()
+    if not expr or re.search(r"\bnot\b", expr) or path.suffix != ".py" or not path.name.startswith("test_"):
+        return None
+    try:
+        from _pytest.mark.expression import Expression
+
+        text = path.read_text(encoding="utf-8")
+        names = set(_MARK.findall(text)) | ({"benchmark"} if "benchmark" in text else set())
+        return True if not Expression.compile(expr).evaluate(lambda name, **_: name in names) else None
+    except Exception:  # noqa: BLE001 - private API or unreadable file: collect as usual
+        return None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
