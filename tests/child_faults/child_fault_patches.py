@@ -56,7 +56,7 @@ def apply(name: str) -> None:
 TE2 = "conditioner.embedders.1.model."
 
 
-# ---- weight loading: lora_parity/sides/ms_side.py
+# ---- weight loading: lora_parity/backends/port/capture.py
 
 def _lora_unet_only() -> None:
     """``_Loader.fill`` injects the LoRA into the UNet only (text encoders run without theirs)."""
@@ -111,7 +111,7 @@ def _lora_b_transposed() -> None:
     ms_side._lora_tensors = patched
 
 
-# ---- LoRA injection and scale: lora_parity/backends/mindspore/lora.py
+# ---- LoRA injection and scale: lora_parity/backends/port/lora.py
 
 def _patch_scale(fn) -> None:
     from lora_parity.backends.port import lora as lora_mod
@@ -148,7 +148,7 @@ def _in_proj_lora_rows_kqv() -> None:
     text._LoRAPair.construct = construct
 
 
-# ---- the port's numerics: lora_parity/backends/mindspore/{unet,text,vae}.py
+# ---- the port's numerics: lora_parity/backends/port/{unet,text,vae}.py
 
 def _groupnorm_eps() -> None:
     """ResBlock / ``out`` GroupNorm eps 1e-6 (the SpatialTransformer's) instead of SGM's 1e-5."""
@@ -298,7 +298,7 @@ def _up_attention_index_off_by_one() -> None:
     _patch_param_maps(edit)
 
 
-# ---- the sampler: lora_parity/backends/mindspore/sampler.py and lora_parity/sampling.py
+# ---- the sampler: lora_parity/backends/port/sampler.py and lora_parity/sampling.py
 
 def _cfg_wrong_branch() -> None:
     """Guidance pushes away from the prompt: ``c + g * (u - c)``."""
