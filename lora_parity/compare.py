@@ -276,6 +276,7 @@ def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
     gate = layer_tolerance(o.dtype, o.tol_overrides, row, o.mismatch_overrides)
     if pt_low is None:
         report = compare(alignment, ms.acts, pt.acts, gate, o.dtype)
+        _judge_exact_pass(o, report, ms, pt, Path(configs_dir), timesteps)
     else:
         report = compare_low_precision(alignment, ms.acts, pt_low.acts, pt.acts, gate)
     sides = {"pytorch": pt.meta, "mindspore": ms.meta}
@@ -300,6 +301,29 @@ def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
     if "image" in ms.images and "image" in pt.images:  # both generated (a reused capture may hold one too many)
         images = _image_check(o, report, ms, pt, pt_low, row)
     return report, images
+
+
+def _judge_exact_pass(o: CompareOptions, report: ParityReport, ms: SideResult, pt: SideResult, configs_dir: Path,
+                      timesteps) -> None:
+    """The port's diffusers-exact UNet run (see ``backends.port.capture._exact_unet_pass``), when the capture
+    has one: every UNet block again, by the tight ``port-exact`` row, reported as component ``unet-exact``
+    right after the UNet, so a small weight / LoRA / conversion fault names its block first."""
+    from lora_parity.parity.align import EXACT_COMPONENT, EXACT_PREFIX
+    from lora_parity.parity.metrics import Aligned
+
+    if not any(k.startswith(EXACT_PREFIX) for k in ms.acts):
+        return
+    layout = layout_from_pipeline_dir(configs_dir)
+    points = [Aligned(EXACT_PREFIX + a.sgm, a.diffusers, EXACT_COMPONENT, a.depth)
+              for a in unet_alignment(layout, timesteps)]
+    gate = layer_tolerance(o.dtype, o.tol_overrides, PORT_EXACT, o.mismatch_overrides)
+    exact = compare(points, ms.acts, pt.acts, gate, o.dtype)
+    for m in exact.layers:
+        m.sgm = m.sgm[len(EXACT_PREFIX):]
+    last_unet = max((i for i, m in enumerate(report.layers) if m.component == "unet"), default=len(report.layers) - 1)
+    report.layers[last_unet + 1:last_unet + 1] = exact.layers
+    report.missing += [n[len(EXACT_PREFIX):] if n.startswith(EXACT_PREFIX) else n for n in exact.missing]
+    report.meta["exact_numerics_row"] = gate.to_dict()
 
 
 def gate_row(backend: str, ms_meta: dict) -> str:

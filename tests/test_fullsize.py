@@ -98,7 +98,8 @@ def test_sdxl_base_fullsize_parity(base, record_property):
     report = base.report
     unet_layers = {m.sgm for m in report.layers if m.component == "unet"}
     assert unet_layers == {a.sgm for a in unet_alignment(PRESETS["sdxl-base"])}  # every SDXL-base block
-    assert {m.component for m in report.layers} == {"text_encoder", "text_encoder_2", "conditioning", "unet", "vae"}
+    assert {m.component for m in report.layers} == {"text_encoder", "text_encoder_2", "conditioning", "unet",
+                                                    "unet-exact", "vae"}
     _assert_alive(report)
     _assert_phases_freed(report)
     assert_report(report, record_property)
@@ -110,7 +111,7 @@ def test_sdxl_base_fullsize_parity(base, record_property):
 def test_sdxl_refiner_fullsize_parity_with_aesthetic_score(refiner, record_property):
     report = refiner.report
     assert report.meta["refiner"]
-    assert {m.component for m in report.layers} == {"text_encoder_2", "conditioning", "unet", "vae"}
+    assert {m.component for m in report.layers} == {"text_encoder_2", "conditioning", "unet", "unet-exact", "vae"}
     y = next(m for m in report.layers if m.sgm == "conditioner.vector")
     assert y.shape[-1] == PRESETS["sdxl-refiner"].unet.adm_in_channels  # 2560: pooled + 5 sinusoids
     _assert_alive(report)
@@ -128,6 +129,9 @@ def test_qk_swap_in_the_tenth_block_of_input_blocks_8_is_caught(base, monkeypatc
     report = run_compare(_fault_options(base, "ms"))
     assert not report.passed
     assert report.first_failure.sgm == "model.diffusion_model.input_blocks.8", report.first_failure.message()
+    # 4e-5 at input_blocks.8: under MindONE's numerics (MindSpore's exp in the timestep frequencies) the
+    # UNet may differ by up to 5e-4, so the port's diffusers-exact pass is what catches a fault this small
+    assert report.first_failure.component == "unet-exact", report.first_failure.message()
 
 
 @pytest.mark.parametrize("run, fault, layer", [
