@@ -20,6 +20,8 @@ ms = pytest.importorskip("mindspore")
 from mindspore import Tensor, mint  # noqa: E402
 
 from lora_parity.backends.mindone import compat  # noqa: E402
+from lora_parity.parity.tolerances import (OP_ACCUMULATED, OP_DEFINITION, OP_FP16, OP_GRID,  # noqa: E402
+                                          OP_GRID_RELATIVE, OP_ROUNDED_ONCE)
 from lora_parity.backends.port import configure_cpu  # noqa: E402
 
 F = mint.nn.functional
@@ -57,7 +59,7 @@ def _original_or_none(target, *args, **kwargs):
         raise
 
 
-def _check(got, ref, target, args, kwargs=None, rtol=1e-5, atol=1e-6, dtype=None):
+def _check(got, ref, target, args, kwargs=None, rtol=OP_DEFINITION.rtol, atol=OP_DEFINITION.atol, dtype=None):
     got_np = _np(got)
     assert got_np.shape == np.shape(ref)
     if dtype is not None:
@@ -147,13 +149,14 @@ def test_gelu(cpu_compat, approximate):
     kw = {} if approximate == "none" else {"approximate": approximate}
     # float32 rounding of the exact value (MindSpore's own float32 CPU tanh is off by up to 1e-4)
     _check(F.gelu(Tensor(x), **kw), _np_gelu(x, approximate), "mindspore.mint.nn.functional.gelu",
-           (Tensor(x),), kw, rtol=1.2e-7, atol=1e-12, dtype=ms.float32)
+           (Tensor(x),), kw, rtol=OP_ROUNDED_ONCE.rtol, atol=OP_ROUNDED_ONCE.atol, dtype=ms.float32)
     cell = mint.nn.GELU(approximate=approximate)  # the class calls F.gelu at call time
-    np.testing.assert_allclose(_np(cell(Tensor(x))), _np_gelu(x, approximate), rtol=1.2e-7, atol=1e-12)
+    np.testing.assert_allclose(_np(cell(Tensor(x))), _np_gelu(x, approximate), rtol=OP_ROUNDED_ONCE.rtol,
+                               atol=OP_ROUNDED_ONCE.atol)
     half = F.gelu(Tensor(x, ms.float16), approximate=approximate)
     assert half.dtype == ms.float16
     np.testing.assert_allclose(_np(half).astype(np.float64), _np_gelu(x.astype(np.float16), approximate),
-                               rtol=2e-3, atol=2e-3)
+                               rtol=OP_FP16.rtol, atol=OP_FP16.atol)
 
 
 def test_gelu_rejects_unknown_approximation(cpu_compat):
@@ -192,7 +195,7 @@ def test_layer_norm_cell(cpu_compat, kwargs):
         b = _f32(16)
         cell.bias.set_data(Tensor(b))
     ref = _np_layer_norm(x, (16,), w, b, kwargs.get("eps", 1e-5))
-    np.testing.assert_allclose(_np(cell(Tensor(x))), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_np(cell(Tensor(x))), ref, rtol=OP_ACCUMULATED.rtol, atol=OP_ACCUMULATED.atol)
 
 
 # --------------------------------------------------------------------------- conv2d
@@ -248,7 +251,7 @@ def test_conv2d_functional(cpu_compat, stride, padding, dilation, groups, bias, 
 def test_conv2d_unbatched_and_errors(cpu_compat):
     x, w = _f32(3, 7, 7), _f32(5, 3, 3, 3)
     out = F.conv2d(Tensor(x), Tensor(w), padding=1)
-    np.testing.assert_allclose(_np(out), _np_conv2d(x[None], w, padding=1)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_np(out), _np_conv2d(x[None], w, padding=1)[0], rtol=OP_ACCUMULATED.rtol, atol=OP_ACCUMULATED.atol)
     with pytest.raises(ValueError, match="same"):
         F.conv2d(Tensor(x), Tensor(w), stride=2, padding="same")
     with pytest.raises(ValueError, match="padding"):
@@ -268,7 +271,7 @@ def test_conv2d_cell(cpu_compat, kwargs):
     b = None if cell.bias is None else _np(cell.bias)
     ref = _np_conv2d(x, w, b, kwargs.get("stride", 1), kwargs.get("padding", 0), kwargs.get("dilation", 1),
                      kwargs.get("groups", 1))
-    np.testing.assert_allclose(_np(cell(Tensor(x))), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_np(cell(Tensor(x))), ref, rtol=OP_ACCUMULATED.rtol, atol=OP_ACCUMULATED.atol)
 
 
 def test_conv2d_cell_non_zero_padding_mode_keeps_mints_path(cpu_compat, monkeypatch):
@@ -296,7 +299,7 @@ def test_arange(cpu_compat, args, kwargs, ref):
     kwargs = {k: getattr(ms, v) if k == "dtype" else v for k, v in kwargs.items()}
     out = mint.arange(*args, **kwargs)
     assert str(_np(out).dtype) == str(ref.dtype)
-    _check(out, ref, "mindspore.mint.arange", args, kwargs, rtol=0, atol=1e-7)
+    _check(out, ref, "mindspore.mint.arange", args, kwargs, rtol=0, atol=OP_GRID.atol)
 
 
 def test_arange_tensor_bounds_and_errors(cpu_compat):
@@ -424,7 +427,7 @@ def test_linspace(cpu_compat, start, end, steps, dtype):
     if steps:
         assert _np(out)[0] == np_dtype.type(start) and _np(out)[-1] == np_dtype.type(end if steps > 1 else start)
     # float64 values rounded to the output dtype: within one float32 ulp of numpy's
-    _check(out, ref.astype(np_dtype), "mindspore.mint.linspace", (start, end, steps), kw, rtol=2.5e-7, atol=0)
+    _check(out, ref.astype(np_dtype), "mindspore.mint.linspace", (start, end, steps), kw, rtol=OP_GRID_RELATIVE.rtol, atol=0)
 
 
 def test_linspace_tensor_bounds_and_errors(cpu_compat):
@@ -451,7 +454,8 @@ def test_baddbmm_beta_zero_ignores_input(cpu_compat):
     b1, b2 = _f32(2, 3, 4), _f32(2, 4, 5)
     inp = np.full((2, 3, 5), np.nan, np.float32)
     out = mint.baddbmm(Tensor(inp), Tensor(b1), Tensor(b2), beta=0, alpha=0.5)
-    np.testing.assert_allclose(_np(out), 0.5 * np.matmul(b1.astype(np.float64), b2), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(out), 0.5 * np.matmul(b1.astype(np.float64), b2), rtol=OP_DEFINITION.rtol,
+                               atol=OP_DEFINITION.atol)
 
 
 # --------------------------------------------------------------------------- repeat_interleave
@@ -506,15 +510,15 @@ def test_einsum(cpu_compat, equation, shapes):
     else:
         ref = np.einsum(equation, *[a.astype(np.float64) for a in arrays])
     tensors = [Tensor(a) for a in arrays]
-    _check(mint.einsum(equation, *tensors), ref, "mindspore.mint.einsum", (equation, *tensors), rtol=1e-5, atol=1e-5)
+    _check(mint.einsum(equation, *tensors), ref, "mindspore.mint.einsum", (equation, *tensors), rtol=OP_ACCUMULATED.rtol, atol=OP_ACCUMULATED.atol)
 
 
 def test_einsum_forms_and_errors(cpu_compat):
     a, b = _f32(3, 4), _f32(4, 5)
     ref = a.astype(np.float64) @ b
-    np.testing.assert_allclose(_np(mint.einsum("ij,jk->ik", [Tensor(a), Tensor(b)])), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_np(mint.einsum("ij,jk->ik", [Tensor(a), Tensor(b)])), ref, rtol=OP_ACCUMULATED.rtol, atol=OP_ACCUMULATED.atol)
     np.testing.assert_allclose(_np(mint.einsum(Tensor(a), [0, 1], Tensor(b), [1, 2], [0, 2])), ref,
-                               rtol=1e-5, atol=1e-5)
+                               rtol=OP_ACCUMULATED.rtol, atol=OP_ACCUMULATED.atol)
     with pytest.raises(NotImplementedError, match="diagonal"):
         mint.einsum("ii->i", Tensor(_f32(3, 3)))
     with pytest.raises(ValueError):

@@ -156,6 +156,21 @@ def layer_tolerance(dtype: str, overrides: dict | None = None, backend: str = PO
 # Two code paths within one framework (e.g. hook capture vs direct call, im2col vs native conv):
 # only float32 reassociation separates them.
 SAME_FRAMEWORK = Tolerance(rel=1e-6, rtol=1e-6, atol=1e-6)
+# One float32 op against a float64 numpy evaluation of its definition (the mindone CPU compatibility
+# layer's replacements, the port's numerics branches): float32 rounding of values of order 1.
+OP_DEFINITION = Tolerance(rel=0.0, rtol=1e-5, atol=1e-6)
+# An op computed in float64 and rounded once to float32 (the compat GELU): within one float32 rounding.
+OP_ROUNDED_ONCE = Tolerance(rel=0.0, rtol=1.2e-7, atol=1e-12)
+# Convolutions / norms (sums over many products) against float64 numpy: accumulated float32 rounding.
+OP_ACCUMULATED = Tolerance(rel=0.0, rtol=1e-5, atol=1e-5)
+# The same op in float16 against float64 of the float16 input: a couple of fp16 roundings (u = 4.9e-4).
+OP_FP16 = Tolerance(rel=0.0, rtol=2e-3, atol=2e-3)
+# float32 values generated from start + i * step (arange / linspace): exact to float32 spacing near 1.
+OP_GRID = Tolerance(rel=0.0, rtol=0.0, atol=1e-7)
+# linspace from both ends in float64, rounded once: two float32 ulps relative
+OP_GRID_RELATIVE = Tolerance(rel=0.0, rtol=2.5e-7, atol=0.0)
+# Sinusoidal embeddings with MindSpore's float32 exp (~50 ulp) against numpy's: sin/cos move by <= 2e-6.
+SINUSOID_FP32 = Tolerance(rel=0.0, rtol=0.0, atol=2e-6)
 # A LoRA that is applied must move an activation by more than this (absolute, float32 scale ~1).
 LORA_EFFECT_MIN_ABS = 1e-4
 
