@@ -29,3 +29,15 @@ def token_ids(pipeline_dir: str | Path, prompt: str, *, negative: bool = False) 
         if negative and key == "input_ids_2":
             out["negative_input_ids_2"] = enc("")
     return out
+
+
+def clip_tokenizers(pipeline_dir: str | Path) -> dict:
+    """The folder's CLIP tokenizers (``tokenizer``, ``tokenizer_2``; a refiner has only the second),
+    as both pipelines' ``from_pretrained`` would load them (offline)."""
+    from transformers import CLIPTokenizer
+
+    out = {}
+    for sub in ("tokenizer", "tokenizer_2"):
+        if (Path(pipeline_dir) / sub).is_dir():
+            out[sub] = CLIPTokenizer.from_pretrained(str(Path(pipeline_dir) / sub), local_files_only=True)
+    return out

@@ -24,6 +24,7 @@ from lora_parity.parity.align import timestep_suffix
 from lora_parity.errors import LoraParityError
 from lora_parity.sides.memory import free_memory, peak_rss_bytes, reset_peak_rss, rss_bytes
 from lora_parity.sides.request import SideRequest, SideResult
+from lora_parity.sides.tokens import clip_tokenizers
 
 TORCH_DTYPES = ("F32", "F16", "BF16")
 PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
@@ -35,15 +36,17 @@ def _torch_dtype(name: str):
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]
 
 
-def pipeline_class(pipeline_dir: Path):
-    import diffusers
+def pipeline_class(pipeline_dir: Path, library=None):
+    """The folder's SDXL pipeline class from ``library`` (diffusers, or mindone.diffusers) and its index."""
+    if library is None:
+        import diffusers as library
 
     index = json.loads((pipeline_dir / "model_index.json").read_text())
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise LoraParityError(f"pipeline class {name!r} is not an SDXL pipeline ({', '.join(PIPELINES)})",
                               path=pipeline_dir / "model_index.json")
-    return getattr(diffusers, name), index
+    return getattr(library, name), index
 
 
 def split_lora(path: Path, folder: Path) -> dict[str, Path]:
@@ -135,13 +138,7 @@ class _Loader:
             return UNet2DConditionModel.from_config(cfg)
 
     def tokenizers(self) -> dict:
-        from transformers import CLIPTokenizer
-
-        out = {}
-        for sub in ("tokenizer", "tokenizer_2"):
-            if (self.dir / sub).is_dir():
-                out[sub] = CLIPTokenizer.from_pretrained(str(self.dir / sub), local_files_only=True)
-        return out
+        return clip_tokenizers(self.dir)
 
     def scheduler(self):
         from diffusers import EulerDiscreteScheduler
@@ -157,15 +154,16 @@ def _pipe(cls, **components):
     return pipe
 
 
-def _pipeline_config(cls, index: dict) -> dict:
+def pipeline_config(cls, index: dict) -> dict:
     """The pipeline-level switches of model_index.json that this class takes; no watermark
-    (the MindSpore side has none)."""
+    (the port has none)."""
     import inspect
 
     accepted = inspect.signature(cls.__init__).parameters
     cfg = {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
            if k in index and k in accepted}
-    cfg["add_watermarker"] = False
+    if "add_watermarker" in accepted:
+        cfg["add_watermarker"] = False
     return cfg
 
 
@@ -181,7 +179,7 @@ def capture_pt(req: SideRequest) -> SideResult:
     dtype = _torch_dtype(req.dtype)
     loader = _Loader(req, dtype)
     cls, index = pipeline_class(loader.dir)
-    config = _pipeline_config(cls, index)
+    config = pipeline_config(cls, index)
     refiner = bool(config.get("requires_aesthetics_score"))
     result = SideResult(meta={"side": "pt", "dtype": req.dtype, "pipeline": cls.__name__,
                               "versions": _versions(), "seconds": {}})

@@ -20,7 +20,6 @@ mindone 0.5.0 pins transformers 4.57, which cannot share an environment with dif
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
@@ -29,7 +28,8 @@ import numpy as np
 from lora_parity.parity.align import timestep_suffix
 from lora_parity.errors import LoraParityError
 from lora_parity.sides.memory import free_memory, peak_rss_bytes, reset_peak_rss, rss_bytes
-from lora_parity.backends.diffusers.capture import PIPELINES, _aesthetic, _key_name, check_loading_info
+from lora_parity.backends.diffusers.capture import _aesthetic, check_loading_info, pipeline_class, pipeline_config
+from lora_parity.sides.tokens import clip_tokenizers
 from lora_parity.sides.request import SideRequest, SideResult
 
 ADAPTER = "parity"
@@ -141,13 +141,7 @@ class _Loader:
         return model
 
     def tokenizers(self) -> dict:
-        from transformers import CLIPTokenizer
-
-        out = {}
-        for sub in ("tokenizer", "tokenizer_2"):
-            if (self.dir / sub).is_dir():
-                out[sub] = CLIPTokenizer.from_pretrained(str(self.dir / sub), local_files_only=True)
-        return out
+        return clip_tokenizers(self.dir)
 
     def scheduler(self):
         from mindone.diffusers import EulerDiscreteScheduler
@@ -157,22 +151,11 @@ class _Loader:
 
 def pipeline(req: SideRequest, loader: _Loader):
     """mindone's SDXL pipeline class of the folder over freshly loaded, checked components."""
-    import inspect
-
     from mindone import diffusers as md
 
-    index = json.loads((loader.dir / "model_index.json").read_text())
-    name = index.get("_class_name")
-    if name not in PIPELINES:
-        raise LoraParityError(f"pipeline class {name!r} is not an SDXL pipeline ({', '.join(PIPELINES)})",
-                              path=loader.dir / "model_index.json")
-    cls = getattr(md, name)
+    cls, index = pipeline_class(loader.dir, md)
     comps = {c: loader.load(c) for c in ("text_encoder", "text_encoder_2", "unet", "vae")}
-    accepted = inspect.signature(cls.__init__).parameters
-    config = {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
-              if k in index and k in accepted}
-    if "add_watermarker" in accepted:
-        config["add_watermarker"] = False
+    config = pipeline_config(cls, index)
     pipe = cls(**comps, **loader.tokenizers(), scheduler=loader.scheduler(), **config)
     pipe.set_progress_bar_config(disable=not req.progress, desc="mindone", unit="step")
     return pipe
@@ -446,4 +429,4 @@ def _decode(pipe, latents) -> np.ndarray:
     image = pipe.image_processor.postprocess(image, output_type="np")
     return np.asarray(image[0], dtype=np.float32)
 
-__all__ = ["capture_mindone", "check_lora_landed", "hooked", "versions", "_key_name"]
+__all__ = ["capture_mindone", "check_lora_landed", "hooked", "versions"]
