@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_parity.parity.align import conditioning_alignment, text_alignment, unet_alignment, vae_alignment
+from lora_parity.parity.align import alignment_for, unet_alignment  # noqa: F401  (alignment_for: re-exported)
 from lora_parity.errors import LoraParityError
 from lora_parity.convert.layout import layout_from_pipeline_dir
-from lora_parity.parity.metrics import ParityReport, compare, compare_low_precision
+from lora_parity.parity.metrics import ParityReport
 from lora_parity.sides.request import SideRequest, SideResult
+from lora_parity.sides.environment import latents_source
 from lora_parity.sides.run import run_side
 from lora_parity.parity.tolerances import PORT, PORT_EXACT, image_gate, layer_tolerance
 
@@ -61,8 +62,10 @@ class CompareOptions:
     isolate: bool = True  # each side in its own child process (one model in memory at a time)
     keep_captures: Path | None = None  # save each side's capture here (pt/, ms/, pt_<dtype>/)
     reuse_captures: dict = field(default_factory=dict)  # side -> a kept capture folder made from the same inputs
+    replay_only: bool = False  # the MindSpore side replays its blocks only (no chained pass): a quick check
     aesthetic_score: float = 6.0  # refiner conditioning, diffusers' defaults
     negative_aesthetic_score: float = 2.5
+    allow_env_drift: bool = False  # bundles: judge despite numerical-environment drift (sides.environment)
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,17 @@ def _lora_for(o: CompareOptions, base: _Base, tmp: Path) -> tuple[str | None, st
     return (str(pt) if pt else None), (str(ms) if ms else None)
 
 
+def replay_refs(pt: SideResult, configs_dir: Path, timesteps, backend: str) -> dict[str, np.ndarray]:
+    """The PyTorch fp32 capture's aligned outputs as request arrays (``ref/NAME``, by ``backend``'s names):
+    the inputs every block of the other side is replayed on."""
+    from lora_parity.backends import get_backend
+    from lora_parity.sides.request import REF
+
+    naming = get_backend(backend).naming
+    return {REF + a.sgm: pt.acts[a.diffusers] for a in alignment_for(Path(configs_dir), timesteps, naming)
+            if a.diffusers in pt.acts}
+
+
 def run_compare(o: CompareOptions) -> ParityReport:
     """Capture both sides (child processes, one after the other), then :func:`judge` them."""
     base = resolve_bases(o, sides=("pt", "ms") if o.ms_backend == PORT else ("pt",))
@@ -225,16 +239,20 @@ def run_compare(o: CompareOptions) -> ParityReport:
     size_cond = [list(p) for p in default_size_cond(base.pipeline_dir, latents)]
     timesteps = [float(t) for t in (o.timesteps or (o.timestep,))]
     common = dict(prompt=prompt, timesteps=timesteps, size_cond=size_cond, steps=o.steps,
-                  arrays={"latents": latents})
+                  arrays={"latents": latents}, noise_source=latents_source(o.latents))
     with tempfile.TemporaryDirectory(prefix="lora-parity-") as tmp:
         pt_lora, ms_lora = _lora_for(o, base, Path(tmp))
         pt = _side(o, "pt", side_request(o, base, "pt", lora=pt_lora, dtype="F32", **common))
+        low_common = dict(common, arrays={**common["arrays"], **replay_refs(pt, base.pipeline_dir, timesteps,
+                                                                            "diffusers")})
         pt_low = (_side(o, "pt_" + o.dtype.lower(),
-                        side_request(o, base, "pt", lora=pt_lora, dtype=o.dtype, **common))
+                        side_request(o, base, "pt", lora=pt_lora, dtype=o.dtype, **low_common))
                   if o.dtype != "F32" else None)
         inputs = {k[len("_inputs."):]: v for k, v in pt.acts.items() if k.startswith("_inputs.")}
-        ms_common = dict(common, arrays={"latents": latents, **inputs})
-        ms = _side(o, "ms", side_request(o, base, "ms", lora=ms_lora, dtype=o.dtype, **ms_common))
+        ms_common = dict(common, arrays={"latents": latents, **inputs, **replay_refs(pt, base.pipeline_dir, timesteps,
+                                                                                    o.ms_backend)})
+        ms = _side(o, "ms", side_request(o, base, "ms", lora=ms_lora, dtype=o.dtype, replay_only=o.replay_only,
+                                         **ms_common))
     report, images = judge(o, base.pipeline_dir, ms, pt, pt_low)
     report.meta.update({
         "prompt": prompt, "latents_shape": list(latents.shape),
@@ -250,19 +268,6 @@ def run_compare(o: CompareOptions) -> ParityReport:
     return report
 
 
-def alignment_for(configs_dir: Path, timesteps, naming: str) -> list:
-    """Every compared point; a backend that records diffusers names is aligned name to name."""
-    from lora_parity.parity.metrics import Aligned
-
-    layout = layout_from_pipeline_dir(configs_dir)
-    vae_blocks = len(_json(configs_dir / "vae" / "config.json")["block_out_channels"])
-    points = (text_alignment(layout) + conditioning_alignment() + unet_alignment(layout, timesteps)
-              + vae_alignment(vae_blocks))
-    if naming == "diffusers":
-        points = [Aligned(a.diffusers, a.diffusers, a.component, a.depth) for a in points]
-    return points
-
-
 def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
           pt_low: SideResult | None) -> tuple[ParityReport, dict | None]:
     """Align and judge two captures (made here or anywhere: see :mod:`.bundle`) by the table's gates;
@@ -273,12 +278,16 @@ def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
     timesteps = [float(t) for t in ms.meta["inputs"]["timesteps"]]
     alignment = alignment_for(Path(configs_dir), timesteps, get_backend(backend).naming)
     row = gate_row(backend, ms.meta)
-    gate = layer_tolerance(o.dtype, o.tol_overrides, row, o.mismatch_overrides)
-    if pt_low is None:
-        report = compare(alignment, ms.acts, pt.acts, gate, o.dtype)
-        _judge_exact_pass(o, report, ms, pt, Path(configs_dir), timesteps)
-    else:
-        report = compare_low_precision(alignment, ms.acts, pt_low.acts, pt.acts, gate)
+    gate = layer_tolerance(o.dtype, o.tol_overrides, row, o.mismatch_overrides)  # the UNet's chained row
+    from lora_parity.parity.verdict import Judge
+
+    targets = lora_blocks(ms.meta, pt.meta, Path(configs_dir), get_backend(backend).naming)
+    report = Judge(backend=row, dtype=o.dtype, overrides=o.tol_overrides,
+                   mismatch_overrides=o.mismatch_overrides).judge(
+        alignment, ms.acts, pt.acts, pt_low.acts if pt_low is not None else None, targets)
+    if not report.meta["judged"]["replayed"]:
+        report.meta["replay"] = ("not replayed: the MindSpore capture holds no replayed blocks, judged by chained "
+                                 "errors only (capture --replay-from PT_BUNDLE replays)")
     sides = {"pytorch": pt.meta, "mindspore": ms.meta}
     if pt_low is not None:
         sides["pytorch_" + o.dtype.lower()] = pt_low.meta
@@ -297,33 +306,48 @@ def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
         "rss_after_bytes": {name: m.get("rss_after_bytes") for name, m in sides.items()},
         "seconds": {name: m.get("seconds") for name, m in sides.items()},
     })
-    images = None
+    return report, _judge_images_and_run(o, report, ms, pt, pt_low, row, sides)
+
+
+def _judge_images_and_run(o: CompareOptions, report: ParityReport, ms: SideResult, pt: SideResult,
+                          pt_low: SideResult | None, row: str, sides: dict) -> dict | None:
+    """What :func:`judge` checks beyond the layers (:mod:`lora_parity.parity.judge_checks`): the images when
+    ``--steps`` were asked (a side without one fails), at least one layer compared; records the aesthetic
+    conditioning and each capture's numerical environment (:mod:`lora_parity.sides.environment`)."""
+    from lora_parity.parity import judge_checks as jc
+
+    report.meta.update(jc.aesthetic_meta(ms.meta["inputs"].get("aesthetic")))
+    report.meta["numerics_env"] = {name: m.get("numerics_env") for name, m in sides.items()}
+    if not report.layers:
+        report.failures.append(jc.NO_LAYERS)
+    steps = o.steps if o.steps is not None else ms.meta["inputs"].get("steps")
+    holders = {f"MindSpore ({report.meta['backend']})": ms, "PyTorch fp32": pt}
+    if pt_low is not None:
+        holders[f"PyTorch {o.dtype.lower()}"] = pt_low
+    lacking = jc.sides_without_image(steps, {label: side.images for label, side in holders.items()})
+    if lacking:
+        gate = image_gate(o.dtype, row, ms_device=o.ms_device, pt_device=o.pt_device, mae=o.image_mae,
+                          max_error=o.image_max_error)
+        per_step = {"mindspore": ms.meta.get("seconds_per_step"), "pytorch": pt.meta.get("seconds_per_step")}
+        report.image = jc.missing_image_result(lacking, steps=int(steps), guidance=float(ms.meta["inputs"]["guidance"]),
+                                               dtype=o.dtype, gate=gate, seconds_per_step=per_step)
+        return None
     if "image" in ms.images and "image" in pt.images:  # both generated (a reused capture may hold one too many)
-        images = _image_check(o, report, ms, pt, pt_low, row)
-    return report, images
+        return _image_check(o, report, ms, pt, pt_low, row)
+    return None
 
 
-def _judge_exact_pass(o: CompareOptions, report: ParityReport, ms: SideResult, pt: SideResult, configs_dir: Path,
-                      timesteps) -> None:
-    """The port's diffusers-exact UNet run (see ``backends.port.capture._exact_unet_pass``), when the capture
-    has one: every UNet block again, by the tight ``port-exact`` row, reported as component ``unet-exact``
-    right after the UNet, so a small weight / LoRA / conversion fault names its block first."""
-    from lora_parity.parity.align import EXACT_COMPONENT, EXACT_PREFIX
-    from lora_parity.parity.metrics import Aligned
+def lora_blocks(ms_meta: dict, pt_meta: dict, configs_dir: Path, naming: str) -> set[str]:
+    """The aligned blocks holding a module of the LoRA file (by the MindSpore side's names, no timestep
+    suffix): the blocks whose LoRA effect is judged.  From the modules each side read from its own file
+    (``meta["lora_modules"]``, SGM names, taken from the file itself, not from what loaded)."""
+    from lora_parity.parity.align import block_of
 
-    if not any(k.startswith(EXACT_PREFIX) for k in ms.acts):
-        return
-    layout = layout_from_pipeline_dir(configs_dir)
-    points = [Aligned(EXACT_PREFIX + a.sgm, a.diffusers, EXACT_COMPONENT, a.depth)
-              for a in unet_alignment(layout, timesteps)]
-    gate = layer_tolerance(o.dtype, o.tol_overrides, PORT_EXACT, o.mismatch_overrides)
-    exact = compare(points, ms.acts, pt.acts, gate, o.dtype)
-    for m in exact.layers:
-        m.sgm = m.sgm[len(EXACT_PREFIX):]
-    last_unet = max((i for i, m in enumerate(report.layers) if m.component == "unet"), default=len(report.layers) - 1)
-    report.layers[last_unet + 1:last_unet + 1] = exact.layers
-    report.missing += [n[len(EXACT_PREFIX):] if n.startswith(EXACT_PREFIX) else n for n in exact.missing]
-    report.meta["exact_numerics_row"] = gate.to_dict()
+    modules = set(ms_meta.get("lora_modules") or ()) | set(pt_meta.get("lora_modules") or ())
+    sgm = alignment_for(Path(configs_dir), [None], "sgm")
+    named = alignment_for(Path(configs_dir), [None], naming)
+    by_sgm = {a.sgm: b.sgm for a, b in zip(sgm, named)}
+    return {by_sgm[a.sgm] for a in (block_of(m, sgm) for m in modules) if a is not None}
 
 
 def gate_row(backend: str, ms_meta: dict) -> str:
@@ -344,14 +368,18 @@ def _image_check(o: CompareOptions, report: ParityReport, ms: SideResult, pt: Si
     low-precision image error is recorded next to it.
     """
     from lora_parity.parity.image_metrics import image_metrics
+    from lora_parity.parity.judge_checks import nonfinite_pixels, nonfinite_reason
     from lora_parity.sampling import to_uint8
+    floats = {f"MindSpore ({report.meta.get('backend', backend)})": ms.images["image"],
+              "PyTorch fp32": pt.images["image"]}
+    nonfinite = nonfinite_pixels(floats)  # before to_uint8, which turns NaN into 0 on both sides
     ms_img, pt_img = to_uint8(ms.images["image"]), to_uint8(pt.images["image"])
     m = image_metrics(ms_img, pt_img)
     steps = pt.meta["inputs"]["steps"]
     guidance = pt.meta["inputs"]["guidance"]
     gate = image_gate(o.dtype, backend, ms_device=o.ms_device, pt_device=o.pt_device, mae=o.image_mae,
                       max_error=o.image_max_error)
-    passed = m.mae < gate["mae"] and (gate["max_error"] is None or m.max_error <= gate["max_error"])
+    passed = m.mae < gate["mae"] and (gate["max_error"] is None or m.max_error <= gate["max_error"]) and not nonfinite
     per_step = {"mindspore": float(ms.meta["seconds_per_step"]), "pytorch": float(pt.meta["seconds_per_step"])}
     report.image = {**m.to_dict(), "mae_threshold": gate["mae"], "max_error_threshold": gate["max_error"],
                     "gate": gate, "passed": passed,
@@ -359,8 +387,11 @@ def _image_check(o: CompareOptions, report: ParityReport, ms: SideResult, pt: Si
                     "seconds_per_step": per_step,
                     "title": f"{steps} steps, guidance {guidance:g}: MAE {m.mae:.3f}, PSNR {m.psnr:.1f} dB, "
                              f"SSIM {m.ssim:.4f}"}
+    if nonfinite:
+        report.image.update(nonfinite_pixels=nonfinite,
+                            reason=nonfinite_reason(nonfinite, {k: int(np.size(v)) for k, v in floats.items()}))
     out = {"ms": ms_img, "pt": pt_img}
-    if pt_low is not None:
+    if pt_low is not None and "image" in pt_low.images:
         low = to_uint8(pt_low.images["image"])
         report.image["pytorch_low_precision_vs_reference"] = image_metrics(low, pt_img).to_dict()
         report.image["seconds_per_step"]["pytorch_" + o.dtype.lower()] = float(pt_low.meta["seconds_per_step"])
@@ -411,7 +442,8 @@ def run_capture(o: CompareOptions, backend: str, out: Path, *, force: bool = Fal
             lora = conv
         o_side = o if be.side == "ms" else CompareOptions(**{**o.__dict__, "ms_backend": PORT})
         req = side_request(o_side, base, be.side, lora=str(lora) if lora else None, dtype=o.dtype, prompt=prompt,
-                           timesteps=timesteps, size_cond=size_cond, steps=o.steps, arrays={"latents": latents})
+                           timesteps=timesteps, size_cond=size_cond, steps=o.steps, arrays={"latents": latents},
+                           noise_source=latents_source(o.latents))
         req.backend = be.name
         result = run_side(req, isolate=True, python=python)
         return write_bundle(Path(out), req, result, base=o.base or str(base.pipeline_dir),
@@ -442,7 +474,13 @@ def compare_bundles(o: CompareOptions, ms_dir: Path, pt_dir: Path, pt_low_dir: P
         check_same_inputs(low, pt)
     o = replace(o, dtype=ms.dtype, ms_backend=ms.backend, ms_device=ms.manifest["device"],
                 pt_device=pt.manifest["device"])
+    from lora_parity.sides.environment import check_bundle_drift
+
+    allowed = check_bundle_drift(ms.result.meta, pt.result.meta, low.result.meta if low else None,
+                                 allow=o.allow_env_drift, where=f"{ms_dir} vs {pt_dir}")
     report, images = judge(o, ms.configs, ms.result, pt.result, low.result if low else None)
+    if allowed is not None:
+        report.meta["env_drift_allowed"] = allowed
     report.meta.update({"prompt": ms.request.prompt, "latents_shape": list(ms.request.arrays["latents"].shape),
                         "base": ms.manifest["base"], "ms_lora": ms.manifest["lora"], "pt_lora": pt.manifest["lora"],
                         "bundles": {"mindspore": str(ms_dir), "pytorch": str(pt_dir),

@@ -6,8 +6,11 @@ layout is aligned without a hand-written list.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from lora_parity.convert.keymap import UNET_SGM, keymap_for
-from lora_parity.convert.layout import ModelLayout
+from lora_parity.convert.layout import ModelLayout, layout_from_pipeline_dir
 from lora_parity.parity.metrics import Aligned
 
 
@@ -76,3 +79,26 @@ def vae_alignment(num_blocks: int, prefix: str = "first_stage_model.") -> list[A
               for level in reversed(range(num_blocks))]
     pairs += [("decoder.conv_out", "vae.decoder.conv_out")]
     return [Aligned(prefix + s, d, "vae", i) for i, (s, d) in enumerate(pairs)]
+
+
+def alignment_for(configs_dir: Path, timesteps, naming: str) -> list[Aligned]:
+    """Every compared point of the pipeline folder's model; a backend that records diffusers names is
+    aligned name to name (both fields the diffusers name)."""
+    layout = layout_from_pipeline_dir(Path(configs_dir))
+    vae_blocks = len(json.loads((Path(configs_dir) / "vae" / "config.json").read_text())["block_out_channels"])
+    points = (text_alignment(layout) + conditioning_alignment() + unet_alignment(layout, timesteps)
+              + vae_alignment(vae_blocks))
+    if naming == "diffusers":
+        points = [Aligned(a.diffusers, a.diffusers, a.component, a.depth) for a in points]
+    return points
+
+
+def block_of(module_sgm: str, alignment: list[Aligned]) -> Aligned | None:
+    """The aligned block that holds an SGM module (``...input_blocks.4.1.transformer_blocks.0.attn1.to_q``
+    -> ``...input_blocks.4``): the longest aligned SGM name that prefixes it (timestep suffixes ignored)."""
+    best = None
+    for a in alignment:
+        name = a.sgm.split("@t")[0]
+        if module_sgm.startswith(name + ".") and (best is None or len(name) > len(best.sgm.split("@t")[0])):
+            best = a
+    return best

@@ -54,7 +54,14 @@ class LayerMetric:
     mismatch_source: str = "table"
     backend: str = "port"
     ms_shape: tuple[int, ...] | None = None  # MindSpore's shape (differs only on a shape mismatch)
-    failed: tuple[str, ...] = ()  # which checks failed: "shape", "finite", "rel", "mismatch"
+    failed: tuple[str, ...] = ()  # which checks failed: "shape", "finite", "rel", "mismatch", "noop", "ref-finite"
+    kind: str = "chained"  # chained (the whole run), local (the block replayed on PyTorch's inputs), effect (the LoRA's)
+    row: str = "chained"  # the tolerance row applied (tolerances.point_gate)
+    effect_size: float | None = None  # effect rows: max|effect| on the PyTorch side (the error's denominator)
+    effect_size_ms: float | None = None  # ... and on the MindSpore side
+    note: str = ""  # why a check failed, in words, where the statistics alone do not say (no-op, non-finite side)
+    # reported, never gated: cos(ms, ref) in float64 over the flattened layer, as msprobe / TroubleShooter print it
+    cosine: float | None = None
 
     @property
     def rel_passed(self) -> bool:
@@ -66,7 +73,13 @@ class LayerMetric:
 
     def message(self) -> str:
         """The one line a failing parity assertion shows."""
-        head = f"{self.component} {self.sgm} <-> {self.diffusers} [{self.dtype}]: "
+        head = f"{self.component} {self.sgm} <-> {self.diffusers} [{self.dtype}, {self.kind}]: "
+        if self.note:
+            return head + self.note
+        if self.kind == "effect":
+            why = f" FAILED: {', '.join(self.failed)}" if self.failed else ""
+            return (head + f"LoRA effect differs by {self.max_abs:.3g} = {self.rel_err:.3g} of its size "
+                    f"{self.effect_size:.3g} (tolerance {self.tol_rel:.3g}){why}")
         if "shape" in self.failed:
             return head + f"shape mismatch: MindSpore {list(self.ms_shape or ())} vs PyTorch {list(self.shape)}"
         why = f" FAILED: {', '.join(self.failed)}" if self.failed else ""
@@ -74,6 +87,19 @@ class LayerMetric:
                 f"{self.mismatch_budget:.3g}; |diff| > {self.atol:.3g} + {self.rtol:.3g}*|ref|), "
                 f"max |diff| {self.max_abs:.3g} at {list(self.worst_index)}, "
                 f"rel err {self.rel_err:.3g} (tolerance {self.tol_rel:.3g}){why}")
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float | None:
+    """cos(a, b) of the flattened arrays in float64 (the per-layer number Ascend's msprobe and MindSpore's
+    TroubleShooter print); None when either has zero norm or a non-finite value (no direction to compare)."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    if a.size != b.size or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return None
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 or nb == 0.0 or not np.isfinite(na * nb):
+        return None
+    return float(np.clip(np.dot(a / na, b / nb), -1.0, 1.0))
 
 
 def _stats(ms: np.ndarray, pt: np.ndarray, tol: LayerGate) -> dict:
@@ -90,7 +116,8 @@ def _stats(ms: np.ndarray, pt: np.ndarray, tol: LayerGate) -> dict:
     worst = tuple(int(i) for i in np.unravel_index(int(np.nanargmax(diff)), diff.shape)) \
         if diff.size and not np.isnan(diff).all() else ()
     return dict(finite=finite, ref_max=ref_max, scale=scale, atol=atol, max_abs=max_abs, rel=rel, mism=mism,
-                total=int(diff.size), worst=worst, mean_abs=float(diff.mean()) if diff.size else 0.0)
+                total=int(diff.size), worst=worst, mean_abs=float(diff.mean()) if diff.size else 0.0,
+                cosine=cosine_similarity(ms, pt))
 
 
 def compare_arrays(a: Aligned, ms: np.ndarray, pt: np.ndarray, tol: LayerGate, dtype: str, *,
@@ -100,7 +127,7 @@ def compare_arrays(a: Aligned, ms: np.ndarray, pt: np.ndarray, tol: LayerGate, d
     pt = np.asarray(pt, dtype=np.float64)
     common = dict(tol_rel=tol.rel, mismatch_budget=tol.mismatch, rtol=tol.rtol,
                   rel_source=rel_source or tol.rel_source, mismatch_source=mismatch_source or tol.mismatch_source,
-                  backend=tol.backend, ms_shape=tuple(ms.shape))
+                  backend=tol.backend, ms_shape=tuple(ms.shape), row=tol.row)
     if ms.shape != pt.shape:  # never reshaped: a layout bug can keep the element count
         return LayerMetric(a.sgm, a.diffusers, a.component, a.depth, tuple(pt.shape), dtype, float("inf"),
                            float("inf"), float("inf"), float(np.abs(pt).max(initial=0.0)), pt.size, pt.size,
@@ -111,7 +138,8 @@ def compare_arrays(a: Aligned, ms: np.ndarray, pt: np.ndarray, tol: LayerGate, d
                                           ("mismatch", not frac <= tol.mismatch)) if bad)
     return LayerMetric(a.sgm, a.diffusers, a.component, a.depth, tuple(pt.shape), dtype, s["rel"], s["max_abs"],
                        s["mean_abs"], s["ref_max"], s["mism"], s["total"], s["worst"], passed=not failed,
-                       mismatch_fraction=frac, ref_median_abs=s["scale"], atol=s["atol"], failed=failed, **common)
+                       mismatch_fraction=frac, ref_median_abs=s["scale"], atol=s["atol"], failed=failed,
+                       cosine=s["cosine"], **common)
 
 
 @dataclass
@@ -122,15 +150,21 @@ class ParityReport:
     missing: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     image: dict | None = None  # full-image metrics when images were generated
+    failures: list[str] = field(default_factory=list)  # the run's own failures, no one layer's (no layer compared)
 
     @property
     def passed(self) -> bool:
         image_ok = self.image is None or bool(self.image["passed"])
-        return not self.missing and all(m.passed for m in self.layers) and image_ok
+        return not self.missing and not self.failures and all(m.passed for m in self.layers) and image_ok
 
     @property
     def first_failure(self) -> LayerMetric | None:
-        """The first diverging layer in forward order (text encoders, UNet, VAE)."""
+        """The first diverging layer in forward order (text encoders, UNet, VAE): by its local error first (the
+        block that adds the error holds the fault), then chained, then the LoRA's effect."""
+        for kind in ("local", "chained", "effect"):
+            hit = next((m for m in self.layers if not m.passed and m.kind == kind), None)
+            if hit is not None:
+                return hit
         return next((m for m in self.layers if not m.passed), None)
 
     def by_component(self, component: str) -> list[LayerMetric]:
@@ -144,6 +178,7 @@ class ParityReport:
                                                                   "component": first.component,
                                                                   "message": first.message()},
             "missing": self.missing,
+            "failures": self.failures,
             "image": self.image,
             "meta": self.meta,
             "layers": [asdict(m) for m in self.layers],
@@ -151,15 +186,24 @@ class ParityReport:
 
     def table(self) -> str:
         """Short: one row per component (layers, error at the first and last layer, worst layer)."""
-        rows = [f"{'component':<15} {'layers':>6} {'first':>9} {'last':>9} {'max':>9} {'tol':>8}  ok   worst layer"]
+        rows = [f"{'component':<15} {'kind':<7} {'layers':>6} {'first':>9} {'last':>9} {'max':>9} {'tol':>8}  ok   "
+                f"worst layer"]
         for comp in dict.fromkeys(m.component for m in self.layers):
-            ms = self.by_component(comp)
-            worst = max(ms, key=lambda m: m.rel_err)
-            rows.append(f"{comp:<15} {len(ms):>6} {ms[0].rel_err:>9.2e} {ms[-1].rel_err:>9.2e} {worst.rel_err:>9.2e} "
-                        f"{worst.tol_rel:>8.1e}  {'yes' if all(m.passed for m in ms) else 'NO ':<3}  {worst.sgm}")
+            for kind in ("local", "chained", "effect"):
+                ms = [m for m in self.by_component(comp) if m.kind == kind]
+                if not ms:
+                    continue
+                worst = max(ms, key=lambda m: (not m.passed, m.rel_err / m.tol_rel if m.tol_rel else m.rel_err))
+                rows.append(f"{comp:<15} {kind:<7} {len(ms):>6} {ms[0].rel_err:>9.2e} {ms[-1].rel_err:>9.2e} "
+                            f"{worst.rel_err:>9.2e} {worst.tol_rel:>8.1e}  {'yes' if all(m.passed for m in ms) else 'NO ':<3}"
+                            f"  {worst.sgm}")
         for name in self.missing:
             rows.append(f"missing: {name}")
-        if self.image is not None:
+        for text in self.failures:
+            rows.append(f"failed: {text}")
+        if self.image is not None and self.image.get("mae") is None:  # no image to measure (judge_checks)
+            rows.append(f"image: {self.image.get('reason', 'not compared')}  FAIL")
+        elif self.image is not None:
             im = self.image
             rows.append(f"image ({im['steps']} steps, guidance {im['guidance']:g}): MAE {im['mae']:.3f} on 0-255 "
                         f"(threshold {im['mae_threshold']:g}), max {im['max_error']}"
@@ -172,20 +216,27 @@ class ParityReport:
             rows.append("PASS: every aligned layer within tolerance" + (" and images agree" if self.image else ""))
         elif first is not None or self.missing:
             rows.append(f"FAIL: first diverging layer: {first.message() if first else self.missing[0]}")
+        elif self.failures:
+            rows.append(f"FAIL: {self.failures[0]}")
         else:
-            rows.append("FAIL: images differ beyond the threshold")
+            rows.append(f"FAIL: {(self.image or {}).get('reason') or 'images differ beyond the threshold'}")
         return "\n".join(rows)
 
     def layers_table(self) -> str:
         """Long: every aligned layer in forward order (how error grows through the network)."""
-        rows = [f"{'component':<15} {'layer (SGM)':<44} {'rel err':>9} {'tol':>8}  ok"]
+        rows = [f"{'component':<15} {'kind':<7} {'layer (SGM)':<44} {'rel err':>9} {'tol':>8}  ok"]
         for m in self.layers:
-            rows.append(f"{m.component:<15} {m.sgm[-44:]:<44} {m.rel_err:>9.2e} {m.tol_rel:>8.1e}  "
+            rows.append(f"{m.component:<15} {m.kind:<7} {m.sgm[-44:]:<44} {m.rel_err:>9.2e} {m.tol_rel:>8.1e}  "
                         f"{'yes' if m.passed else 'NO'}")
         for name in self.missing:
             rows.append(f"{'?':<15} {name[-44:]:<44} {'missing':>9}")
         first = self.first_failure
-        rows.append("PASS" if self.passed else f"FAIL: first diverging layer: {first.message() if first else self.missing[0]}")
+        if self.passed:
+            rows.append("PASS")
+        elif first is not None or self.missing:
+            rows.append(f"FAIL: first diverging layer: {first.message() if first else self.missing[0]}")
+        else:
+            rows.append(f"FAIL: {(self.failures or [(self.image or {}).get('reason') or 'images differ'])[0]}")
         return "\n".join(rows)
 
 

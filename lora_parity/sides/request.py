@@ -18,6 +18,7 @@ from lora_parity.convert.tensor import Tensor
 REQUEST_JSON = "request.json"
 RESULT_JSON = "result.json"
 ARRAYS = "arrays.safetensors"
+REF = "ref/"  # request arrays: the reference's outputs of the aligned blocks, for replay
 
 
 @dataclass
@@ -46,9 +47,18 @@ class SideRequest:
     device: str = "CPU"  # MindSpore device target, or the torch device for pt
     progress: bool = False
     activations: bool = True  # False: image only (``infer``), no per-layer recording
+    noise_source: str | None = None  # where arrays["latents"] came from (sides.environment.latents_source)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # latents, input_ids, ...
     backend: str | None = None  # diffusers | port | mindone (None: the side's default, diffusers / port)
     port_numerics: str | None = None  # the port's numerics spec (backends.mindspore.numerics; None: default)
+    # replay every aligned block on the reference's inputs (``arrays["ref/NAME"]``, by this side's names; a
+    # PyTorch fp32 side without refs replays on its own outputs), with and without the LoRA
+    replay: bool = True
+    replay_only: bool = False  # no chained pass: only the replayed blocks (the reference side always chains)
+
+    def refs(self) -> dict[str, np.ndarray]:
+        """The reference's block outputs this side replays on, by this side's names."""
+        return {k[len(REF):]: v for k, v in self.arrays.items() if k.startswith(REF)}
 
     @property
     def backend_name(self) -> str:
@@ -61,7 +71,7 @@ class SideRequest:
         keys = ("prompt", "timesteps", "size_cond", "aesthetic", "steps", "guidance")
         out = {k: getattr(self, k) for k in keys}
         out["arrays"] = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()[:16]
-                         for k, v in sorted(self.arrays.items())}
+                         for k, v in sorted(self.arrays.items()) if not k.startswith(REF)}
         return out
 
     def save(self, folder: Path) -> None:

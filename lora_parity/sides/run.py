@@ -33,7 +33,20 @@ def capture(req: SideRequest) -> SideResult:
     out = backend.capture(req)
     out.meta["inputs"] = fingerprint
     out.meta.setdefault("backend", backend.name)
+    if req.lora:
+        out.meta["lora_modules"] = lora_modules(req)
     return out
+
+
+def lora_modules(req: SideRequest) -> list[str]:
+    """The modules the side's LoRA file holds (SGM names), read from the file by the key map: the blocks whose
+    LoRA effect the judge measures come from the file itself, not from what a loader took."""
+    from lora_parity.convert.converter import load_lora
+    from lora_parity.convert.layout import layout_from_pipeline_dir
+
+    lora = load_lora(Path(req.lora), layout=layout_from_pipeline_dir(Path(req.pipeline_dir)), alpha=req.alpha,
+                     ema=req.ema)
+    return sorted(lora.pairs)
 
 
 def run_side(req: SideRequest, *, isolate: bool = True, python: str | None = None) -> SideResult:

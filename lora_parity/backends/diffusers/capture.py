@@ -172,6 +172,7 @@ def capture_pt(req: SideRequest) -> SideResult:
     import torch
 
     from lora_parity.backends.diffusers.view import TorchBackend, load_lora_checked
+    from lora_parity.sides.environment import attention_kernels, torch_environment
 
     torch.manual_seed(0)
     reset_peak_rss()
@@ -193,6 +194,7 @@ def capture_pt(req: SideRequest) -> SideResult:
     t0 = time.perf_counter()
     toks = loader.tokenizers()
     te = {c: loader.load(c) for c in ("text_encoder", "text_encoder_2")}
+    kernels = attention_kernels(**te)  # recorded in numerics_env
     pipe = _pipe(cls, **te, **toks, unet=loader.meta_unet(), scheduler=loader.scheduler(), config=config)
     if "text" in parts:
         lora_loaded += list(load_lora_checked(pipe, parts["text"]).loaded)
@@ -202,6 +204,12 @@ def capture_pt(req: SideRequest) -> SideResult:
         result.acts[f"_inputs.{name}"] = value
     if req.activations:
         result.acts.update(be.text_encoder_activations(**ids).values)
+    replay = None
+    if req.activations and req.replay:
+        from lora_parity.backends.replay import DiffusersReplay, torch_framework
+
+        replay = DiffusersReplay(torch_framework(), req, result)
+        replay.text(te, ids)
     with torch.no_grad():
         embeds, pooled = be.encode_prompt(**ids, as_numpy=False)
         gen = None
@@ -221,6 +229,7 @@ def capture_pt(req: SideRequest) -> SideResult:
     # ---- phase 2: UNet, one forward per timestep, then the denoising loop
     t0 = time.perf_counter()
     unet = loader.load("unet")
+    kernels.update(attention_kernels(unet=unet))
     pipe = _pipe(cls, **toks, unet=unet, scheduler=loader.scheduler(), config=config)
     pipe.vae_scale_factor = _vae_scale_factor(loader.dir)
     if "unet" in parts:
@@ -241,6 +250,9 @@ def capture_pt(req: SideRequest) -> SideResult:
         suffix = timestep_suffix(t, req.timesteps)
         result.acts.update({k + suffix: v for k, v in acts.values.items()})
     result.meta["unet_forward_seconds"] = forward_s
+    if replay is not None:
+        x = torch.from_numpy(np.ascontiguousarray(latents)).to(unet.device, unet.dtype)
+        replay.unet(unet, x, torch.as_tensor(time_ids).to(x), tproj.double().cpu().numpy())
     final = None
     if req.steps is not None:
         final, per_step = _denoise(pipe, gen, req, latents, refiner, dtype)
@@ -257,6 +269,8 @@ def capture_pt(req: SideRequest) -> SideResult:
     be = TorchBackend.from_pipe(pipe, loader.dir, dtype=dtype)
     if req.activations:
         result.acts.update(be.vae_decode_activations(latents).values)
+    if replay is not None:
+        replay.vae(vae, _unscaled(vae, latents))
     if final is not None:
         result.images["image"] = _decode(pipe, final)
     del pipe, be, vae
@@ -265,6 +279,7 @@ def capture_pt(req: SideRequest) -> SideResult:
     result.meta["lora_tensors_loaded"] = len(lora_loaded)
     result.meta["seconds"]["total"] = time.perf_counter() - t_start
     result.meta["peak_rss_bytes"] = peak_rss_bytes()
+    result.meta["numerics_env"] = torch_environment(req, attention=kernels, scheduler=loader.scheduler())
     tmp.cleanup()
     return result
 
@@ -305,6 +320,19 @@ def _denoise(pipe, gen: dict, req: SideRequest, latents: np.ndarray, refiner: bo
         out = pipe(**kwargs).images
     per_step = ((ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else (ends[-1] - t0 if ends else float("nan")))
     return out, per_step
+
+
+def _unscaled(vae, latents):
+    """The VAE decoder's input as the pipeline forms it: mean/std if configured, / scaling_factor."""
+    import torch
+
+    z = torch.from_numpy(np.ascontiguousarray(latents)).to(vae.device, vae.dtype)
+    cfg = vae.config
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(z)
+        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(z)
+        return z * std / cfg.scaling_factor + mean
+    return z / cfg.scaling_factor
 
 
 def _decode(pipe, latents):

@@ -247,8 +247,14 @@ def capture_mindone(req: SideRequest) -> SideResult:
     for k, v in ids.items():
         result.acts[f"_inputs.{k}"] = v
     embeds, pooled, acts = _encode(pipe, ids, dtype)
-    if req.activations:
+    if req.activations and not req.replay_only:
         result.acts.update(acts)
+    replay = None
+    if req.activations and req.replay and req.refs():
+        from lora_parity.backends.replay import DiffusersReplay, mindspore_framework
+
+        replay = DiffusersReplay(mindspore_framework(), req, result)
+        replay.text({"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}, ids)
     result.meta["seconds"]["text_encoders"] = time.perf_counter() - t0
     result.meta["rss_after_bytes"] = {"text_encoders": rss_bytes(), "peak_so_far": peak_rss_bytes()}
 
@@ -258,12 +264,15 @@ def capture_mindone(req: SideRequest) -> SideResult:
     orig, crop, target = (tuple(int(v) for v in p) for p in req.size_cond)
     time_ids = _time_ids(pipe, orig, crop, target, refiner, req, int(pooled.shape[-1]), dtype)
     tproj = pipe.unet.add_time_proj(time_ids.flatten()).reshape(time_ids.shape[0], -1)
-    result.acts["conditioning.prompt_embeds"] = _to_numpy(embeds).astype(np.float32)
-    result.acts["conditioning.add_embedding_input"] = np.concatenate(
-        [_to_numpy(pooled), _to_numpy(tproj)], axis=-1).astype(np.float32)
+    if not req.replay_only:
+        result.acts["conditioning.prompt_embeds"] = _to_numpy(embeds).astype(np.float32)
+        result.acts["conditioning.add_embedding_input"] = np.concatenate(
+            [_to_numpy(pooled), _to_numpy(tproj)], axis=-1).astype(np.float32)
     forward_s = []
     x = ms.Tensor(np.ascontiguousarray(latents), dtype)
-    for t in (req.timesteps if req.activations else ()):
+    if replay is not None:
+        replay.unet(pipe.unet, x, time_ids.astype(dtype), _to_numpy(tproj))
+    for t in (req.timesteps if req.activations and not req.replay_only else ()):
         cond = {"text_embeds": pooled.astype(dtype), "time_ids": time_ids.astype(dtype)}
         with hooked(pipe.unet, UNET_PATTERNS, "unet.") as got:
             t1 = time.perf_counter()
@@ -282,13 +291,18 @@ def capture_mindone(req: SideRequest) -> SideResult:
 
     # ---- VAE decoder
     t0 = time.perf_counter()
-    if req.activations:
+    if req.activations and not req.replay_only:
         with hooked(pipe.vae, VAE_PATTERNS, "vae.") as got:
             pipe.vae.decode(_unscale(pipe.vae, ms.Tensor(np.ascontiguousarray(latents), dtype)), return_dict=False)
         result.acts.update(got)
+    if replay is not None:
+        replay.vae(pipe.vae, _unscale(pipe.vae, ms.Tensor(np.ascontiguousarray(latents), dtype)))
     if final is not None:
         result.images["image"] = _decode(pipe, final)
     result.meta["seconds"]["vae"] = time.perf_counter() - t0
+    from lora_parity.sides.environment import mindone_environment
+
+    result.meta["numerics_env"] = mindone_environment(req, settings, pipe)
     del pipe
     free_memory()
     result.meta["seconds"]["total"] = time.perf_counter() - t_start

@@ -9,6 +9,7 @@ or merged (``merge``), as MindONE runs it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -152,7 +153,7 @@ def capture_ms(req: SideRequest) -> SideResult:
     import mindspore as ms
     from mindspore import Tensor, ops
 
-    from lora_parity.backends.port.layers import capture_activations
+    from lora_parity.backends.port.layers import capture_activations, replay_activations
     from lora_parity.backends.port.runtime import configure_cpu
     from lora_parity.backends.port.text import build_text_encoder
     from lora_parity.backends.port.unet import UNetModel
@@ -178,6 +179,7 @@ def capture_ms(req: SideRequest) -> SideResult:
     layout = layout_from_pipeline_dir(pdir)
     loader = _Loader(req, layout)
     x_dtype = loader.ms_dtype
+    replay = _Replay(req, bool(loader.lora)) if req.activations and req.replay and req.refs() else None
     result = SideResult(meta={"side": "ms", "dtype": req.dtype, "backend": "port", "mindspore_settings": settings,
                               "versions": {"mindspore": ms.__version__}, "seconds": {}})
     latents = req.arrays["latents"]
@@ -214,10 +216,18 @@ def capture_ms(req: SideRequest) -> SideResult:
 
     with capture_activations(*encoders) as acts:
         context, y = condition(ids, req.aesthetic[0] if refiner else None)
-    if req.activations:
+    if req.activations and not req.replay_only:
         result.acts.update(acts)
-    result.acts["conditioner.context"] = context.asnumpy()
-    result.acts["conditioner.vector"] = y.asnumpy()
+        result.acts["conditioner.context"] = context.asnumpy()
+        result.acts["conditioner.vector"] = y.asnumpy()
+    if replay is not None:
+        def text_pass():
+            out = {}
+            with replay_activations(replay.ref, *encoders) as out:
+                _, v = condition(ids, req.aesthetic[0] if refiner else None)
+            out["conditioner.vector"] = v.asnumpy()  # the context only concatenates replayed outputs: chained
+            return out
+        replay.run(result, encoders, text_pass)
     negative = None
     if cfg_on and refiner:
         negative = condition([req.arrays["negative_input_ids_2"]], req.aesthetic[1])
@@ -231,7 +241,7 @@ def capture_ms(req: SideRequest) -> SideResult:
     unet = loader.fill(UNetModel(layout.unet))
     x = Tensor(latents, x_dtype)
     forward_s = []
-    for t in (req.timesteps if req.activations else ()):
+    for t in (req.timesteps if req.activations and not req.replay_only else ()):
         with capture_activations(unet) as acts:
             t1 = time.perf_counter()
             unet(x, Tensor(np.full((latents.shape[0],), t, np.float32)), context.astype(x_dtype), y.astype(x_dtype))
@@ -239,8 +249,6 @@ def capture_ms(req: SideRequest) -> SideResult:
         suffix = timestep_suffix(t, req.timesteps)
         result.acts.update({k + suffix: v for k, v in acts.items()})
     result.meta["unet_forward_seconds"] = forward_s
-    if req.activations and req.dtype == "F32" and numerics.current_numerics().points:
-        _exact_unet_pass(result, req, unet, x, context, pooled_seen["first"], layout, refiner)
     final = None
     if req.steps is not None:
         from lora_parity.backends.port.sampler import denoise
@@ -251,6 +259,19 @@ def capture_ms(req: SideRequest) -> SideResult:
                                   dim, req.progress, negative=negative, scale_initial_noise=not refiner)
         result.meta["seconds_per_step"] = per_step
         del model  # the last reference to the UNet besides ``unet``: both must go before the VAE is built
+    if replay is not None:
+        def unet_pass():
+            out = {}
+            for t in req.timesteps:
+                suffix = timestep_suffix(t, req.timesteps)
+                ref = replay.at(suffix)
+                with replay_activations(ref, unet) as acts:
+                    unet(x, Tensor(np.full((latents.shape[0],), t, np.float32)),
+                         replay.tensor(ref, "conditioner.context", context).astype(x_dtype),
+                         replay.tensor(ref, "conditioner.vector", y).astype(x_dtype))
+                out.update({k + suffix: v for k, v in acts.items()})
+            return out
+        replay.run(result, [unet], unet_pass)
     del unet
     free_memory()
     result.meta["seconds"]["unet"] = time.perf_counter() - t0
@@ -265,10 +286,16 @@ def capture_ms(req: SideRequest) -> SideResult:
         from lora_parity.backends.port.model import cast_params
 
         cast_params(vae, loader.ms_dtype)
-    if req.activations:
+    if req.activations and not req.replay_only:
         with capture_activations(vae) as acts:
             vae(Tensor(latents, x_dtype))
         result.acts.update(acts)
+    if replay is not None:
+        def vae_pass():
+            with replay_activations(replay.ref, vae) as acts:
+                vae(Tensor(latents, x_dtype))
+            return acts
+        replay.run(result, [vae], vae_pass)
     if final is not None:
         if upcast:
             from lora_parity.backends.port.model import cast_params
@@ -282,34 +309,44 @@ def capture_ms(req: SideRequest) -> SideResult:
     result.meta["lora_layers_injected"] = len(loader.injected)
     result.meta["seconds"]["total"] = time.perf_counter() - t_start
     result.meta["peak_rss_bytes"] = peak_rss_bytes()
+    from lora_parity.sides.environment import port_environment
+
+    result.meta["numerics_env"] = port_environment(req, settings)
     return result
 
 
-def _exact_unet_pass(result: SideResult, req: SideRequest, unet, x, context, pooled, layout, refiner: bool) -> None:
-    """The UNet forwards again with diffusers-exact numerics, recorded under ``EXACT_PREFIX``.
+class _Replay:
+    """The port's replay passes: each component's aligned blocks on the reference's outputs (see
+    ``layers.replay_activations``), recorded under ``LOCAL``, and again with the LoRA off under ``NOLORA``."""
 
-    MindONE's numerics (the default) put MindSpore's float32 exp into the timestep frequencies:
-    a genuine difference from diffusers of up to ~1e-4 that the ``port`` row must allow, and that
-    would hide a small fault in the weights, the LoRA or its conversion (a q/k swap in one of the
-    ten transformer blocks of a full-size ``input_blocks.8`` moves it by 4e-5).  The same cells,
-    re-stamped, run once more with every MindONE point off; the judge holds that run to the
-    tight ``port-exact`` row.  Costs one UNet forward per timestep.
-    """
-    from mindspore import Tensor
+    def __init__(self, req: SideRequest, has_lora: bool):
+        self.ref = req.refs()
+        self.has_lora = has_lora
+        self.seconds = 0.0
 
-    from lora_parity.backends.port import numerics
-    from lora_parity.backends.port.layers import capture_activations
-    from lora_parity.backends.port.unet import sdxl_vector
-    from lora_parity.parity.align import EXACT_PREFIX
+    def at(self, suffix: str) -> dict:
+        """The references of one timestep, by the names the UNet records (without the ``@tT`` suffix)."""
+        if not suffix:
+            return self.ref
+        return {k[:-len(suffix)]: v for k, v in self.ref.items() if k.endswith(suffix)} | {
+            k: v for k, v in self.ref.items() if k.startswith("conditioner.")}
 
-    orig, crop, target = (tuple(int(v) for v in p) for p in req.size_cond)
-    extra = {"aesthetic_score": req.aesthetic[0]} if refiner else {}
-    with numerics.use_numerics("diffusers"):
-        numerics.apply_numerics(unet)
-        y = sdxl_vector(pooled, orig, crop, target, layout.unet.addition_time_embed_dim, **extra)
-        for t in req.timesteps:
-            with capture_activations(unet) as acts:
-                unet(x, Tensor(np.full((x.shape[0],), t, np.float32)), context, y)
-            suffix = timestep_suffix(t, req.timesteps)
-            result.acts.update({EXACT_PREFIX + k + suffix: v for k, v in acts.items()})
-    numerics.apply_numerics(unet)  # back to the selection in force, for the denoising loop
+    @staticmethod
+    def tensor(ref: dict, name: str, own):
+        from mindspore import Tensor
+
+        return Tensor(np.ascontiguousarray(ref[name], np.float32)) if name in ref else own
+
+    def run(self, result: SideResult, cells, one_pass) -> None:
+        from lora_parity.backends.port.lora import lora_disabled
+        from lora_parity.parity.verdict import LOCAL, NOLORA
+
+        t0 = time.perf_counter()
+        result.acts.update({LOCAL + k: v for k, v in one_pass().items() if k in self.ref})
+        if self.has_lora:
+            with contextlib.ExitStack() as stack:
+                for c in cells:
+                    stack.enter_context(lora_disabled(c))
+                result.acts.update({NOLORA + k: v for k, v in one_pass().items() if k in self.ref})
+        self.seconds += time.perf_counter() - t0
+        result.meta.setdefault("seconds", {})["replay"] = self.seconds

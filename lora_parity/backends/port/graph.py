@@ -50,7 +50,7 @@ GRAPH_PHASE_PREFIX = "predict.lora_parity."
 # attributes every Cell has, or MindSpore sets while compiling: not part of the structure
 _CELL_ATTRS = frozenset(vars(nn.Cell())) | {
     "arguments_key", "compile_phase", "current_phase", "sequence_modified", "phase",
-    "recorder", "use_graph", "cell_list", "enable_tuple_broaden"}
+    "recorder", "replay", "use_graph", "cell_list", "enable_tuple_broaden"}
 _PLAIN = (bool, int, float, str, type(None))
 
 

@@ -26,6 +26,9 @@ OpenCLIP ``in_proj``: those always fold in float64.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -245,3 +248,25 @@ def unmerge_lora(net: nn.Cell, numerics=None) -> int:
 def lora_state(net: nn.Cell) -> dict[str, np.ndarray]:
     """Every ``lora_A`` / ``lora_B`` weight of ``net`` by SGM name (what MindONE would save)."""
     return {p.name: p.asnumpy() for p in net.get_parameters() if ".lora_" in p.name}
+
+
+@contextlib.contextmanager
+def lora_disabled(net: nn.Cell) -> Iterator[int]:
+    """Every injected LoRA of ``net`` off until the block ends (its base weights only); yields the count.
+
+    The LoRA's own effect is measured as the difference of a block's output with and without it on the
+    same inputs.  Unmerged cells skip their LoRA path (the ``merged`` flag is what ``construct`` reads);
+    merged cells are unmerged first and merged again afterwards."""
+    cells = [c for c, *_ in _lora_cells(net)]
+    merged = [c for c in cells if _is_merged(c)]
+    if merged:
+        unmerge_lora(net)
+    for c in cells:
+        _set_merged(c, True)
+    try:
+        yield len(cells)
+    finally:
+        for c in cells:
+            _set_merged(c, False)
+        if merged:
+            merge_lora(net)

@@ -162,17 +162,17 @@ class HFCLIPTextEncoder(Recordable):
         ids = input_ids if isinstance(input_ids, Tensor) else Tensor(np.asarray(input_ids), ms.int32)
         x = self.text_model.embeddings(ids)
         mask = _causal(ids.shape[-1], x.dtype, self.mindone_attention_mask)
-        self._rec("text_model.embeddings", x)
+        x = self._rec("text_model.embeddings", x)
         hidden = x if self.hidden_layer == 0 else None
         for i, layer in enumerate(self.text_model.encoder.layers):
             x = layer(x, mask)
-            self._rec(f"text_model.encoder.layers.{i}", x)
+            x = self._rec(f"text_model.encoder.layers.{i}", x)
             if i + 1 == self.hidden_layer:
                 hidden = x
         last = self.text_model.final_layer_norm(x)
-        self._rec("text_model.final_layer_norm", last)
+        last = self._rec("text_model.final_layer_norm", last)
         pooled = _take_rows(last, _eot_index(ids, self.eos_token_id))
-        self._rec("pooled", pooled)
+        pooled = self._rec("pooled", pooled)
         return hidden, pooled
 
 
@@ -292,18 +292,18 @@ class OpenCLIPTextEncoder(Recordable):
         length = ids.shape[-1]
         x = self.token_embedding(ids) + self.positional_embedding[:length].reshape(1, length, -1)
         mask = _causal(length, x.dtype, self.mindone_attention_mask)
-        self._rec("token_embedding", x)
+        x = self._rec("token_embedding", x)
         hidden = x if self.hidden_layer == 0 else None
         for i, block in enumerate(self.transformer.resblocks):
             x = block(x, mask)
-            self._rec(f"transformer.resblocks.{i}", x)
+            x = self._rec(f"transformer.resblocks.{i}", x)
             if i + 1 == self.hidden_layer:
                 hidden = x
         last = self.ln_final(x)
-        self._rec("ln_final", last)
+        last = self._rec("ln_final", last)
         pooled = _take_rows(last, _eot_index(ids, self.eos_token_id))
         pooled = ops.matmul(pooled, self.text_projection.astype(pooled.dtype))
-        self._rec("text_projection", pooled)
+        pooled = self._rec("text_projection", pooled)
         return hidden, pooled
 
 

@@ -388,25 +388,25 @@ class UNetModel(Recordable):
         t_emb = timestep_embedding(timesteps, self.layout.model_channels, 10000.0,
                                    not self.mindone_timestep_freqs).astype(x.dtype)
         emb = self.time_embed(t_emb)
-        self._rec("time_embed", emb)
+        emb = self._rec("time_embed", emb)
         if self.has_label_emb:
             if y is None:
                 raise ValueError("this UNet has label_emb: pass the SDXL vector y")
             lab = self.label_emb(y.astype(x.dtype))
-            self._rec("label_emb", lab)
+            lab = self._rec("label_emb", lab)
             emb = emb + lab
         hs = []
         h = x
         for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
-            self._rec(f"input_blocks.{i}", h)
+            h = self._rec(f"input_blocks.{i}", h)
             hs.append(h)
         h = self.middle_block(h, emb, context)
-        self._rec("middle_block", h)
+        h = self._rec("middle_block", h)
         for i, block in enumerate(self.output_blocks):
             h = ops.concat((h, hs[len(hs) - 1 - i]), axis=1)  # no list.pop: graph mode
             h = block(h, emb, context)
-            self._rec(f"output_blocks.{i}", h)
+            h = self._rec(f"output_blocks.{i}", h)
         out = self.out(h)
-        self._rec("out", out)
+        out = self._rec("out", out)
         return out

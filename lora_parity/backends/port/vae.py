@@ -166,25 +166,25 @@ class VAEDecoder(Recordable):
             else:
                 z = z / self.scaling_factor
         h = self.post_quant_conv(z)
-        self._rec("post_quant_conv", h)
+        h = self._rec("post_quant_conv", h)
         dec = self.decoder
         h = dec.conv_in(h)
-        self._rec("decoder.conv_in", h)
+        h = self._rec("decoder.conv_in", h)
         h = dec.mid.block_1(h)
-        self._rec("decoder.mid.block_1", h)
+        h = self._rec("decoder.mid.block_1", h)
         h = dec.mid.attn_1(h)
-        self._rec("decoder.mid.attn_1", h)
+        h = self._rec("decoder.mid.attn_1", h)
         h = dec.mid.block_2(h)
-        self._rec("decoder.mid.block_2", h)
+        h = self._rec("decoder.mid.block_2", h)
         for level in reversed(range(len(self.ch_mult))):
             up = dec.up[level]
             for block in up.block:
                 h = block(h)
             if up.has_upsample:
                 h = up.upsample(h)
-            self._rec(f"decoder.up.{level}", h)
+            h = self._rec(f"decoder.up.{level}", h)
         h = _silu(dec.norm_out(h))
-        self._rec("decoder.norm_out", h)
+        h = self._rec("decoder.norm_out", h)
         h = dec.conv_out(h)
-        self._rec("decoder.conv_out", h)
+        h = self._rec("decoder.conv_out", h)
         return h
