@@ -86,9 +86,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
         report = compare_bundles(CompareOptions(
             tol_overrides=overrides, mismatch_overrides=mismatch, image_mae=args.image_mae,
-            image_max_error=args.image_max_error, report_dir=Path(args.report) if args.report else None),
+            image_max_error=args.image_max_error, report_dir=Path(args.report) if args.report else None,
+            allow_env_drift=args.allow_env_drift),
             Path(args.ms_bundle), Path(args.pt_bundle), Path(args.pt_low_bundle) if args.pt_low_bundle else None)
         return _print_report(args, report)
+    if args.allow_env_drift:
+        raise LoraParityError("--allow-env-drift applies to --ms-bundle/--pt-bundle (one compare runs both sides "
+                              "in one environment)")
     report = run_compare(CompareOptions(
         pt_base=Path(args.pt_base) if args.pt_base else None, ms_base=Path(args.ms_base) if args.ms_base else None,
         base=args.base, variant=args.variant, cache=Path(args.cache) if args.cache else None,
@@ -101,7 +105,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         guidance=args.guidance, image_mae=args.image_mae, image_max_error=args.image_max_error, ms_graph=args.ms_graph, ms_device=args.ms_device, pt_device=args.pt_device,
         progress=args.steps is not None and not args.quiet, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
         ms_backend=args.ms_backend, ms_python=args.ms_python, ema=args.ema, port_numerics=args.port_numerics,
-        report_dir=Path(args.report) if args.report else None))
+        replay_only=args.replay_only, report_dir=Path(args.report) if args.report else None))
     return _print_report(args, report)
 
 
@@ -130,8 +134,8 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         timestep=args.timestep, steps=args.steps, guidance=args.guidance, ms_graph=args.ms_graph,
         ms_device=args.ms_device, pt_device=args.pt_device, progress=args.steps is not None and not args.quiet,
         dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge, ms_python=args.ms_python, ema=args.ema,
-        port_numerics=args.port_numerics),
-        args.backend, Path(args.output), force=args.force)
+        port_numerics=args.port_numerics, replay_only=args.replay_only),
+        args.backend, Path(args.output), force=args.force, replay_from=Path(args.replay_from) if args.replay_from else None)
     print(f"bundle: {out}")
     return 0
 
@@ -251,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pt-bundle", metavar="DIR", help="... and the diffusers fp32 one (lora-parity capture)")
     m.add_argument("--pt-low-bundle", metavar="DIR",
                    help="for an fp16/bf16 MindSpore bundle: the diffusers capture in that dtype")
+    m.add_argument("--allow-env-drift", action="store_true",
+                   help="judge bundles whose numerical environments differ in ways that make an fp32 comparison "
+                        "meaningless (TF32/HF32 on, another scheduler or VAE upcast); recorded in report.json")
     m.add_argument("--ms-lora", help="MindONE LoRA .ckpt (omit to compare the base models); for --ms-backend mindone "
                                      "also a PEFT .safetensors")
     m.add_argument("--pt-lora", help="PyTorch LoRA to compare against (default: convert --ms-lora)")
@@ -281,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ms-graph", action="store_true",
                    help="MindSpore graph mode for image generation (compiled once; same results, faster)")
     m.add_argument("--all-layers", action="store_true", help="print every aligned layer, not one row per component")
+    m.add_argument("--replay-only", action="store_true",
+                   help="the MindSpore side only replays each block on PyTorch's inputs (local errors and the "
+                        "LoRA's effect), no chained run: a quick check of one base")
     for dt in ("f32", "f16", "bf16"):
         low = "" if dt == "f32" else " (replaces the per-layer budget against the fp32 reference)"
         m.add_argument(f"--tol-{dt}", type=float, metavar="REL",
@@ -294,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Activations, images, exact inputs, versions, timings and peak memory of one "
                                      "backend, as safetensors + JSON.")
     cap.add_argument("--backend", required=True, choices=("port", "mindone", "diffusers"))
+    cap.add_argument("--replay-from", metavar="PT_BUNDLE",
+                     help="port/mindone: also replay every block on this diffusers fp32 bundle's outputs (local "
+                          "errors, the LoRA's effect); its inputs (prompt, latents, timesteps, size) are used")
+    cap.add_argument("--replay-only", action="store_true", help="with --replay-from: no chained run")
     _add_base_args(cap)
     cap.add_argument("--pt-base", help="instead of --base: a diffusers SDXL pipeline folder ...")
     cap.add_argument("--ms-base", help="... and for --backend port the same weights as a MindSpore .ckpt")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -402,8 +402,13 @@ def _image_check(o: CompareOptions, report: ParityReport, ms: SideResult, pt: Si
 # ---------------------------------------------------------------- bundles (see lora_parity.sides.bundle)
 
 
-def run_capture(o: CompareOptions, backend: str, out: Path, *, force: bool = False) -> Path:
-    """``lora-parity capture``: one backend's capture of the inputs ``compare`` would use, as a bundle."""
+def run_capture(o: CompareOptions, backend: str, out: Path, *, force: bool = False,
+                replay_from: Path | None = None) -> Path:
+    """``lora-parity capture``: one backend's capture of the inputs ``compare`` would use, as a bundle.
+
+    ``replay_from`` (a MindSpore backend): a diffusers fp32 bundle whose inputs this capture runs and whose
+    outputs every block is replayed on (local errors and the LoRA's effect travel in the bundle), so a
+    machine with the MindSpore weights (an Ascend host) replays a GPU host's capture."""
     from lora_parity.backends import get_backend
     from lora_parity.sides.bundle import write_bundle
     from lora_parity.fixtures.tiny_pipeline import DEFAULT_PROMPT
@@ -427,6 +432,23 @@ def run_capture(o: CompareOptions, backend: str, out: Path, *, force: bool = Fal
     latents = compare_latents(o, base)
     size_cond = [list(p) for p in default_size_cond(base.pipeline_dir, latents)]
     timesteps = [float(t) for t in (o.timesteps or (o.timestep,))]
+    extra_arrays, replayed_on = {}, None
+    if replay_from is not None:
+        from lora_parity.sides.bundle import read_bundle
+
+        if be.side != "ms":
+            raise LoraParityError("--replay-from: only a MindSpore backend (port, mindone) replays on a bundle")
+        ref = read_bundle(Path(replay_from))
+        if ref.manifest["side"] != "pt" or ref.dtype != "F32":
+            raise LoraParityError("--replay-from must be a diffusers capture in fp32 (the reference)",
+                                  path=replay_from)
+        r = ref.request
+        prompt, timesteps, size_cond, latents = r.prompt, [float(t) for t in r.timesteps], r.size_cond, \
+            r.arrays["latents"]
+        o = replace(o, steps=r.steps, guidance=r.guidance)
+        extra_arrays = {k[len("_inputs."):]: v for k, v in ref.result.acts.items() if k.startswith("_inputs.")}
+        extra_arrays.update(replay_refs(ref.result, ref.configs, timesteps, be.name))
+        replayed_on = str(replay_from)
     given = o.ms_lora or o.pt_lora
     with tempfile.TemporaryDirectory(prefix="lora-parity-capture-") as tmp:
         lora = Path(given) if given else None
@@ -442,12 +464,15 @@ def run_capture(o: CompareOptions, backend: str, out: Path, *, force: bool = Fal
             lora = conv
         o_side = o if be.side == "ms" else CompareOptions(**{**o.__dict__, "ms_backend": PORT})
         req = side_request(o_side, base, be.side, lora=str(lora) if lora else None, dtype=o.dtype, prompt=prompt,
-                           timesteps=timesteps, size_cond=size_cond, steps=o.steps, arrays={"latents": latents},
-                           noise_source=latents_source(o.latents))
+                           timesteps=timesteps, size_cond=size_cond, steps=o.steps,
+                           arrays={"latents": latents, **extra_arrays},
+                           replay_only=o.replay_only and bool(extra_arrays),
+                           noise_source=(f"given latents (the request of bundle {replayed_on})" if replayed_on
+                                         else latents_source(o.latents)))
         req.backend = be.name
         result = run_side(req, isolate=True, python=python)
         return write_bundle(Path(out), req, result, base=o.base or str(base.pipeline_dir),
-                            lora=str(given) if given else None, force=force)
+                            lora=str(given) if given else None, force=force, replayed_on=replayed_on)
 
 
 def compare_bundles(o: CompareOptions, ms_dir: Path, pt_dir: Path, pt_low_dir: Path | None = None) -> ParityReport:

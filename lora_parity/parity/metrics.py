@@ -211,6 +211,8 @@ class ParityReport:
                         + f", PSNR {im['psnr']:.1f} dB, "
                         f"SSIM {im['ssim']:.4f}; s/step MindSpore {im['seconds_per_step']['mindspore']:.3f}, "
                         f"PyTorch {im['seconds_per_step']['pytorch']:.3f}  {'ok' if im['passed'] else 'FAIL'}")
+        if self.meta.get("replay"):
+            rows.append("note: " + self.meta["replay"])
         first = self.first_failure
         if self.passed:
             rows.append("PASS: every aligned layer within tolerance" + (" and images agree" if self.image else ""))

@@ -82,7 +82,7 @@ class Bundle:
 
 
 def write_bundle(out: Path, req: SideRequest, result: SideResult, *, base: str | None, lora: str | None,
-                 force: bool = False) -> Path:
+                 force: bool = False, replayed_on: str | None = None) -> Path:
     """Write the bundle folder atomically (``out.tmp-*`` then rename); refuse to replace one without ``force``."""
     import os
 
@@ -95,7 +95,12 @@ def write_bundle(out: Path, req: SideRequest, result: SideResult, *, base: str |
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         result.save(tmp)
-        req.save(tmp / "request")
+        from dataclasses import replace as _replace
+
+        from lora_parity.sides.request import REF
+
+        # the replay's references are the PyTorch bundle's own outputs: named (replayed_on), not copied
+        _replace(req, arrays={k: v for k, v in req.arrays.items() if not k.startswith(REF)}).save(tmp / "request")
         pdir = Path(req.pipeline_dir)
         for rel in CONFIG_FILES:
             if (pdir / rel).is_file():
@@ -109,6 +114,8 @@ def write_bundle(out: Path, req: SideRequest, result: SideResult, *, base: str |
             "lora_sha256": sha256_file(Path(lora)) if lora else None,
             "versions": result.meta.get("versions"), "peak_rss_bytes": result.meta.get("peak_rss_bytes"),
             "seconds": result.meta.get("seconds"),
+            "numerics_env": result.meta.get("numerics_env"),  # sides.environment: what compare checks for drift
+            "replayed_on": replayed_on,  # the diffusers bundle whose outputs every block was replayed on, or None
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
         if out.exists():
@@ -130,10 +137,26 @@ def read_bundle(folder: Path) -> Bundle:
         raise LoraParityError(f"unreadable {MANIFEST}: {exc.msg}", path=f) from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise LoraParityError(f"not a {FORMAT} version {VERSION}", path=f)
+    check_backend_naming(manifest, folder)
     try:
         return Bundle(folder, manifest, SideRequest.load(folder / "request"), SideResult.load(folder))
     except (OSError, KeyError, ValueError) as exc:
         raise LoraParityError(f"incomplete capture bundle ({exc})", path=folder) from None
+
+
+def check_backend_naming(manifest: dict, folder: Path) -> None:
+    """The manifest names a backend this version knows, with that backend's side and activation naming:
+    the judge aligns activations by the naming, so an unknown one would judge nothing or the wrong pairs."""
+    from lora_parity.backends import BACKENDS, get_backend
+
+    name = manifest.get("backend")
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise LoraParityError(f"bundle names an unknown backend {name!r} (known: {', '.join(BACKENDS)})",
+                              path=folder)
+    be = get_backend(name)
+    if manifest.get("naming") != be.naming or manifest.get("side") != be.side:
+        raise LoraParityError(f"bundle names naming {manifest.get('naming')!r} / side {manifest.get('side')!r}, "
+                              f"but backend {name} records {be.naming!r} names on side {be.side!r}", path=folder)
 
 
 def check_same_inputs(a: Bundle, b: Bundle) -> None:
