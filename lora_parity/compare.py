@@ -158,6 +158,9 @@ def _side(o: CompareOptions, name: str, req: SideRequest) -> SideResult:
         diff += sorted(f"arrays.{k}" for k, v in want["arrays"].items() if got.get("arrays", {}).get(k) != v)
         if diff:
             raise LoraParityError(f"kept capture was made from other inputs ({', '.join(diff)})", path=kept)
+        if req.refs() and out.meta.get("replay_refs") != req.refs_digest():
+            raise LoraParityError("kept capture replayed its blocks on other reference outputs (the PyTorch side "
+                                  "changed): run this side again", path=kept)
         return out
     from lora_parity.backends import get_backend
 

@@ -60,6 +60,19 @@ class SideRequest:
         """The reference's block outputs this side replays on, by this side's names."""
         return {k[len(REF):]: v for k, v in self.arrays.items() if k.startswith(REF)}
 
+    def refs_digest(self) -> str | None:
+        """SHA-256 of the replay's references (None without): a kept capture replayed other inputs if it differs."""
+        import hashlib
+
+        refs = self.refs()
+        if not refs:
+            return None
+        h = hashlib.sha256()
+        for k in sorted(refs):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(refs[k]).tobytes())
+        return h.hexdigest()[:16]
+
     @property
     def backend_name(self) -> str:
         return self.backend or {"pt": "diffusers", "ms": "port"}[self.side]

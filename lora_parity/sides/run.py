@@ -25,13 +25,14 @@ def capture(req: SideRequest) -> SideResult:
     """Run the backend named by ``req`` in this process; the result records the inputs' fingerprint."""
     from lora_parity.backends.registry import get_backend
 
-    fingerprint = req.fingerprint()  # before the side adds token ids of its own
+    fingerprint = req.fingerprint()  # before the side adds token ids of its own (replay references excluded)
     try:
         backend = get_backend(req.backend_name)
     except ValueError as exc:
         raise LoraParityError(str(exc)) from None
     out = backend.capture(req)
     out.meta["inputs"] = fingerprint
+    out.meta["replay_refs"] = req.refs_digest()
     out.meta.setdefault("backend", backend.name)
     if req.lora:
         out.meta["lora_modules"] = lora_modules(req)
