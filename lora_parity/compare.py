@@ -159,8 +159,7 @@ def _side(o: CompareOptions, name: str, req: SideRequest) -> SideResult:
         if diff:
             raise LoraParityError(f"kept capture was made from other inputs ({', '.join(diff)})", path=kept)
         if req.refs() and out.meta.get("replay_refs") != req.refs_digest():
-            raise LoraParityError("kept capture replayed its blocks on other reference outputs (the PyTorch side "
-                                  "changed): run this side again", path=kept)
+            return _replayed_again(o, req, out)
         return out
     from lora_parity.backends import get_backend
 
@@ -169,6 +168,24 @@ def _side(o: CompareOptions, name: str, req: SideRequest) -> SideResult:
     if o.keep_captures is not None:
         out.save(Path(o.keep_captures) / name)
     return out
+
+
+def _replayed_again(o: CompareOptions, req: SideRequest, kept: SideResult) -> SideResult:
+    """A kept MindSpore capture whose replay ran on other reference outputs (the PyTorch side changed, e.g. a
+    converter fault): its chained outputs do not depend on PyTorch's and stay; the replay runs again on the
+    new references (``replay_only``), and its outputs replace the stale ones."""
+    from dataclasses import replace as _replace
+
+    from lora_parity.backends import get_backend
+    from lora_parity.parity.verdict import LOCAL, NOLORA
+
+    python = get_backend(req.backend_name).interpreter(o.ms_python)
+    fresh = run_side(_replace(req, replay_only=True, steps=None), isolate=o.isolate or python != sys.executable,
+                     python=python)
+    acts = {k: v for k, v in kept.acts.items() if not k.startswith((LOCAL, NOLORA))}
+    acts.update({k: v for k, v in fresh.acts.items() if k.startswith((LOCAL, NOLORA))})
+    meta = dict(kept.meta, replay_refs=fresh.meta.get("replay_refs"), replayed_again=True)
+    return SideResult(acts, kept.images, meta)
 
 
 def check_backend(o: CompareOptions) -> None:
@@ -323,7 +340,9 @@ def _judge_images_and_run(o: CompareOptions, report: ParityReport, ms: SideResul
     report.meta["numerics_env"] = {name: m.get("numerics_env") for name, m in sides.items()}
     if not report.layers:
         report.failures.append(jc.NO_LAYERS)
-    steps = o.steps if o.steps is not None else ms.meta["inputs"].get("steps")
+    # the steps asked of this run: the option, else what the reference (PyTorch fp32) capture was asked; a reused
+    # MindSpore capture may hold an image from an earlier run that asked for one
+    steps = o.steps if o.steps is not None else pt.meta["inputs"].get("steps")
     holders = {f"MindSpore ({report.meta['backend']})": ms, "PyTorch fp32": pt}
     if pt_low is not None:
         holders[f"PyTorch {o.dtype.lower()}"] = pt_low

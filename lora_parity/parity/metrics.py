@@ -62,6 +62,10 @@ class LayerMetric:
     note: str = ""  # why a check failed, in words, where the statistics alone do not say (no-op, non-finite side)
     # reported, never gated: cos(ms, ref) in float64 over the flattened layer, as msprobe / TroubleShooter print it
     cosine: float | None = None
+    # RMS error relative to the reference's RMS, ||a-b|| / ||ref||: a wrong constant (a norm's eps) moves every
+    # element a little, where rounding leaves a few tails; gated where the row has an ``rms`` bound (local rows)
+    rms_rel: float = 0.0
+    rms_budget: float | None = None
 
     @property
     def rel_passed(self) -> bool:
@@ -86,7 +90,9 @@ class LayerMetric:
         return (head + f"{self.mismatched}/{self.total} mismatched ({self.mismatch_fraction:.3g}, budget "
                 f"{self.mismatch_budget:.3g}; |diff| > {self.atol:.3g} + {self.rtol:.3g}*|ref|), "
                 f"max |diff| {self.max_abs:.3g} at {list(self.worst_index)}, "
-                f"rel err {self.rel_err:.3g} (tolerance {self.tol_rel:.3g}){why}")
+                f"rel err {self.rel_err:.3g} (tolerance {self.tol_rel:.3g})"
+                + (f", rms err {self.rms_rel:.3g} (tolerance {self.rms_budget:.3g})" if self.rms_budget is not None
+                   else "") + why)
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -115,9 +121,12 @@ def _stats(ms: np.ndarray, pt: np.ndarray, tol: LayerGate) -> dict:
     mism = int((~(diff <= atol + tol.rtol * apt)).sum())  # NaN counts as a mismatch
     worst = tuple(int(i) for i in np.unravel_index(int(np.nanargmax(diff)), diff.shape)) \
         if diff.size and not np.isnan(diff).all() else ()
+    ref_rms = float(np.sqrt(np.mean(pt * pt))) if pt.size else 0.0
+    err_rms = float(np.sqrt(np.mean(diff * diff))) if finite and diff.size else (float("inf") if diff.size else 0.0)
+    rms = err_rms / ref_rms if ref_rms > 0 else err_rms
     return dict(finite=finite, ref_max=ref_max, scale=scale, atol=atol, max_abs=max_abs, rel=rel, mism=mism,
                 total=int(diff.size), worst=worst, mean_abs=float(diff.mean()) if diff.size else 0.0,
-                cosine=cosine_similarity(ms, pt))
+                cosine=cosine_similarity(ms, pt), rms=rms)
 
 
 def compare_arrays(a: Aligned, ms: np.ndarray, pt: np.ndarray, tol: LayerGate, dtype: str, *,
@@ -127,7 +136,7 @@ def compare_arrays(a: Aligned, ms: np.ndarray, pt: np.ndarray, tol: LayerGate, d
     pt = np.asarray(pt, dtype=np.float64)
     common = dict(tol_rel=tol.rel, mismatch_budget=tol.mismatch, rtol=tol.rtol,
                   rel_source=rel_source or tol.rel_source, mismatch_source=mismatch_source or tol.mismatch_source,
-                  backend=tol.backend, ms_shape=tuple(ms.shape), row=tol.row)
+                  backend=tol.backend, ms_shape=tuple(ms.shape), row=tol.row, rms_budget=tol.rms)
     if ms.shape != pt.shape:  # never reshaped: a layout bug can keep the element count
         return LayerMetric(a.sgm, a.diffusers, a.component, a.depth, tuple(pt.shape), dtype, float("inf"),
                            float("inf"), float("inf"), float(np.abs(pt).max(initial=0.0)), pt.size, pt.size,
@@ -135,11 +144,12 @@ def compare_arrays(a: Aligned, ms: np.ndarray, pt: np.ndarray, tol: LayerGate, d
     s = _stats(ms, pt, tol)
     frac = s["mism"] / s["total"] if s["total"] else 0.0
     failed = tuple(name for name, bad in (("finite", not s["finite"]), ("rel", not s["rel"] <= tol.rel),
-                                          ("mismatch", not frac <= tol.mismatch)) if bad)
+                                          ("mismatch", not frac <= tol.mismatch),
+                                          ("rms", tol.rms is not None and not s["rms"] <= tol.rms)) if bad)
     return LayerMetric(a.sgm, a.diffusers, a.component, a.depth, tuple(pt.shape), dtype, s["rel"], s["max_abs"],
                        s["mean_abs"], s["ref_max"], s["mism"], s["total"], s["worst"], passed=not failed,
                        mismatch_fraction=frac, ref_median_abs=s["scale"], atol=s["atol"], failed=failed,
-                       cosine=s["cosine"], **common)
+                       cosine=s["cosine"], rms_rel=s["rms"], **common)
 
 
 @dataclass

@@ -29,12 +29,14 @@ NOT_REPLAYED = ("conditioner.context", "conditioning.prompt_embeds")
 
 def _budget(gate, own: LayerMetric, dtype: str) -> tuple:
     """The low-precision budget from PyTorch's own statistic; ``None`` when that statistic is not finite."""
-    if not (np.isfinite(own.rel_err) and np.isfinite(own.mismatch_fraction)) or "finite" in own.failed:
+    if not (np.isfinite(own.rel_err) and np.isfinite(own.rms_rel)) or "finite" in own.failed:
         return None, {}
     src = {}
     if gate.rel_source == "table":
         gate = replace(gate, rel=max(gate.rel, LOW_PRECISION_FACTOR * own.rel_err))
         src["rel_source"] = f"budget max(row, {LOW_PRECISION_FACTOR:g} x pytorch {dtype.lower()} error)"
+    if gate.rms is not None:
+        gate = replace(gate, rms=max(gate.rms, LOW_PRECISION_FACTOR * own.rms_rel))
     if gate.mismatch_source == "table":
         gate = replace(gate, mismatch=max(gate.mismatch, LOW_PRECISION_FACTOR * own.mismatch_fraction))
         src["mismatch_source"] = f"budget max(row, {LOW_PRECISION_FACTOR:g} x pytorch {dtype.lower()} mismatch)"

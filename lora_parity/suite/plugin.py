@@ -10,7 +10,8 @@ registers this module itself when the entry point is not loaded (no ``pip instal
 Everything happens in hooks; an installed plugin is loaded into every pytest run of its
 environment, so nothing here changes other projects' runs: markers and options are only added,
 the Hypothesis profile is loaded only where the ini file sets ``lora_parity_dev_suite = true``
-(this repository's ``pytest.ini``), and the benchmark marker is only added there too.
+(this repository's ``pytest.ini``), and the benchmark marker is only added there too; so is
+``LORA_PARITY_NO_SKIPS`` (CI: a skip not in :data:`ALLOWED_SKIPS` fails).
 """
 from __future__ import annotations
 
@@ -41,6 +42,20 @@ PATH_OPTIONS = ("--lora-ckpt", "--sdxl-base", "--fullsize-cache", "--lora-layout
 DEV_SUITE_INI = "lora_parity_dev_suite"
 PROFILES = {"dev": dict(max_examples=25, deadline=None),
             "ci": dict(max_examples=40, deadline=None, derandomize=True, print_blob=True)}
+
+#: CI sets it (``.ci/run``): in this repository's test tree (``lora_parity_dev_suite = true``) a test skipped
+#: for any reason not in :data:`ALLOWED_SKIPS` -- a framework, backend or environment missing -- fails instead
+#: (replaces ``LORA_PARITY_REQUIRE_MINDONE``, which did this for the mindone backend alone)
+NO_SKIPS_ENV = "LORA_PARITY_NO_SKIPS"
+
+#: The skips a CI run may keep, and why: ``(pattern searched in the skip reason, why the skip is legitimate)``.
+#: tests/test_no_skips.py checks that each pattern matches the message its condition really produces.
+ALLOWED_SKIPS: tuple[tuple[str, str], ...] = (
+    (r"no Ascend NPU", "the ascend layer needs an Ascend NPU; CI machines have none (its tests also run on CPU "
+                       "through tests/test_ascend_layer_runs.py)"),
+    (r"on CPU has no BF16 MatMul kernel", "MindSpore's CPU build has no bf16 MatMul kernel: bf16 runs need an NPU"),
+    (r"^no --lora-ckpt PATH given", "the real-checkpoint layer checks the user's own LoRA; CI has none"),
+)
 
 _SUMMARY = pytest.StashKey[list]()
 _LORA = pytest.StashKey[Path]()
@@ -278,6 +293,54 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "benchmark" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.benchmark)
+
+
+# ---------------------------------------------------------------- skips under LORA_PARITY_NO_SKIPS
+
+
+def allowed_skip(reason: str) -> str | None:
+    """Why a skip with this reason is allowed under ``LORA_PARITY_NO_SKIPS`` (None: it is not)."""
+    return next((why for pattern, why in ALLOWED_SKIPS if re.search(pattern, reason)), None)
+
+
+def _no_skips(config: pytest.Config) -> bool:
+    """Enforced in this repository's own test tree only: the shipped suite that tests run in a subprocess
+    from another folder skips by design (a check after a failed one is skipped naming it)."""
+    return bool(os.environ.get(NO_SKIPS_ENV)) and bool(config.getini(DEV_SUITE_INI))
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+
+
+def _fail_unlisted_skip(report, config: pytest.Config) -> None:
+    """Turn ``report`` (a skip whose reason is not in :data:`ALLOWED_SKIPS`) into a failure naming the reason."""
+    if not report.skipped or hasattr(report, "wasxfail") or not _no_skips(config):
+        return
+    reason = _skip_reason(report)
+    if allowed_skip(reason) is not None:
+        return
+    report.outcome = "failed"
+    report.longrepr = (f"skipped under {NO_SKIPS_ENV}=1 without an allowed reason: {reason}\n"
+                       f"(a framework, backend or environment this run must have is missing; the allowed skips "
+                       f"are listed in lora_parity.suite.plugin.ALLOWED_SKIPS)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    _fail_unlisted_skip(report, item.config)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """A whole module skipped at import (``pytest.importorskip`` at module level) is judged the same way."""
+    report = yield
+    _fail_unlisted_skip(report, collector.config)
+    return report
 
 
 # ---------------------------------------------------------------- fixtures

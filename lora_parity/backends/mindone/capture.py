@@ -156,7 +156,8 @@ def pipeline(req: SideRequest, loader: _Loader):
     cls, index = pipeline_class(loader.dir, md)
     comps = {c: loader.load(c) for c in ("text_encoder", "text_encoder_2", "unet", "vae")}
     config = pipeline_config(cls, index)
-    pipe = cls(**comps, **loader.tokenizers(), scheduler=loader.scheduler(), **config)
+    toks = {"tokenizer": None, "tokenizer_2": None, **loader.tokenizers()}  # a refiner has no first tokenizer
+    pipe = cls(**comps, **toks, scheduler=loader.scheduler(), **config)
     pipe.set_progress_bar_config(disable=not req.progress, desc="mindone", unit="step")
     return pipe
 
