@@ -79,13 +79,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     overrides = {"F32": args.tol_f32, "F16": args.tol_f16, "BF16": args.tol_bf16}
     mismatch = {"F32": args.mismatch_f32, "F16": args.mismatch_f16, "BF16": args.mismatch_bf16}
+    rms = {"F32": args.rms_f32, "F16": args.rms_f16, "BF16": args.rms_bf16}
     if args.ms_bundle or args.pt_bundle:
         if not (args.ms_bundle and args.pt_bundle):
             raise LoraParityError("give both --ms-bundle and --pt-bundle")
         from lora_parity.compare import compare_bundles
 
         report = compare_bundles(CompareOptions(
-            tol_overrides=overrides, mismatch_overrides=mismatch, image_mae=args.image_mae,
+            tol_overrides=overrides, mismatch_overrides=mismatch, rms_overrides=rms, image_mae=args.image_mae,
             image_max_error=args.image_max_error, report_dir=Path(args.report) if args.report else None,
             allow_env_drift=args.allow_env_drift),
             Path(args.ms_bundle), Path(args.pt_bundle), Path(args.pt_low_bundle) if args.pt_low_bundle else None)
@@ -101,7 +102,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         ms_lora=Path(args.ms_lora) if args.ms_lora else None,
         pt_lora=Path(args.pt_lora) if args.pt_lora else None,
         latents=Path(args.latents) if args.latents else None, prompt=args.prompt, alpha=args.alpha,
-        timestep=args.timestep, tol_overrides=overrides, mismatch_overrides=mismatch, steps=args.steps,
+        timestep=args.timestep, tol_overrides=overrides, mismatch_overrides=mismatch, rms_overrides=rms,
+        steps=args.steps,
         guidance=args.guidance, image_mae=args.image_mae, image_max_error=args.image_max_error, ms_graph=args.ms_graph, ms_device=args.ms_device, pt_device=args.pt_device,
         progress=args.steps is not None and not args.quiet, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
         ms_backend=args.ms_backend, ms_python=args.ms_python, ema=args.ema, port_numerics=args.port_numerics,
@@ -297,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"bound on max|a-b|/max|ref| per layer for --dtype {dt.replace('f', 'fp', 1) if dt != 'bf16' else dt}{low}")
         m.add_argument(f"--mismatch-{dt}", type=float, metavar="FRACTION",
                        help=f"bound on the fraction of mismatched elements per layer for that dtype{low}")
+        m.add_argument(f"--rms-{dt}", type=float, metavar="REL",
+                       help=f"bound on ||a-b||/||ref|| per layer for that dtype (the local rows have one){low}")
     m.set_defaults(func=_cmd_compare)
 
     cap = sub.add_parser("capture", help="run one backend and write a capture bundle (judged by compare --ms-bundle/"

@@ -54,6 +54,7 @@ class CompareOptions:
     pt_device: str = "cpu"
     tol_overrides: dict = field(default_factory=dict)  # dtype -> bound on max|a-b|/max|ref| (replaces the budget)
     mismatch_overrides: dict = field(default_factory=dict)  # dtype -> bound on the mismatch fraction
+    rms_overrides: dict = field(default_factory=dict)  # dtype -> bound on ||a-b||/||ref|| (the local rows' third)
     ms_backend: str = PORT  # which MindSpore implementation is judged: port | mindone (also the tolerance rows)
     ms_python: str | None = None  # interpreter for the MindSpore side (default: the backend's, see backends.registry)
     port_numerics: str | None = None  # the port's numerics: "mindone" (default), "diffusers", "mindone:+point" ...
@@ -303,7 +304,7 @@ def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
 
     targets = lora_blocks(ms.meta, pt.meta, Path(configs_dir), get_backend(backend).naming)
     report = Judge(backend=row, dtype=o.dtype, overrides=o.tol_overrides,
-                   mismatch_overrides=o.mismatch_overrides).judge(
+                   mismatch_overrides=o.mismatch_overrides, rms_overrides=o.rms_overrides).judge(
         alignment, ms.acts, pt.acts, pt_low.acts if pt_low is not None else None, targets)
     if not report.meta["judged"]["replayed"]:
         report.meta["replay"] = ("not replayed: the MindSpore capture holds no replayed blocks, judged by chained "

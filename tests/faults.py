@@ -217,3 +217,69 @@ def plant_child_fault(monkeypatch, name: str) -> None:
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent / "child_faults"))
     monkeypatch.setenv("LORA_PARITY_TEST_FAULT", name)
+
+
+# --------------------------------------------------------------------------------------------
+# Faults in the judge's alignment (``lora_parity/parity/align.py``), planted in compare's parent
+# (the process that judges).  A wrong alignment pairs activations that are not the same thing:
+# compare must fail, never pass.
+
+def _rebind(monkeypatch, module, name: str, replacement) -> None:
+    """Replace ``module.name``, and every ``lora_parity`` module's own binding of the same object
+    (``from ... import name`` made before the plant), for the duration of ``monkeypatch``."""
+    import sys
+
+    original = getattr(module, name)
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not (mod_name == "lora_parity" or mod_name.startswith("lora_parity.")):
+            continue
+        if vars(mod).get(name) is original:
+            monkeypatch.setattr(mod, name, replacement)
+
+
+def plant_unet_alignment_swap(monkeypatch, sgm_a: str, sgm_b: str) -> None:
+    """The UNet alignment pairs SGM blocks ``sgm_a`` and ``sgm_b`` with each other's diffusers module
+    (two same-shaped points exchanged in the generated list)."""
+    from dataclasses import replace
+
+    from lora_parity.parity import align
+
+    unet_alignment = align.unet_alignment
+
+    def faulty(layout, timesteps=(None,)):
+        points = unet_alignment(layout, timesteps)
+        out = []
+        for p in points:
+            for src, dst in ((sgm_a, sgm_b), (sgm_b, sgm_a)):
+                if p.sgm == src or p.sgm.startswith(src + "@"):
+                    other = next(q for q in points if q.sgm == dst + p.sgm[len(src):])
+                    p = replace(p, diffusers=other.diffusers)
+                    break
+            out.append(p)
+        assert out != points, f"no UNet alignment point {sgm_a} / {sgm_b}"
+        return out
+
+    _rebind(monkeypatch, align, "unet_alignment", faulty)
+
+
+def plant_text_alignment_off_by_one(monkeypatch, component: str) -> None:
+    """The text alignment of ``component`` pairs layer i with ``hidden_states.i`` (the layer's input)
+    instead of ``hidden_states.i + 1`` (its output): an index off by one."""
+    import re
+    from dataclasses import replace
+
+    from lora_parity.parity import align
+
+    text_alignment = align.text_alignment
+    pattern = re.compile(rf"^{re.escape(component)}\.hidden_states\.(\d+)$")
+
+    def faulty(layout):
+        out = []
+        for p in text_alignment(layout):
+            m = pattern.match(p.diffusers)
+            if m and int(m.group(1)) > 0:
+                p = replace(p, diffusers=f"{component}.hidden_states.{int(m.group(1)) - 1}")
+            out.append(p)
+        return out
+
+    _rebind(monkeypatch, align, "text_alignment", faulty)

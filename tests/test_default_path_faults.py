@@ -5,8 +5,6 @@ one that converts); the MindSpore side's capture of a clean run is reused.  Alph
 throughout: rank 4 at alpha 2 (scale 0.5) and alpha 8 (scale 2)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -128,39 +126,3 @@ def test_cli_exits_1_on_a_converter_fault(fx, half, monkeypatch, tmp_path):
                               "--report", str(tmp_path / "rep"), "--quiet"])
     assert code == 1, out + err
     assert "first diverging layer" in out and TE2 + "transformer.resblocks.0" in out, out
-
-
-# ---------------------------------------------------------------- the mutation catalogue (scripts/mutants.py)
-
-def _mutants():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "mutants.py"
-    spec = importlib.util.spec_from_file_location("lora_parity_mutants", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_mutation_catalogue_has_20_faults_and_catches_two(tmp_path):
-    """The catalogue is big enough, and one converter fault and one MindSpore-side fault are caught
-    where they live (the whole run is ``make mutants``)."""
-    pytest.importorskip("mindspore")
-    mutants = _mutants()
-    names = [m.name for m in mutants.CATALOGUE]
-    assert len(names) >= 20 and len(set(names)) == len(names)
-    assert {m.side for m in mutants.CATALOGUE} == {"parent", "ms"}
-    runner = mutants.Runner(tmp_path / "work")
-    runner.prepare()
-    by_name = {m.name: m for m in mutants.CATALOGUE}
-    for name in ("peft_alpha_inverted", "qkv_split_wrong_order"):
-        outcome = runner.run(by_name[name])
-        assert outcome.caught and outcome.as_expected, mutants.format_line(1, 1, outcome)
-
-
-def test_mutation_catalogue_names_real_child_faults():
-    mutants = _mutants()
-    spec = importlib.util.spec_from_file_location(
-        "child_fault_patches", Path(__file__).parent / "child_faults" / "child_fault_patches.py")
-    patches = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(patches)
-    assert {m.child for m in mutants.CATALOGUE if m.child} <= set(patches.FAULTS)

@@ -197,12 +197,14 @@ def test_tol_f32_and_mismatch_f32_change_the_verdict_and_are_recorded(fx, tmp_pa
     bad = _pt_lora(fx.ms_lora, fx.pt_base, tmp_path / "head.safetensors",
                    lambda l: gate_faults.swap_head_qk(l, ATTN, head=0, head_channels=16))
     keep = tmp_path / "captures"
-    one = run_compare(_fx_opts(fx, pt_lora=bad, tol_overrides={"F32": LOOSE}, keep_captures=keep))
+    lifted = dict(tol_overrides={"F32": LOOSE}, rms_overrides={"F32": LOOSE})  # and the local rows' RMS bound
+    one = run_compare(_fx_opts(fx, pt_lora=bad, keep_captures=keep, **lifted))
     assert not one.passed and one.first_failure.failed == ("mismatch",), one.first_failure.message()
     # ... and --mismatch-f32 lifts the other
-    both = run_compare(_fx_opts(fx, pt_lora=bad, tol_overrides={"F32": LOOSE}, mismatch_overrides={"F32": LOOSE},
-                                reuse_captures=_reuse(keep)))
+    both = run_compare(_fx_opts(fx, pt_lora=bad, mismatch_overrides={"F32": LOOSE}, reuse_captures=_reuse(keep),
+                                **lifted))
     assert both.passed and {m.mismatch_budget for m in both.layers} == {LOOSE}
+    assert {m.rms_budget for m in both.layers} == {LOOSE}
 
 
 def test_every_threshold_flag_reaches_the_options(monkeypatch):
@@ -219,11 +221,13 @@ def test_every_threshold_flag_reaches_the_options(monkeypatch):
     monkeypatch.setattr(compare_mod, "run_compare", fake)
     code, _, err = run_cli(["compare", "--base", "random:tiny", "--tol-f32", "1", "--tol-f16", "2", "--tol-bf16", "3",
                             "--mismatch-f32", "0.1", "--mismatch-f16", "0.2", "--mismatch-bf16", "0.3",
+                            "--rms-f32", "0.01", "--rms-f16", "0.02", "--rms-bf16", "0.03",
                             "--image-mae", "4", "--image-max-error", "5"])
     assert code == 0, err
     o = seen["o"]
     assert o.tol_overrides == {"F32": 1.0, "F16": 2.0, "BF16": 3.0}
     assert o.mismatch_overrides == {"F32": 0.1, "F16": 0.2, "BF16": 0.3}
+    assert o.rms_overrides == {"F32": 0.01, "F16": 0.02, "BF16": 0.03}
     assert (o.image_mae, o.image_max_error) == (4.0, 5)
 
 
@@ -231,7 +235,7 @@ def test_pytest_threshold_options_flow_into_compare_options(request):
     from conftest import gate_overrides
 
     got = gate_overrides(request.config)
-    assert set(got) == {"tol_overrides", "mismatch_overrides", "image_mae", "image_max_error"}
+    assert set(got) == {"tol_overrides", "mismatch_overrides", "rms_overrides", "image_mae", "image_max_error"}
     assert CompareOptions(**got).tol_overrides["F32"] == request.config.getoption("--tol-f32")
 
 
@@ -255,7 +259,8 @@ def test_ten_percent_lora_scale_error_fails_the_fp32_image_gate(fx, tmp_path, re
     assert gate["dtype"] == "F32" and gate["backend"] == PORT and not gate["cross_device"] and gate["reason"]
     assert not im["passed"] and im["mae"] > gate["mae"]
     # layers are lifted so that only the image decides
-    layers_off = dict(tol_overrides={"F32": LOOSE}, mismatch_overrides={"F32": LOOSE}, reuse_captures=_reuse(keep))
+    layers_off = dict(tol_overrides={"F32": LOOSE}, mismatch_overrides={"F32": LOOSE}, rms_overrides={"F32": LOOSE},
+                      reuse_captures=_reuse(keep))
     lifted = run_compare(_fx_opts(fx, pt_lora=bad, steps=STEPS, image_mae=IMAGE_MAE_MAX, image_max_error=255,
                                   **layers_off))
     assert lifted.image["passed"] and lifted.passed, lifted.table()

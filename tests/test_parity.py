@@ -38,7 +38,7 @@ def tol_overrides(request):
     from conftest import gate_overrides
 
     got = gate_overrides(request.config)
-    return {k: got[k] for k in ("tol_overrides", "mismatch_overrides")}
+    return {k: got[k] for k in ("tol_overrides", "mismatch_overrides", "rms_overrides")}
 
 
 def _opts(fx, **kw) -> CompareOptions:

@@ -25,13 +25,6 @@ def _ending_module(diffusers_name: str) -> str:
     return diffusers_name
 
 
-# The port in MindONE numerics also records its UNet run with diffusers-exact numerics under this prefix:
-# judged by the tight ``port-exact`` row, it keeps the comparison's sensitivity to small weight / LoRA /
-# conversion faults that MindSpore's float32 exp in the timestep frequencies (gm's way) would mask.
-EXACT_PREFIX = "exact/"
-EXACT_COMPONENT = "unet-exact"
-
-
 def timestep_suffix(t, timesteps) -> str:
     """Activation-name suffix for one of several timesteps ("" when there is only one)."""
     return "" if len(timesteps) == 1 else f"@t{float(t):g}"

@@ -66,6 +66,7 @@ class LayerMetric:
     # element a little, where rounding leaves a few tails; gated where the row has an ``rms`` bound (local rows)
     rms_rel: float = 0.0
     rms_budget: float | None = None
+    rms_source: str = "table"
 
     @property
     def rel_passed(self) -> bool:
@@ -130,13 +131,15 @@ def _stats(ms: np.ndarray, pt: np.ndarray, tol: LayerGate) -> dict:
 
 
 def compare_arrays(a: Aligned, ms: np.ndarray, pt: np.ndarray, tol: LayerGate, dtype: str, *,
-                   rel_source: str | None = None, mismatch_source: str | None = None) -> LayerMetric:
-    """Judge one layer: passes only if shapes are equal, values finite, and both statistics within ``tol``."""
+                   rel_source: str | None = None, mismatch_source: str | None = None,
+                   rms_source: str | None = None) -> LayerMetric:
+    """Judge one layer: passes only if shapes are equal, values finite, and every gated statistic within ``tol``."""
     ms = np.asarray(ms, dtype=np.float64)
     pt = np.asarray(pt, dtype=np.float64)
     common = dict(tol_rel=tol.rel, mismatch_budget=tol.mismatch, rtol=tol.rtol,
                   rel_source=rel_source or tol.rel_source, mismatch_source=mismatch_source or tol.mismatch_source,
-                  backend=tol.backend, ms_shape=tuple(ms.shape), row=tol.row, rms_budget=tol.rms)
+                  backend=tol.backend, ms_shape=tuple(ms.shape), row=tol.row, rms_budget=tol.rms,
+                  rms_source=rms_source or tol.rms_source)
     if ms.shape != pt.shape:  # never reshaped: a layout bug can keep the element count
         return LayerMetric(a.sgm, a.diffusers, a.component, a.depth, tuple(pt.shape), dtype, float("inf"),
                            float("inf"), float("inf"), float(np.abs(pt).max(initial=0.0)), pt.size, pt.size,

@@ -57,6 +57,7 @@ class LayerGate:
     mismatch_source: str = "table"
     row: str = "chained"  # which row of the backend: see point_gate (chained-unet, chained, local, sinusoid, effect)
     rms: float | None = None  # bound on ||a-b|| / ||ref|| (None: not gated); the local rows have one
+    rms_source: str = "table"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -139,6 +140,11 @@ def layer_gate(dtype: str, backend: str = PORT, *, rel: float | None = None,
         gate = LAYER_GATES[(backend, dtype)]
     except KeyError:
         raise KeyError(f"no layer gate for backend {backend!r}, dtype {dtype!r}") from None
+    return _overridden(gate, dtype, rel, mismatch)
+
+
+def _overridden(gate: LayerGate, dtype: str, rel: float | None, mismatch: float | None) -> LayerGate:
+    """``gate`` with the user's bounds (``--tol-<dtype>``, ``--mismatch-<dtype>``), each recorded as its source."""
     flag = dtype.lower()
     if rel is not None:
         gate = replace(gate, rel=float(rel), rel_source=f"override --tol-{flag} {float(rel):g}")
@@ -198,7 +204,7 @@ def is_sinusoid_point(name: str) -> bool:
 
 
 def point_gate(dtype: str, backend: str, kind: str, component: str, name: str, *, overrides: dict | None = None,
-               mismatch_overrides: dict | None = None) -> LayerGate:
+               mismatch_overrides: dict | None = None, rms_overrides: dict | None = None) -> LayerGate:
     """The gate of one aligned point: ``kind`` "local" / "chained" / "effect"; overrides as in layer_tolerance."""
     if kind == "effect":
         gate = replace(EFFECT_GATES[dtype], backend=backend)
@@ -214,13 +220,10 @@ def point_gate(dtype: str, backend: str, kind: str, component: str, name: str, *
         gate = replace(LAYER_GATES[(backend, dtype)], row="chained-unet")
     else:
         gate = CHAINED_TIGHT[(backend, dtype)]
-    rel = (overrides or {}).get(dtype)
-    mismatch = (mismatch_overrides or {}).get(dtype)
-    flag = dtype.lower()
-    if rel is not None:
-        gate = replace(gate, rel=float(rel), rel_source=f"override --tol-{flag} {float(rel):g}")
-    if mismatch is not None:
-        gate = replace(gate, mismatch=float(mismatch), mismatch_source=f"override --mismatch-{flag} {float(mismatch):g}")
+    gate = _overridden(gate, dtype, (overrides or {}).get(dtype), (mismatch_overrides or {}).get(dtype))
+    rms = (rms_overrides or {}).get(dtype)
+    if rms is not None:  # replaces the RMS bound where a row has one, and sets one where it has none
+        gate = replace(gate, rms=float(rms), rms_source=f"override --rms-{dtype.lower()} {float(rms):g}")
     return gate
 
 

@@ -35,8 +35,9 @@ def _budget(gate, own: LayerMetric, dtype: str) -> tuple:
     if gate.rel_source == "table":
         gate = replace(gate, rel=max(gate.rel, LOW_PRECISION_FACTOR * own.rel_err))
         src["rel_source"] = f"budget max(row, {LOW_PRECISION_FACTOR:g} x pytorch {dtype.lower()} error)"
-    if gate.rms is not None:
+    if gate.rms is not None and gate.rms_source == "table":
         gate = replace(gate, rms=max(gate.rms, LOW_PRECISION_FACTOR * own.rms_rel))
+        src["rms_source"] = f"budget max(row, {LOW_PRECISION_FACTOR:g} x pytorch {dtype.lower()} rms error)"
     if gate.mismatch_source == "table":
         gate = replace(gate, mismatch=max(gate.mismatch, LOW_PRECISION_FACTOR * own.mismatch_fraction))
         src["mismatch_source"] = f"budget max(row, {LOW_PRECISION_FACTOR:g} x pytorch {dtype.lower()} mismatch)"
@@ -54,13 +55,14 @@ class Judge:
     """The verdict of one MindSpore capture against PyTorch's fp32 one (and PyTorch's own low-precision run)."""
 
     def __init__(self, *, backend: str, dtype: str, overrides: dict | None = None,
-                 mismatch_overrides: dict | None = None):
+                 mismatch_overrides: dict | None = None, rms_overrides: dict | None = None):
         self.backend, self.dtype = backend, dtype
         self.overrides, self.mismatch_overrides = overrides or {}, mismatch_overrides or {}
+        self.rms_overrides = rms_overrides or {}
 
     def gate(self, kind: str, a: Aligned):
         return point_gate(self.dtype, self.backend, kind, a.component, a.diffusers, overrides=self.overrides,
-                          mismatch_overrides=self.mismatch_overrides)
+                          mismatch_overrides=self.mismatch_overrides, rms_overrides=self.rms_overrides)
 
     def _one(self, a: Aligned, kind: str, ms: np.ndarray, ref: np.ndarray, low: np.ndarray | None) -> LayerMetric:
         gate = self.gate(kind, a)

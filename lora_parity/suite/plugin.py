@@ -96,6 +96,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"override the {dt} per-layer bound on max|a-b|/max|ref|")
         g.addoption(f"--mismatch-{dt}", type=float, default=None,
                     help=f"override the {dt} per-layer bound on the mismatched-element fraction")
+        g.addoption(f"--rms-{dt}", type=float, default=None,
+                    help=f"override the {dt} per-layer bound on ||a-b||/||ref|| (the local rows')")
     g.addoption("--image-mae", type=float, default=None, help="override the full-image MAE bound (0-255)")
     g.addoption("--image-max-error", type=int, default=None, help="override the full-image max-error bound (0-255)")
     parser.addini(DEV_SUITE_INI, type="bool", default=False,
@@ -107,7 +109,9 @@ def gate_overrides(config) -> dict:
     """The CompareOptions fields the threshold options set (None: the table's value)."""
     tol = {dt.upper(): config.getoption(f"--tol-{dt}") for dt in ("f32", "f16", "bf16")}
     mismatch = {dt.upper(): config.getoption(f"--mismatch-{dt}") for dt in ("f32", "f16", "bf16")}
-    return {"tol_overrides": tol, "mismatch_overrides": mismatch, "image_mae": config.getoption("--image-mae"),
+    rms = {dt.upper(): config.getoption(f"--rms-{dt}") for dt in ("f32", "f16", "bf16")}
+    return {"tol_overrides": tol, "mismatch_overrides": mismatch, "rms_overrides": rms,
+            "image_mae": config.getoption("--image-mae"),
             "image_max_error": config.getoption("--image-max-error")}
 
 
