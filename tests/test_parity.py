@@ -158,7 +158,10 @@ def _skip_unsupported(dtype):
 def test_low_precision_within_budget_of_fp32_reference(fx, dtype, record_property, tol_overrides):
     _skip_unsupported(dtype)
     report = run_compare(_opts(fx, ms_lora=fx.ms_lora, dtype=dtype, **tol_overrides))
-    assert all(m.ref_rel_err is not None and m.ref_rel_err > 0 for m in report.layers if m.depth > 0)
+    # every layer's budget comes from PyTorch's own low-precision run; chained errors are never exactly 0,
+    # a replayed block can be (the size/crop sinusoid is computed in fp32 by diffusers in every dtype)
+    assert all(m.ref_rel_err is not None for m in report.layers if m.depth > 0)
+    assert all(m.ref_rel_err > 0 for m in report.layers if m.depth > 0 and m.kind == "chained")
     assert_report(report, record_property)
 
 

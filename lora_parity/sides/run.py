@@ -45,8 +45,11 @@ def lora_modules(req: SideRequest) -> list[str]:
     from lora_parity.convert.converter import load_lora
     from lora_parity.convert.layout import layout_from_pipeline_dir
 
-    lora = load_lora(Path(req.lora), layout=layout_from_pipeline_dir(Path(req.pipeline_dir)), alpha=req.alpha,
-                     ema=req.ema)
+    path = Path(req.lora)
+    # the EMA choice selects within a MindONE checkpoint; a side given a converted PEFT / kohya file already
+    # holds the chosen set (compare converted it with the same choice)
+    lora = load_lora(path, layout=layout_from_pipeline_dir(Path(req.pipeline_dir)), alpha=req.alpha,
+                     ema=req.ema if path.suffix == ".ckpt" else None)
     return sorted(lora.pairs)
 
 
