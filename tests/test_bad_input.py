@@ -165,12 +165,15 @@ def case_layout_does_not_fit(tmp):
 
 def case_unfusable_qkv(tmp):
     name = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj"
+    # q/k/v trained apart fuse into one block-diagonal LoRA only at one scale: k's alpha/rank differs
     lora = make_lora(tiny_layout(), rank=2, modules=[name])
-    t, meta = formats.tensors_for(lora, "peft")
-    k = "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj.lora_A.weight"
-    t[k] = Tensor.from_numpy(t[k].data * 2)
+    t, meta = formats.tensors_for(lora, "kohya")
+    k = "lora_te2_text_model_encoder_layers_0_self_attn_k_proj"
+    t[f"{k}.lora_down.weight"] = Tensor.from_numpy(t[f"{k}.lora_down.weight"].data * 2)
+    t[f"{k}.alpha"] = formats.kohya_alpha(float(t[f"{k}.alpha"].to_float()) * 2, t[f"{k}.alpha"].dtype)
     write_safetensors(tmp / "qkv.safetensors", t, meta)
-    return ["convert", str(tmp / "qkv.safetensors"), "--layout", "tiny"], ["qkv.safetensors", k, "fused"]
+    return (["convert", str(tmp / "qkv.safetensors"), "--layout", "tiny"],
+            ["qkv.safetensors", f"{k}.lora_down.weight", "fused"])
 
 
 def case_mixed_alphas_to_ms(tmp):

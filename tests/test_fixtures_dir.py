@@ -23,6 +23,8 @@ from lora_parity.convert.safetensors_io import read_safetensors, write_safetenso
 from lora_parity.convert.tensor import ms_name
 from lora_parity.convert.tiny import tiny_layout
 
+from .helpers import run_cli
+
 # every test is `conversion` (seconds, no forward pass) but the one fresh `compare` run, which is `parity`
 conversion = pytest.mark.conversion
 
@@ -134,12 +136,11 @@ def test_diffusers_file_converts_to_mindone_and_back_bitwise(tmp_path):
 
 
 @conversion
-@pytest.mark.xfail(strict=True, raises=LoraParityError,
-                   reason="not read yet: the old diffusers names (`unet.….lora.down.weight`, "
-                          "`text_encoder….lora_linear_layer.up.weight`) that diffusers' SDXL LoRA training "
-                          "scripts save via convert_state_dict_to_diffusers")
 def test_diffusers_sdxl_training_script_file_reads_like_the_peft_one():
+    """The old diffusers names (`unet.….lora.down.weight`, `text_encoder….lora_linear_layer.up.weight`) that
+    diffusers' SDXL LoRA training scripts save via convert_state_dict_to_diffusers: the same tensors."""
     got = load_lora(TRAIN_SCRIPT_FILE, layout=tiny_layout())
+    assert got.source_format == "peft" and got.unmapped == []
     want = load_lora(PEFT_FILE, layout=tiny_layout(), alpha=4.0)  # no metadata: alpha = rank
     assert set(got.pairs) == set(want.pairs)
     for name, p in want.pairs.items():
@@ -175,11 +176,70 @@ def test_kohya_file_has_sd_scripts_names_alphas_and_metadata():
 
 
 @conversion
-@pytest.mark.xfail(strict=True, raises=LoraParityError,
-                   reason="sd-scripts trains bigG's q/k/v as three independent LoRAs; lora_parity keys bigG "
-                          "by its fused attn.in_proj and refuses anything it cannot fuse exactly")
-def test_kohya_file_converts_whole():
-    load_lora(KOHYA_FILE, layout=tiny_layout())
+def test_kohya_bigG_qkv_fuse_into_one_exact_in_proj_lora():
+    """sd-scripts trains bigG's q/k/v as three rank-r LoRAs: one rank-3r in_proj LoRA (A stacked, B
+    block-diagonal, alpha 3a keeps alpha/r) whose merged delta is the three parts' deltas, value for value."""
+    tensors, _ = read_safetensors(KOHYA_FILE)
+    lora = load_lora(KOHYA_FILE, layout=tiny_layout())
+    assert lora.unmapped == [] and len(lora.pairs) == len({k.split(".", 1)[0] for k in tensors}) - 2 * 3
+    fused = [p for p in lora.ordered() if p.part_ranks]
+    assert fused and all(p.module.sgm.endswith("attn.in_proj") for p in fused)
+    for p in fused:
+        assert (p.part_ranks, p.rank, p.alpha, p.scale) == ((4, 4, 4), 12, 24.0, 2.0)
+        layer = re.search(r"resblocks\.(\d+)\.", p.module.sgm).group(1)
+        parts = []
+        for proj in ("q", "k", "v"):
+            kn = f"lora_te2_text_model_encoder_layers_{layer}_self_attn_{proj}_proj"
+            down = tensors[f"{kn}.lora_down.weight"].to_float()
+            up = tensors[f"{kn}.lora_up.weight"].to_float()
+            parts.append(float(tensors[f"{kn}.alpha"].to_float()) / down.shape[0] * (up @ down))
+        np.testing.assert_array_equal(p.delta(), np.concatenate(parts, axis=0))
+
+
+@conversion
+@pytest.mark.parametrize("via", ["kohya", "peft"])
+def test_kohya_file_converts_whole_and_back_bitwise(tmp_path, via):
+    original, _ = read_safetensors(KOHYA_FILE)
+    mid = tmp_path / f"mid_{via}.safetensors"
+    convert(ConvertOptions(src=KOHYA_FILE, dst=mid, fmt=via, layout="tiny"))
+    if via == "peft":  # q/k/v each rank 4, alpha 8 again
+        meta = json.loads(read_safetensors(mid)[1][formats.ADAPTER_METADATA_KEY])
+        assert meta["text_encoder_2.alpha_pattern"] == {} and meta["text_encoder_2.rank_pattern"] == {}
+    convert(ConvertOptions(src=mid, dst=tmp_path / "again.safetensors", fmt="kohya", layout="tiny"))
+    again, _ = read_safetensors(tmp_path / "again.safetensors")
+    assert _bitwise(original, again) == []
+
+
+def _kohya_at_scale_one(tmp_path) -> Path:
+    tensors, meta = read_safetensors(KOHYA_FILE)
+    four = next(t for k, t in tensors.items() if k.endswith(".lora_down.weight")).shape[0]
+    scaled = {k: (formats.kohya_alpha(float(four), t.dtype) if k.endswith(".alpha") else t)
+              for k, t in tensors.items()}
+    src = tmp_path / "kohya_alpha_rank.safetensors"
+    write_safetensors(src, scaled, meta)
+    return src
+
+
+@conversion
+def test_kohya_bigG_qkv_through_a_mindone_ckpt_and_back_bitwise(tmp_path):
+    """alpha = rank everywhere: the .ckpt (no alpha, MindONE's default scale 1) holds the fused rank-12
+    in_proj exactly, and the block-diagonal lora_B splits back into the three sd-scripts LoRAs."""
+    src = _kohya_at_scale_one(tmp_path)
+    report = convert(ConvertOptions(src=src, dst=tmp_path / "ms.ckpt", layout="tiny"))
+    assert "scale 1" in report.scale_note and 12 in report.ranks
+    convert(ConvertOptions(src=tmp_path / "ms.ckpt", dst=tmp_path / "again.safetensors", fmt="kohya",
+                           layout="tiny"))
+    again, _ = read_safetensors(tmp_path / "again.safetensors")
+    assert _bitwise(read_safetensors(src)[0], again) == []
+
+
+@conversion
+def test_kohya_bigG_qkv_with_alpha_not_rank_refused_as_mindone_ckpt(tmp_path):
+    """alpha 8, rank 4: the fused in_proj needs alpha 24 beside 8 elsewhere, which one lora_alpha cannot
+    give; refused in one line naming the file, nothing written."""
+    code, _, err = run_cli(["convert", str(KOHYA_FILE), "-o", str(tmp_path / "ms.ckpt"), "--layout", "tiny"])
+    assert code == 2 and "fused in_proj" in err and str(KOHYA_FILE) in err and "Traceback" not in err
+    assert not (tmp_path / "ms.ckpt").exists()
 
 
 @conversion

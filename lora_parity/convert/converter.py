@@ -165,11 +165,17 @@ def _check_output(src: Path, dst: Path, force: bool) -> None:
 
 
 def _check_ms_alpha(lora: LoraSet, src: Path) -> None:
-    """A MindONE .ckpt stores no alpha: one alpha for all modules must be given at inference."""
-    if len(lora.alphas()) > 1:
+    """A MindONE .ckpt stores no alpha: inference gives one lora_alpha (scale alpha / each module's rank),
+    or none (alpha = rank, scale 1).  So the file is exact only if every module has the same alpha, or
+    every module has scale 1 (a fused bigG in_proj built from three rank-r LoRAs has rank 3r, alpha 3a)."""
+    if len(lora.alphas()) > 1 and any(p.alpha != p.rank for p in lora.pairs.values()):
+        fused = [p for p in lora.ordered() if p.part_ranks]
+        why = (f" ({len(fused)} fused in_proj LoRA(s) built from separate q/k/v LoRAs have rank "
+               f"{fused[0].rank} and alpha {fused[0].alpha:g} to keep alpha/r)" if fused else "")
         raise LoraParityError(
-            f"modules have different alphas {sorted(lora.alphas())}; a MindONE .ckpt has one lora_alpha "
-            f"for all modules (pass --alpha to choose one)", path=src)
+            f"modules have different alphas {sorted(lora.alphas())}{why}; a MindONE .ckpt has one lora_alpha "
+            f"for all modules or alpha = rank everywhere (pass --alpha to choose one, or keep this LoRA as "
+            f"peft / kohya)", path=src)
 
 
 def _scale_note(lora: LoraSet, dst_fmt: str) -> str:
@@ -178,5 +184,7 @@ def _scale_note(lora: LoraSet, dst_fmt: str) -> str:
         return "alpha/r kept exactly in the 'lora_adapter_metadata' header (lora_B not rescaled)"
     if dst_fmt == "kohya":
         return "alpha/r kept exactly in per-module '.alpha' tensors (lora_up not rescaled)"
+    if len(alphas) > 1:  # every module at scale 1 (checked by _check_ms_alpha)
+        return "MindONE stores no alpha: run without lora_alpha (alpha = each module's rank, scale 1)"
     return (f"MindONE stores no alpha: run with lora_alpha={alphas[0]:g}"
             + (" (= rank, scale 1)" if all(p.alpha == p.rank for p in lora.pairs.values()) else ""))

@@ -63,7 +63,7 @@ from lora_parity.convert import ckpt_io
 from lora_parity.atomic import atomic_output
 from lora_parity.errors import CheckpointFormatError, LoraParityError
 from lora_parity.convert.keymap import UNET_DIFFUSERS, kohya_name
-from lora_parity.convert.lora_set import LoraPair, LoraSet, NamedHalves
+from lora_parity.convert.lora_set import LoraPair, LoraSet, NamedHalves, split_parts
 from lora_parity.convert.safetensors_io import is_safetensors, read_safetensors, write_safetensors
 from lora_parity.convert.tensor import Tensor, storage_dtype
 
@@ -80,8 +80,12 @@ _MS_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<half>[AB])\.weight$")
 # PEFT / kohya keys for a bias that belongs to a LoRA (never silently skipped, see _refuse_pt_bias)
 _PEFT_BIAS_RE = re.compile(r"^(?:unet|text_encoder|text_encoder_2)\..+\.bias$")
 _KOHYA_BIAS_RE = re.compile(r"^lora_(?:unet|te1|te2|te)_.+\.(?:diff_b|bias|lora_(?:up|down)\.bias)$")
-_PEFT_RE = re.compile(r"^(?P<comp>unet|text_encoder|text_encoder_2)\.(?P<mod>.+)"
-                      r"\.(?:lora_(?P<half>[AB])\.weight|(?P<alpha>alpha))$")
+# PEFT names, and the older diffusers names its SDXL/dreambooth training scripts still save through
+# ``convert_state_dict_to_diffusers`` (``<module>.lora.down.weight``; text encoders
+# ``<module>.lora_linear_layer.up.weight``): the same tensors, down = lora_A, up = lora_B, no alpha
+_PEFT_RE = re.compile(r"^(?P<comp>unet|text_encoder|text_encoder_2)\.(?P<mod>.+?)"
+                      r"\.(?:lora_(?P<half>[AB])\.weight|(?:lora|lora_linear_layer)\.(?P<old>down|up)\.weight"
+                      r"|(?P<alpha>alpha))$")
 _KOHYA_RE = re.compile(r"^(?P<mod>lora_(?:unet|te1|te2|te)_.+?)\.(?:lora_(?P<half>down|up)\.weight|(?P<alpha>alpha))$")
 
 
@@ -378,7 +382,8 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
                 raise CheckpointFormatError(f"alpha must be a scalar, got shape {list(t.shape)}", path=path, key=key)
             h.alpha_overrides[mod] = float(t.to_float().reshape(-1)[0])
             continue
-        half = {"down": "A", "up": "B"}.get(m.group("half"), m.group("half"))
+        half = m.group("half") or m.groupdict().get("old")
+        half = {"down": "A", "up": "B"}.get(half, half)
         h.modules.setdefault(mod, {})[half] = t
         h.keys.setdefault(mod, {})[half] = key
     for mod in list(h.alpha_overrides):
@@ -467,15 +472,18 @@ def pair_tensors(p: LoraPair, fmt: str, te_kohya: dict[str, str]) -> list[tuple[
         raise LoraParityError(bias_refusal(fmt), key=f"{p.module.sgm}.bias")
     n = len(p.module.diffusers)
     rows = p.B.shape[0] // n
+    # a block-diagonal fused LoRA (q/k/v trained apart) goes back to its parts; any other fused LoRA
+    # shares its lora_A between q, k and v, with lora_B split by rows
+    parts = split_parts(p) or [(p.A, p.B if n == 1 else Tensor(p.B.dtype, p.B.data[i * rows:(i + 1) * rows]),
+                                p.alpha) for i in range(n)]
     out = []
-    for i, dif in enumerate(p.module.diffusers):
-        b = p.B if n == 1 else Tensor(p.B.dtype, p.B.data[i * rows:(i + 1) * rows])
+    for i, (dif, (a, b, alpha)) in enumerate(zip(p.module.diffusers, parts)):
         if fmt == "peft":
-            out += [(f"{dif}.lora_A.weight", p.A, "A"), (f"{dif}.lora_B.weight", b, "B")]
+            out += [(f"{dif}.lora_A.weight", a, "A"), (f"{dif}.lora_B.weight", b, "B")]
         else:
             kn = kohya_name(p.module, i, te_prefixes=te_kohya)
-            out += [(f"{kn}.lora_down.weight", p.A, "A"), (f"{kn}.lora_up.weight", b, "B"),
-                    (f"{kn}.alpha", kohya_alpha(p.alpha, p.A.dtype), "alpha")]
+            out += [(f"{kn}.lora_down.weight", a, "A"), (f"{kn}.lora_up.weight", b, "B"),
+                    (f"{kn}.alpha", kohya_alpha(alpha, a.dtype), "alpha")]
     return out
 
 
@@ -518,12 +526,14 @@ def _adapter_metadata(lora: LoraSet) -> dict:
     """diffusers' per-component LoraConfig kwargs: most common r/alpha plus exact patterns."""
     per_comp: dict[str, list[tuple[str, int, float]]] = {}
     for p in lora.ordered():
-        for dif in p.module.diffusers:
+        parts = split_parts(p)
+        for i, dif in enumerate(p.module.diffusers):
             comp, mod = dif.split(".", 1)
             # transformers 5 flattens CLIPTextModel (no "text_model."); PEFT matches target
             # names as suffixes, so the unprefixed name fits both old and new module trees
             mod = mod.removeprefix("text_model.")
-            per_comp.setdefault(comp, []).append((mod, p.rank, p.alpha))
+            rank, alpha = (parts[i][0].shape[0], parts[i][2]) if parts else (p.rank, p.alpha)
+            per_comp.setdefault(comp, []).append((mod, rank, alpha))
     adapter = {}
     for comp, mods in per_comp.items():
         r = Counter(rr for _, rr, _ in mods).most_common(1)[0][0]

@@ -32,6 +32,9 @@ class LoraPair:
     B: Tensor
     alpha: float
     bias: Tensor | None = None  # trained full bias (bias="lora_only"), replaces the base bias
+    # a fused module built from separately trained q/k/v LoRAs (sd-scripts on bigG): the rank of each
+    # stacked block of A, in part order (B is block-diagonal); None for a LoRA trained fused
+    part_ranks: tuple[int, ...] | None = None
 
     @property
     def rank(self) -> int:
@@ -91,7 +94,7 @@ class LoraSet:
         if dtype is None:
             return self
         pairs = {k: LoraPair(p.module, p.A.astype(dtype), p.B.astype(dtype), p.alpha,
-                             None if p.bias is None else p.bias.astype(dtype))
+                             None if p.bias is None else p.bias.astype(dtype), p.part_ranks)
                  for k, p in self.pairs.items()}
         return LoraSet(pairs, self.layout, self.layout_note, self.source_format,
                        self.skipped, self.unmapped, self.ignored, self.notes, self.bias_keys)
@@ -255,7 +258,14 @@ def _check_bias(path: Path, key: str, entry: ModuleEntry, bias: Tensor, layout: 
 
 
 def _fuse(path: Path, entry: ModuleEntry, parts: dict) -> LoraPair:
-    """q/k/v LoRAs back into one fused in_proj LoRA, only where that is exact."""
+    """q/k/v LoRAs back into one fused in_proj LoRA, exactly.
+
+    Parts sharing lora_A and alpha (what our writers make of a fused LoRA) fuse to the same rank by
+    stacking lora_B.  Independently trained parts (sd-scripts trains bigG's q/k/v as three LoRAs) fuse to
+    one LoRA of rank r_q + r_k + r_v: A stacked, B block-diagonal, alpha scaled so alpha / rank stays each
+    part's scale; no tensor value changes, so the PEFT / kohya writers split it back bitwise.  Parts whose
+    scales differ cannot share one fused scale without rescaling a tensor: refused.
+    """
     n = len(entry.diffusers)
     missing = [entry.diffusers[i] for i in range(n) if i not in parts]
     if missing:
@@ -263,13 +273,59 @@ def _fuse(path: Path, entry: ModuleEntry, parts: dict) -> LoraPair:
         raise KeyMapError(f"fused {entry.sgm} needs LoRA on q, k and v; missing {', '.join(missing)}",
                           path=path, key=some_key)
     key0, first = parts[0]
+    if all(parts[i][1]["alpha"] == first["alpha"] and parts[i][1]["A"].bitwise_equal(first["A"])
+           for i in range(1, n)):
+        b = np.concatenate([parts[i][1]["B"].data for i in range(n)], axis=0)
+        return LoraPair(entry, first["A"], Tensor(first["B"].dtype, b), float(first["alpha"]))
+    ranks = tuple(parts[i][1]["A"].shape[0] for i in range(n))
+    scales = [parts[i][1]["alpha"] / ranks[i] for i in range(n)]
     for i in range(1, n):
         key, p = parts[i]
-        if p["alpha"] != first["alpha"] or not p["A"].bitwise_equal(first["A"]):
-            raise KeyMapError(f"cannot be fused back exactly into {entry.sgm}: q/k/v LoRAs have different "
-                              f"lora_A or alpha", path=path, key=key)
-    b = np.concatenate([parts[i][1]["B"].data for i in range(n)], axis=0)
-    return LoraPair(entry, first["A"], Tensor(first["B"].dtype, b), float(first["alpha"]))
+        if scales[i] != scales[0]:
+            raise KeyMapError(f"cannot be fused exactly into {entry.sgm}: its alpha/rank {p['alpha']:g}/{ranks[i]} "
+                              f"differs from {entry.diffusers[0]}'s {first['alpha']:g}/{ranks[0]} (one fused "
+                              f"LoRA has one scale)", path=path, key=key)
+        if p["A"].dtype != first["A"].dtype:
+            raise KeyMapError(f"dtype {p['A'].dtype} differs from {entry.diffusers[0]}'s {first['A'].dtype}",
+                              path=path, key=key)
+    total = sum(ranks)
+    a = np.concatenate([parts[i][1]["A"].data for i in range(n)], axis=0)
+    rows = [parts[i][1]["B"].data for i in range(n)]
+    b = np.zeros((sum(r.shape[0] for r in rows), total, *rows[0].shape[2:]), dtype=rows[0].dtype)
+    r0 = c0 = 0
+    for blk in rows:
+        b[r0:r0 + blk.shape[0], c0:c0 + blk.shape[1]] = blk
+        r0, c0 = r0 + blk.shape[0], c0 + blk.shape[1]
+    alpha = float(first["alpha"]) * total / ranks[0]
+    return LoraPair(entry, Tensor(first["A"].dtype, a), Tensor(first["B"].dtype, b), alpha, part_ranks=ranks)
+
+
+def split_parts(p: LoraPair) -> list[tuple[Tensor, Tensor, float]] | None:
+    """(A, B, alpha) per part of a fused pair whose B is block-diagonal, or None.
+
+    The blocks are the recorded ``part_ranks``, or equal blocks when B's off-block entries are all exactly
+    zero and its diagonal blocks are not (a block-diagonal LoRA that went through a MindONE .ckpt, which
+    records nothing): each part then holds only its own block, bitwise, and its alpha keeps the fused scale.
+    """
+    n = len(p.module.diffusers)
+    if n == 1:
+        return None
+    ranks = p.part_ranks
+    if ranks is None:
+        if p.rank % n:
+            return None
+        ranks = (p.rank // n,) * n
+    rows = p.B.shape[0] // n
+    bounds = np.cumsum((0, *ranks))
+    out = []
+    for i in range(n):
+        bi = p.B.data[i * rows:(i + 1) * rows]
+        lo, hi = bounds[i], bounds[i + 1]
+        if np.any(bi[:, :lo]) or np.any(bi[:, hi:]) or (p.part_ranks is None and not np.any(bi[:, lo:hi])):
+            return None  # not block-diagonal (or, unrecorded, an all-zero block: nothing says it was split)
+        out.append((Tensor(p.A.dtype, np.ascontiguousarray(p.A.data[lo:hi])),
+                    Tensor(p.B.dtype, np.ascontiguousarray(bi[:, lo:hi])), p.scale * int(ranks[i])))
+    return out
 
 
 def check_alpha(alpha: float | None) -> float | None:
