@@ -123,13 +123,13 @@ def plant_transposed_update(monkeypatch, sgm: str) -> None:
 
     pair_tensors = formats.pair_tensors
 
-    def faulty(p, fmt, te_kohya):
+    def faulty(p, fmt, *rest):
         if fmt != "ms" and p.module.sgm == sgm:
             assert p.module.in_features == p.module.out_features and p.module.kind == "linear", sgm
             a, b = p.A.to_float("float32"), p.B.to_float("float32")
             p = LoraPair(p.module, Tensor.from_numpy(np.ascontiguousarray(b.T)),
                          Tensor.from_numpy(np.ascontiguousarray(a.T)), p.alpha)
-        return pair_tensors(p, fmt, te_kohya)
+        return pair_tensors(p, fmt, *rest)
 
     monkeypatch.setattr(formats, "pair_tensors", faulty)
 
@@ -142,11 +142,11 @@ def plant_lora_a_layout_mixup(monkeypatch, component: str = "unet") -> None:
 
     pair_tensors = formats.pair_tensors
 
-    def faulty(p, fmt, te_kohya):
+    def faulty(p, fmt, *rest):
         if fmt != "ms" and p.module.component == component and p.module.kind == "linear":
             a = p.A.to_float("float32")
             p = LoraPair(p.module, Tensor.from_numpy(np.ascontiguousarray(a.T).reshape(a.shape)), p.B, p.alpha)
-        return pair_tensors(p, fmt, te_kohya)
+        return pair_tensors(p, fmt, *rest)
 
     monkeypatch.setattr(formats, "pair_tensors", faulty)
 
@@ -205,8 +205,8 @@ def plant_kohya_name_swap(monkeypatch, layout, sgm_a: str, sgm_b: str) -> None:
     kohya_name = formats.kohya_name
     other = {sgm_a: by[sgm_b], sgm_b: by[sgm_a]}
 
-    def faulty(entry, part=0, *, te_prefixes):
-        return kohya_name(other.get(entry.sgm, entry), part, te_prefixes=te_prefixes)
+    def faulty(entry, part=0, **kw):
+        return kohya_name(other.get(entry.sgm, entry), part, **kw)
 
     monkeypatch.setattr(formats, "kohya_name", faulty)
 

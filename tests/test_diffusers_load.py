@@ -25,11 +25,11 @@ LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 def load_into_pipeline(pipeline_dir: Path, lora_file: Path):
     """The pipeline with the LoRA loaded by diffusers; raises LoraLoadError unless every key landed."""
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
     from lora_parity.backends.diffusers.view import load_lora_checked
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir)
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)  # SDXL, or SD 1.x / 2.x (tests/test_families.py)
     load_lora_checked(pipe, lora_file)
     return pipe
 
@@ -38,7 +38,9 @@ def pipeline_deltas(pipe) -> dict[str, np.ndarray]:
     """diffusers-name -> scaling * B @ A (float64) for every LoRA layer PEFT attached."""
     out = {}
     for comp in LORA_COMPONENTS:
-        model = getattr(pipe, comp)
+        model = getattr(pipe, comp, None)
+        if model is None:  # SD 1.x / 2.x: one text encoder
+            continue
         flat = comp == "text_encoder" and not hasattr(model, "text_model")
         for name, mod in model.named_modules():
             if not hasattr(mod, "lora_A") or not len(mod.lora_A):

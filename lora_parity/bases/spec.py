@@ -92,6 +92,9 @@ def _diffusers(spec: str, path: Path, variant: str | None) -> BaseModel:
     except (OSError, ValueError) as exc:
         raise LoraParityError(f"cannot read model_index.json: {exc}", path=index) from None
     layout = layout_from_pipeline_dir(path)
+    if layout.family != "sdxl":
+        raise LoraParityError(f"a {layout.family} pipeline: compare / infer / capture run SDXL pipelines so far "
+                              f"(convert and keys read and write {layout.family} LoRAs)", path=path)
     for comp in COMPONENTS:
         if (path / comp / "config.json").is_file():
             weight_files(path / comp, variant)  # one clear error for a missing variant

@@ -69,7 +69,7 @@ from lora_parity.convert.tensor import Tensor, storage_dtype
 
 FORMATS = ("peft", "kohya", "ms")
 PICKLE_EXTS = (".bin", ".pt", ".pth")
-MODEL_ROOTS = ("model.diffusion_model.", "conditioner.embedders.")
+MODEL_ROOTS = ("model.diffusion_model.", "conditioner.embedders.", "cond_stage_model.")
 # MindSpore optimizer / EMA state that shadows parameter names: listed, never converted
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "moments.", "accum.", "optimizer.",
                       "ema.", "vhat.", "mean_grad.", "mean_square.", "lamb_m.", "lamb_v.")
@@ -152,7 +152,8 @@ def detect_format(tensors: dict[str, Tensor]) -> str:
 # ---------------------------------------------------------------- MindONE checkpoint names
 
 #: Where a model parameter's name starts, as segment tuples (SGM / gm names).
-MS_ROOTS = (("model", "diffusion_model"), ("conditioner", "embedders"), ("first_stage_model",))
+MS_ROOTS = (("model", "diffusion_model"), ("conditioner", "embedders"), ("cond_stage_model",),
+            ("first_stage_model",))  # SGM (SDXL) and LDM (SD 1.x / 2.x: cond_stage_model) roots
 #: gm's DiffusionEngineMultiGraph holds the UNet as stage1/stage2 and saves it as "model."
 _STAGE_SEGMENTS = ("stage1", "stage2")
 #: Name segments that mark optimizer state (MindSpore / MindONE optimizers, gradient buffers).
@@ -461,7 +462,8 @@ def check_writable(lora: LoraSet, fmt: str, src: Path | None = None) -> None:
                                   key=lora.bias_keys.get(sgm, f"{sgm}.bias"))
 
 
-def pair_tensors(p: LoraPair, fmt: str, te_kohya: dict[str, str]) -> list[tuple[str, Tensor, str]]:
+def pair_tensors(p: LoraPair, fmt: str, te_kohya: dict[str, str],
+                 unet_style: str = "sgm") -> list[tuple[str, Tensor, str]]:
     """(key, tensor, role) stored for one module in ``fmt``; role is 'A', 'B', 'alpha' or 'bias'."""
     if fmt == "ms":
         out = [(f"{p.module.sgm}.lora_A.weight", p.A, "A"), (f"{p.module.sgm}.lora_B.weight", p.B, "B")]
@@ -481,7 +483,7 @@ def pair_tensors(p: LoraPair, fmt: str, te_kohya: dict[str, str]) -> list[tuple[
         if fmt == "peft":
             out += [(f"{dif}.lora_A.weight", a, "A"), (f"{dif}.lora_B.weight", b, "B")]
         else:
-            kn = kohya_name(p.module, i, te_prefixes=te_kohya)
+            kn = kohya_name(p.module, i, te_prefixes=te_kohya, unet_style=unet_style)
             out += [(f"{kn}.lora_down.weight", a, "A"), (f"{kn}.lora_up.weight", b, "B"),
                     (f"{kn}.alpha", kohya_alpha(alpha, a.dtype), "alpha")]
     return out
@@ -510,8 +512,8 @@ def kohya_alpha(alpha: float, dtype: str) -> Tensor:
 
 def tensors_for(lora: LoraSet, fmt: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The exact key -> tensor dict (and header metadata) a format stores."""
-    te_kohya = lora.keymap.te_kohya
-    out = {k: t for p in lora.ordered() for k, t, _ in pair_tensors(p, fmt, te_kohya)}
+    km = lora.keymap
+    out = {k: t for p in lora.ordered() for k, t, _ in pair_tensors(p, fmt, km.te_kohya, km.kohya_unet_style)}
     meta: dict[str, str] = {}
     if fmt == "peft":
         meta[ADAPTER_METADATA_KEY] = json.dumps(_adapter_metadata(lora), sort_keys=True, allow_nan=False)

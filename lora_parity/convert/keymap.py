@@ -76,9 +76,10 @@ def _resblock(sgm: str, dif: str, cin: int, cout: int, temb: int, comp: str, blo
         yield ModuleEntry(f"{sgm}.{s}", (f"{dif}.{d}",), kind, i, o, comp, block, k)
 
 
-def _transformer(sgm: str, dif: str, ch: int, ctx: int, depth: int, comp: str, block: str):
+def _transformer(sgm: str, dif: str, ch: int, ctx: int, depth: int, comp: str, block: str, linear: bool = True):
+    proj_kind = "linear" if linear else "conv"  # SD 1.x: 1x1 Conv2d projections
     yield ModuleEntry(f"{sgm}.norm", (f"{dif}.norm",), "norm", ch, ch, comp, block)
-    yield ModuleEntry(f"{sgm}.proj_in", (f"{dif}.proj_in",), "linear", ch, ch, comp, block)
+    yield ModuleEntry(f"{sgm}.proj_in", (f"{dif}.proj_in",), proj_kind, ch, ch, comp, block)
     for t in range(depth):
         tb = f"transformer_blocks.{t}"
         for attn, kv_in in (("attn1", ch), ("attn2", ctx)):
@@ -94,7 +95,7 @@ def _transformer(sgm: str, dif: str, ch: int, ctx: int, depth: int, comp: str, b
                           ch, 8 * ch, comp, block)
         yield ModuleEntry(f"{sgm}.{tb}.ff.net.2", (f"{dif}.{tb}.ff.net.2",), "linear",
                           4 * ch, ch, comp, block)
-    yield ModuleEntry(f"{sgm}.proj_out", (f"{dif}.proj_out",), "linear", ch, ch, comp, block)
+    yield ModuleEntry(f"{sgm}.proj_out", (f"{dif}.proj_out",), proj_kind, ch, ch, comp, block)
 
 
 def unet_entries(layout: UNetLayout):
@@ -125,7 +126,7 @@ def unet_entries(layout: UNetLayout):
             yield from _resblock(f"{S}{blk}.0", f"{D}{dif}.resnets.{j}", ch, out_ch, temb, comp, blk)
             ch = out_ch
             if depth:
-                yield from _transformer(f"{S}{blk}.1", f"{D}{dif}.attentions.{j}", ch, ctx, depth, comp, blk)
+                yield from _transformer(f"{S}{blk}.1", f"{D}{dif}.attentions.{j}", ch, ctx, depth, comp, blk, layout.linear_projection)
             skip_chans.append(ch)
             idx += 1
         if level != layout.levels - 1:
@@ -139,7 +140,7 @@ def unet_entries(layout: UNetLayout):
     yield from _resblock(f"{S}{blk}.0", f"{D}mid_block.resnets.0", ch, ch, temb, comp, blk)
     if layout.transformer_depth_middle:
         yield from _transformer(f"{S}{blk}.1", f"{D}mid_block.attentions.0", ch, ctx,
-                                layout.transformer_depth_middle, comp, blk)
+                                layout.transformer_depth_middle, comp, blk, layout.linear_projection)
         last = f"{S}{blk}.2"
     else:
         last = f"{S}{blk}.1"
@@ -157,7 +158,7 @@ def unet_entries(layout: UNetLayout):
             ch = out_ch
             slot = 1
             if depth:
-                yield from _transformer(f"{S}{blk}.1", f"{D}{dif}.attentions.{j}", ch, ctx, depth, comp, blk)
+                yield from _transformer(f"{S}{blk}.1", f"{D}{dif}.attentions.{j}", ch, ctx, depth, comp, blk, layout.linear_projection)
                 slot = 2
             if level != 0 and j == lpb:
                 yield ModuleEntry(f"{S}{blk}.{slot}.conv", (f"{D}{dif}.upsamplers.0.conv",), "conv",
@@ -202,9 +203,12 @@ def text_encoder_entries(te: TextEncoderLayout):
                       "norm", h, h, comp, f"{comp}.final_layer_norm")
 
 
-def kohya_name(entry: ModuleEntry, part: int = 0, *, te_prefixes: dict[str, str]) -> str:
-    """sd-scripts' SDXL naming: SGM names for the UNet, HF names for the text encoders."""
+def kohya_name(entry: ModuleEntry, part: int = 0, *, te_prefixes: dict[str, str], unet_style: str = "sgm") -> str:
+    """sd-scripts' naming: the UNet by SGM names (SDXL) or diffusers names (SD 1.x / 2.x, ``unet_style``),
+    the text encoders by HF names."""
     if entry.component == "unet":
+        if unet_style == "diffusers":
+            return KOHYA_UNET + entry.diffusers[0][len(UNET_DIFFUSERS):].replace(".", "_")
         return KOHYA_UNET + entry.sgm[len(UNET_SGM):].replace(".", "_")
     dif = entry.diffusers[part]
     return te_prefixes[entry.component] + dif.split(".", 1)[1].replace(".", "_")
@@ -220,6 +224,7 @@ class KeyMap:
             entries.extend(text_encoder_entries(te))
         self.entries: tuple[ModuleEntry, ...] = tuple(entries)
         self.te_kohya = {te.diffusers_prefix.rstrip("."): te.kohya_prefix for te in layout.text_encoders}
+        self.kohya_unet_style = layout.kohya_unet_style
 
     @cached_property
     def by_sgm(self) -> dict[str, ModuleEntry]:
@@ -231,15 +236,16 @@ class KeyMap:
 
     @cached_property
     def by_kohya(self) -> dict[str, tuple[ModuleEntry, int]]:
-        """sd-scripts names, plus the diffusers-layout variant some trainers write for the UNet."""
+        """sd-scripts names, plus the other UNet spelling (SGM / diffusers) some trainers write."""
         out: dict[str, tuple[ModuleEntry, int]] = {}
         for e in self.entries:
             if not e.lora_able:
                 continue
             for i, d in enumerate(e.diffusers):
-                out[kohya_name(e, i, te_prefixes=self.te_kohya)] = (e, i)
-                if e.component == "unet":
+                out[kohya_name(e, i, te_prefixes=self.te_kohya, unet_style=self.kohya_unet_style)] = (e, i)
+                if e.component == "unet":  # either UNet spelling is read, whatever the family writes
                     out[KOHYA_UNET + d[len(UNET_DIFFUSERS):].replace(".", "_")] = (e, i)
+                    out[KOHYA_UNET + e.sgm[len(UNET_SGM):].replace(".", "_")] = (e, i)
         return out
 
     def lora_entries(self, component: str | None = None) -> list[ModuleEntry]:

@@ -17,14 +17,14 @@ def keys_table(src: Path, *, layout: str | None = None, fmt: str | None = None,
     """
     lora = load_lora(src, layout=load_layout(layout) if layout else None, strict=strict)
     dst_fmt = fmt or ("peft" if lora.source_format == "ms" else "ms")
-    te = lora.keymap.te_kohya
+    te, style = lora.keymap.te_kohya, lora.keymap.kohya_unet_style
     rows = []
     for p in lora.ordered():
         src_by_role: dict[str, list[str]] = {}
-        for k, _, role in pair_tensors(p, lora.source_format, te):
+        for k, _, role in pair_tensors(p, lora.source_format, te, style):
             src_by_role.setdefault(role, []).append(k)
         counts: dict[str, int] = {}
-        for k, t, role in pair_tensors(p, dst_fmt, te):
+        for k, t, role in pair_tensors(p, dst_fmt, te, style):
             cands = src_by_role.get(role) or ["(alpha)"]
             i = counts.get(role, 0)
             counts[role] = i + 1

@@ -1,4 +1,5 @@
-"""Frozen descriptions of the SDXL architecture, from which every name map is generated.
+"""Frozen descriptions of Stable Diffusion architectures (SDXL, SD 1.x, SD 2.x), from which every name map
+is generated.
 
 A :class:`UNetLayout` holds just what decides module names and shapes (channels,
 blocks, transformer depths); it comes from a preset or from a diffusers
@@ -35,6 +36,8 @@ class UNetLayout:
     norm_num_groups: int = 32
     addition_time_embed_dim: int = 256
     name: str = "custom"
+    # SDXL and SD 2.x project into / out of each transformer with a Linear; SD 1.x with a 1x1 Conv
+    linear_projection: bool = True
 
     @property
     def levels(self) -> int:
@@ -56,7 +59,7 @@ class UNetLayout:
 
     @classmethod
     def from_diffusers_config(cls, cfg: dict, name: str = "custom") -> "UNetLayout":
-        """Read a diffusers ``UNet2DConditionModel`` config (SDXL family, linear projections)."""
+        """Read a diffusers ``UNet2DConditionModel`` config (SDXL, SD 2.x: linear projections; SD 1.x: conv)."""
         try:
             boc = tuple(int(c) for c in cfg["block_out_channels"])
             mc = boc[0]
@@ -77,8 +80,6 @@ class UNetLayout:
             depth_up = tuple(reversed(up_depth_by_upblock))
             mid_type = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
             mid = tlpb[-1] if mid_type == "UNetMidBlock2DCrossAttn" else 0
-            if not cfg.get("use_linear_projection", False):
-                raise LoraParityError("only SDXL-style UNets (use_linear_projection: true) are supported")
             adm = cfg.get("projection_class_embeddings_input_dim")
             heads = cfg.get("attention_head_dim", 8)
             heads = [heads] * levels if isinstance(heads, int) else list(heads)
@@ -98,6 +99,7 @@ class UNetLayout:
                 norm_num_groups=int(cfg.get("norm_num_groups", 32)),
                 addition_time_embed_dim=int(cfg.get("addition_time_embed_dim") or 256),
                 name=name,
+                linear_projection=bool(cfg.get("use_linear_projection", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LoraParityError(f"not a diffusers UNet config: {exc!r}") from None
@@ -121,13 +123,25 @@ class TextEncoderLayout:
     max_position_embeddings: int = 77
 
 
+#: Model families the key map knows.  SDXL: SGM names, kohya names the UNet by its SGM names (sd-scripts'
+#: SDXL UNet); SD 1.x / 2.x: LDM names (the same UNet naming, text encoder under ``cond_stage_model.``),
+#: kohya names the UNet by its diffusers names (sd-scripts' SD 1/2 UNet is diffusers').
+FAMILIES = ("sdxl", "sd1", "sd2")
+
+
 @dataclass(frozen=True)
 class ModelLayout:
-    """A whole SDXL-family model: UNet plus its text encoders."""
+    """A whole Stable Diffusion model (SDXL, SD 1.x or SD 2.x): UNet plus its text encoders."""
 
     name: str
     unet: UNetLayout
     text_encoders: tuple[TextEncoderLayout, ...] = field(default_factory=tuple)
+    family: str = "sdxl"
+
+    @property
+    def kohya_unet_style(self) -> str:
+        """How sd-scripts names UNet modules for this family: "sgm" (SDXL) or "diffusers" (SD 1.x / 2.x)."""
+        return "sgm" if self.family == "sdxl" else "diffusers"
 
 
 # diffusers configs of the released models (public facts; the tests build these on the meta device)
@@ -208,6 +222,53 @@ def sdxl_text_encoders(te1_cfg: dict | None, te2_cfg: dict, *, refiner: bool = F
     return tuple(out)
 
 
+SD15_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD21_UNET_CONFIG = {**SD15_UNET_CONFIG, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+                    "sample_size": 96, "use_linear_projection": True}
+# diffusers' SD 2.x text encoder: OpenCLIP-H without its last block (the pipeline uses the penultimate layer)
+CLIP_H_CONFIG = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+                 "num_attention_heads": 16, "projection_dim": 512}
+
+
+def sd_text_encoder(te_cfg: dict, family: str) -> TextEncoderLayout:
+    """SD 1.x: HF CLIP-L held by LDM's FrozenCLIPEmbedder (``cond_stage_model.transformer.``); SD 2.x:
+    OpenCLIP-H held by FrozenOpenCLIPEmbedder (``cond_stage_model.model.``, fused in_proj).  sd-scripts
+    names either text encoder ``lora_te_``."""
+    if family == "sd1":
+        return text_encoder_layout(te_cfg, style="hf", sgm_prefix="cond_stage_model.transformer.",
+                                   diffusers_prefix="text_encoder.", kohya_prefix="lora_te_")
+    return text_encoder_layout(te_cfg, style="openclip", sgm_prefix="cond_stage_model.model.",
+                               diffusers_prefix="text_encoder.", kohya_prefix="lora_te_")
+
+
+def family_of(unet_cfg: dict, model_index: dict | None = None) -> str:
+    """sdxl / sd1 / sd2 from the UNet config (and the pipeline class where there is one).
+
+    SDXL conditions on pooled text + size (``addition_embed_type: text_time``); SD 2.x projects into its
+    transformers linearly (``use_linear_projection``, every released 2.x config), SD 1.x with 1x1 convs."""
+    cls = (model_index or {}).get("_class_name", "")
+    if "XL" in cls or unet_cfg.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if cls and not cls.startswith("StableDiffusion"):
+        raise LoraParityError(f"pipeline {cls} is not a Stable Diffusion UNet pipeline (SD 1.x / 2.x / XL)")
+    if unet_cfg.get("addition_embed_type") or unet_cfg.get("class_embed_type"):
+        raise LoraParityError("a UNet with extra conditioning (addition/class embedding) that is not SDXL's: "
+                              "not an SD 1.x / 2.x / XL model")
+    return "sd2" if unet_cfg.get("use_linear_projection") else "sd1"
+
+
 PRESETS: dict[str, ModelLayout] = {
     "sdxl-base": ModelLayout(
         "sdxl-base",
@@ -219,6 +280,10 @@ PRESETS: dict[str, ModelLayout] = {
         UNetLayout.from_diffusers_config(SDXL_REFINER_UNET_CONFIG, name="sdxl-refiner"),
         sdxl_text_encoders(None, CLIP_BIGG_CONFIG, refiner=True),
     ),
+    "sd15": ModelLayout("sd15", UNetLayout.from_diffusers_config(SD15_UNET_CONFIG, name="sd15"),
+                        (sd_text_encoder(CLIP_L_CONFIG, "sd1"),), family="sd1"),
+    "sd21": ModelLayout("sd21", UNetLayout.from_diffusers_config(SD21_UNET_CONFIG, name="sd21"),
+                        (sd_text_encoder(CLIP_H_CONFIG, "sd2"),), family="sd2"),
 }
 
 
@@ -226,10 +291,14 @@ def load_layout(spec: str) -> ModelLayout:
     """A preset name, a diffusers UNet ``config.json``, or a diffusers pipeline folder."""
     if spec in PRESETS:
         return PRESETS[spec]
-    if spec == "tiny":  # the built-in test model; never auto-detected
+    if spec == "tiny":  # the built-in test models; never auto-detected
         from lora_parity.convert.tiny import tiny_layout
 
         return tiny_layout()
+    if spec in ("tiny-sd1", "tiny-sd2"):
+        from lora_parity.convert.tiny import tiny_sd_layout
+
+        return tiny_sd_layout(spec.split("-")[1])
     path = Path(spec)
     if path.is_dir():
         return layout_from_pipeline_dir(path)
@@ -237,23 +306,35 @@ def load_layout(spec: str) -> ModelLayout:
         raise LoraParityError(
             f"not a preset ({', '.join(PRESETS)}) nor an existing config.json", path=spec)
     cfg = _read_json(path)
+    try:
+        family = family_of(cfg)
+    except LoraParityError as exc:
+        raise LoraParityError(str(exc), path=path) from None
     return ModelLayout(path.parent.name or "custom",
-                       UNetLayout.from_diffusers_config(cfg, name=str(path)))
+                       UNetLayout.from_diffusers_config(cfg, name=str(path)), family=family)
 
 
 def layout_from_pipeline_dir(path: Path) -> ModelLayout:
-    """A diffusers SDXL pipeline folder: ``unet/``, ``text_encoder/``, ``text_encoder_2/``."""
+    """A diffusers pipeline folder: ``unet/``, ``text_encoder/`` and, for SDXL, ``text_encoder_2/``."""
     unet_cfg = path / "unet" / "config.json"
     if not unet_cfg.is_file():
         raise LoraParityError("no unet/config.json in this folder", path=path)
-    unet = UNetLayout.from_diffusers_config(_read_json(unet_cfg), name=str(path))
+    cfg = _read_json(unet_cfg)
+    index = path / "model_index.json"
+    try:
+        family = family_of(cfg, _read_json(index) if index.is_file() else None)
+    except LoraParityError as exc:
+        raise LoraParityError(str(exc), path=path) from None
+    unet = UNetLayout.from_diffusers_config(cfg, name=str(path))
     te1 = path / "text_encoder" / "config.json"
     te2 = path / "text_encoder_2" / "config.json"
     tes: tuple[TextEncoderLayout, ...] = ()
-    if te2.is_file():
+    if family != "sdxl":
+        tes = (sd_text_encoder(_read_json(te1), family),) if te1.is_file() else ()
+    elif te2.is_file():
         tes = sdxl_text_encoders(_read_json(te1) if te1.is_file() else None, _read_json(te2),
                                  refiner=not te1.is_file())
-    return ModelLayout(path.name, unet, tes)
+    return ModelLayout(path.name, unet, tes, family=family)
 
 
 def _read_json(path: Path) -> dict:

@@ -94,3 +94,34 @@ def tiny_refiner_layout():
     return ModelLayout("tiny-refiner", UNetLayout.from_diffusers_config(TINY_REFINER_UNET_CONFIG,
                                                                         name="tiny-refiner"),
                        sdxl_text_encoders(None, TINY_TE2_CONFIG, refiner=True))
+
+
+# Tiny SD 1.x / 2.x (one text encoder, no size conditioning): SD 1.x projects into its transformers with
+# 1x1 convs and counts attention heads (``attention_head_dim`` is a head count there), SD 2.x projects
+# linearly with 64-wide heads in the real model; its text encoder is OpenCLIP-H (gelu) seen as HF CLIP.
+TINY_SD1_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": 2,
+    "cross_attention_dim": TINY_TE1_CONFIG["hidden_size"],
+    "norm_num_groups": 8,
+    "use_linear_projection": False,
+}
+TINY_SD2_UNET_CONFIG = {**TINY_SD1_UNET_CONFIG, "attention_head_dim": [2, 4], "use_linear_projection": True}
+TINY_SD2_TE_CONFIG = {**TINY_TE1_CONFIG, "hidden_act": "gelu"}
+TINY_SD_CONFIGS = {"sd1": (TINY_SD1_UNET_CONFIG, TINY_TE1_CONFIG), "sd2": (TINY_SD2_UNET_CONFIG, TINY_SD2_TE_CONFIG)}
+
+
+def tiny_sd_layout(family: str):
+    """The key-map layout of the tiny SD 1.x (``sd1``) or SD 2.x (``sd2``) model."""
+    from lora_parity.convert.layout import ModelLayout, UNetLayout, sd_text_encoder
+
+    unet, te = TINY_SD_CONFIGS[family]
+    return ModelLayout(f"tiny-{family}", UNetLayout.from_diffusers_config(unet, name=f"tiny-{family}"),
+                       (sd_text_encoder(te, family),), family=family)
