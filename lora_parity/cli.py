@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "beside the source; .bin/.pt writes a torch pickle)")
     c.add_argument("--format", choices=("peft", "kohya", "ms"),
                    help="output format (default: peft for a MindONE input, ms for a PyTorch input)")
-    c.add_argument("--layout", help="sdxl-base, sdxl-refiner, a diffusers unet config.json or pipeline folder "
+    c.add_argument("--layout", help="sdxl-base, sdxl-refiner, sd15, sd21, a diffusers unet config.json or pipeline folder "
                                     "(default: detected from the checkpoint's names and shapes)")
     c.add_argument("--alpha", type=float, help="LoRA alpha (MindONE .ckpt stores none; default: rank, scale 1)")
     c.add_argument("--dtype", default="keep", choices=("keep", "fp32", "fp16", "bf16"), help="output dtype")
