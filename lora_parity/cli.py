@@ -21,6 +21,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         src=Path(args.src), dst=Path(args.output) if args.output else None, fmt=args.format,
         layout=args.layout, alpha=args.alpha, dtype=args.dtype, force=args.force, strict=args.strict,
         progress=not args.quiet and sys.stderr.isatty() or args.progress, ema=args.ema,
+        lora_scale=args.lora_scale,
     ))
     if not args.quiet:
         print(report.summary())
@@ -203,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert a LoRA between MindONE .ckpt and PEFT/kohya safetensors",
                        description="Convert a LoRA. A MindONE .ckpt becomes PEFT (default) or kohya "
-                                   "safetensors; a PEFT or kohya file becomes a MindONE .ckpt.")
+                                   "safetensors; a PEFT or kohya file becomes a MindONE .ckpt. --format kohya "
+                                   "with a .ckpt output writes the names MindONE's sd-scripts port uses.")
     c.add_argument("src", help="input LoRA (.ckpt, .safetensors; .bin/.pt read with weights_only)")
     c.add_argument("-o", "--output", help="output file (default: <src stem>_pt.safetensors or <src stem>_ms.ckpt "
                                           "beside the source; .bin/.pt writes a torch pickle)")
@@ -212,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layout", help="sdxl-base, sdxl-refiner, sd15, sd21, a diffusers unet config.json or pipeline folder "
                                     "(default: detected from the checkpoint's names and shapes)")
     c.add_argument("--alpha", type=float, help="LoRA alpha (MindONE .ckpt stores none; default: rank, scale 1)")
+    c.add_argument("--lora-scale", type=float,
+                   help="MindONE SD 1.x / 2.x LoRA (lora_down / lora_up .ckpt): the --lora_scale it was run with "
+                        "(alpha = scale x rank; default 1, MindONE's default)")
     c.add_argument("--dtype", default="keep", choices=("keep", "fp32", "fp16", "bf16"), help="output dtype")
     c.add_argument("--force", action="store_true", help="overwrite an existing output")
     c.add_argument("--strict", dest="strict", action="store_true", default=True,

@@ -106,8 +106,8 @@ def plant_writer_drop(monkeypatch, drop) -> None:
 
     tensors_for = formats.tensors_for
 
-    def faulty(lora, fmt):
-        tensors, meta = tensors_for(lora, fmt)
+    def faulty(lora, fmt, **kw):
+        tensors, meta = tensors_for(lora, fmt, **kw)
         if fmt != "ms":
             tensors = {k: t for k, t in tensors.items() if not drop(k)}
         return tensors, meta
@@ -123,13 +123,13 @@ def plant_transposed_update(monkeypatch, sgm: str) -> None:
 
     pair_tensors = formats.pair_tensors
 
-    def faulty(p, fmt, *rest):
+    def faulty(p, fmt, *rest, **kw):
         if fmt != "ms" and p.module.sgm == sgm:
             assert p.module.in_features == p.module.out_features and p.module.kind == "linear", sgm
             a, b = p.A.to_float("float32"), p.B.to_float("float32")
             p = LoraPair(p.module, Tensor.from_numpy(np.ascontiguousarray(b.T)),
                          Tensor.from_numpy(np.ascontiguousarray(a.T)), p.alpha)
-        return pair_tensors(p, fmt, *rest)
+        return pair_tensors(p, fmt, *rest, **kw)
 
     monkeypatch.setattr(formats, "pair_tensors", faulty)
 
@@ -142,11 +142,11 @@ def plant_lora_a_layout_mixup(monkeypatch, component: str = "unet") -> None:
 
     pair_tensors = formats.pair_tensors
 
-    def faulty(p, fmt, *rest):
+    def faulty(p, fmt, *rest, **kw):
         if fmt != "ms" and p.module.component == component and p.module.kind == "linear":
             a = p.A.to_float("float32")
             p = LoraPair(p.module, Tensor.from_numpy(np.ascontiguousarray(a.T).reshape(a.shape)), p.B, p.alpha)
-        return pair_tensors(p, fmt, *rest)
+        return pair_tensors(p, fmt, *rest, **kw)
 
     monkeypatch.setattr(formats, "pair_tensors", faulty)
 

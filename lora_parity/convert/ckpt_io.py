@@ -413,12 +413,13 @@ class _Source:
         self.handle.close()
 
 
-def iter_ckpt(path: str | os.PathLike, *, progress: bool = False,
-              skipped: list[str] | None = None) -> Iterator[tuple[str, Tensor]]:
+def iter_ckpt(path: str | os.PathLike, *, progress: bool = False, skipped: list[str] | None = None,
+              strings: dict[str, str] | None = None) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, Tensor)`` in file order; split records are joined.
 
     Names of non-tensor records (``append_dict`` strings, ``random_op``) are appended to
-    ``skipped`` when a list is given, else reported with a warning.
+    ``skipped`` when a list is given, else reported with a warning.  ``strings`` (a dict) also
+    receives the text of the ``str`` records (sd-scripts' ``ss_*`` metadata rides in them).
 
     Every failure is a :class:`CheckpointFormatError` naming ``path`` (and the
     parameter when known).  Tensor data are fresh writable arrays, independent
@@ -435,7 +436,7 @@ def iter_ckpt(path: str | os.PathLike, *, progress: bool = False,
             from tqdm import tqdm
 
             bar = tqdm(total=source.size, unit="B", unit_scale=True, desc=path.name, file=sys.stderr, leave=False)
-        yield from _iter_source(source, path, bar, skipped)
+        yield from _iter_source(source, path, bar, skipped, strings)
         if bar is not None:
             bar.update(source.size - bar.n)
     finally:
@@ -444,7 +445,8 @@ def iter_ckpt(path: str | os.PathLike, *, progress: bool = False,
         source.close()
 
 
-def _iter_source(source: _Source, path: Path, bar, collect: list[str] | None) -> Iterator[tuple[str, Tensor]]:
+def _iter_source(source: _Source, path: Path, bar, collect: list[str] | None,
+                 strings: dict[str, str] | None = None) -> Iterator[tuple[str, Tensor]]:
     base = np.frombuffer(source.mm, dtype=np.uint8)
     seen: set[str] = set()
     skipped: list[str] = []
@@ -482,6 +484,8 @@ def _iter_source(source: _Source, path: Path, bar, collect: list[str] | None) ->
                 seen.add(record.tag)
                 if record.tensor_type in _NON_TENSOR_TYPES:
                     skipped.append(record.tag)
+                    if strings is not None and record.tensor_type == "str":
+                        strings[record.tag] = _decode_str(source.mm[record.start:record.stop], record.tag)
                     continue
                 group = [record]
             if group:
@@ -516,13 +520,24 @@ def _iter_source(source: _Source, path: Path, bar, collect: list[str] | None) ->
         del base
 
 
-def read_ckpt(path: str | os.PathLike, *, progress: bool = False,
-              skipped: list[str] | None = None) -> dict[str, Tensor]:
+def _decode_str(raw, tag: str) -> str:
+    """A ``str`` record's content: numpy's ``<U`` bytes (UTF-32-LE, 4 bytes a character; mindspore 2.10)."""
+    raw = bytes(raw)
+    if len(raw) % 4:
+        raise _Malformed(f"string record of {len(raw)} bytes is not UTF-32 text", tag)
+    try:
+        return raw.decode("utf-32-le").rstrip("\x00")
+    except UnicodeDecodeError:
+        raise _Malformed("string record is not valid UTF-32 text", tag) from None
+
+
+def read_ckpt(path: str | os.PathLike, *, progress: bool = False, skipped: list[str] | None = None,
+              strings: dict[str, str] | None = None) -> dict[str, Tensor]:
     """All tensors of a MindSpore checkpoint, in file order; scalars have shape ``()``.
 
     ``skipped``: a list that receives the names of non-tensor records instead of a warning.
     """
-    return dict(iter_ckpt(path, progress=progress, skipped=skipped))
+    return dict(iter_ckpt(path, progress=progress, skipped=skipped, strings=strings))
 
 
 def is_ckpt(path: str | os.PathLike) -> bool:
@@ -572,12 +587,14 @@ def _record_header(tag: bytes, dims: list[int], tensor_type: bytes, content_len:
     return _len_prefixed(1, value_len) + value_head + tensor_head
 
 
-def write_ckpt(path: str | os.PathLike, tensors: Mapping[str, Tensor], *, crc: bool = False) -> None:
+def write_ckpt(path: str | os.PathLike, tensors: Mapping[str, Tensor], *, crc: bool = False,
+               strings: Mapping[str, str] | None = None) -> None:
     """Write ``tensors`` as a checkpoint ``mindspore.load_checkpoint`` reads back exactly.
 
     Like ``save_checkpoint``: one message per parameter, dims unpacked, 0-d
     tensors with no dims, tensors over :data:`SPLIT_BYTES` split into records of
-    ``SPLIT_BYTES`` bytes; ``crc=True`` adds the ``crc_num`` trailer.  The
+    ``SPLIT_BYTES`` bytes; ``crc=True`` adds the ``crc_num`` trailer.  ``strings`` are written after the
+    tensors as ``append_dict`` writes them (``str`` records, dims ``[0]``, UTF-32-LE text).  The
     file appears atomically (temp file + rename).
     """
     items = []
@@ -607,5 +624,12 @@ def write_ckpt(path: str | os.PathLike, tensors: Mapping[str, Tensor], *, crc: b
                     handle.write(piece)
                     if crc:
                         checksum = zlib.crc32(piece, zlib.crc32(header, checksum))
+        for name, text in (strings or {}).items():
+            header = _record_header(name.encode("utf-8"), [0], b"str", 4 * len(text))
+            piece = str(text).encode("utf-32-le")
+            handle.write(header)
+            handle.write(piece)
+            if crc:
+                checksum = zlib.crc32(piece, zlib.crc32(header, checksum))
         if crc:
             handle.write(_CRC_MAGIC + checksum.to_bytes(10, "big"))

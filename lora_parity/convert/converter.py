@@ -31,6 +31,7 @@ class ConvertOptions:
     strict: bool = True
     progress: bool = False
     ema: bool | None = None  # MindONE file with both sets: True = 'ema.' copies, False = trained ones
+    lora_scale: float | None = None  # MindONE SD 1.x / 2.x LoRA: the --lora_scale it runs with (alpha = scale * rank)
 
 
 @dataclass
@@ -97,7 +98,8 @@ def resolve_dtype(name: str) -> str | None:
 
 
 def load_lora(src: Path, *, layout: ModelLayout | None = None, alpha: float | None = None,
-              strict: bool = True, progress: bool = False, ema: bool | None = None) -> LoraSet:
+              strict: bool = True, progress: bool = False, ema: bool | None = None,
+              lora_scale: float | None = None) -> LoraSet:
     """Read and validate any supported LoRA file.
 
     MindONE checkpoints may be ``*_lora.ckpt``, ``*_lora_ema.ckpt`` (EMA weights under the
@@ -114,7 +116,9 @@ def load_lora(src: Path, *, layout: ModelLayout | None = None, alpha: float | No
                               f"(expected MindONE '.lora_A.weight', PEFT 'unet.' or kohya 'lora_unet_' names)",
                               path=src, key=next(iter(tensors), None))
     halves = formats.parse(src, tensors, meta, fmt, ema=ema, non_tensor=non_tensor)
-    return resolve(halves, layout, alpha=alpha, strict=strict)
+    if lora_scale is not None and alpha is not None:
+        raise LoraParityError("--alpha and --lora-scale both set the scale; give one")
+    return resolve(halves, layout, alpha=alpha, strict=strict, scale=check_alpha(lora_scale, "--lora-scale"))
 
 
 def default_output(src: Path, dst_fmt: str) -> Path:
@@ -134,13 +138,14 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     if opts.dst is not None:
         _check_output(src, Path(opts.dst), opts.force)  # fail before the (possibly long) read
 
-    lora = load_lora(src, layout=layout, alpha=alpha, strict=opts.strict, progress=opts.progress, ema=opts.ema)
+    lora = load_lora(src, layout=layout, alpha=alpha, strict=opts.strict, progress=opts.progress, ema=opts.ema,
+                     lora_scale=opts.lora_scale)
     src_is_ms = lora.source_format == "ms"
     dst_fmt = opts.fmt or ("peft" if src_is_ms else "ms")
     dst = Path(opts.dst) if opts.dst is not None else default_output(src, dst_fmt)
     _check_output(src, dst, opts.force)
     formats.check_writable(lora, dst_fmt, src)
-    if dst_fmt == "ms":
+    if dst_fmt == "ms" and formats.ms_style(lora) == "gm":
         _check_ms_alpha(lora, src)
     lora = lora.cast(dtype)
     nbytes, n_tensors = formats.write(dst, lora, dst_fmt)
@@ -184,6 +189,10 @@ def _scale_note(lora: LoraSet, dst_fmt: str) -> str:
         return "alpha/r kept exactly in the 'lora_adapter_metadata' header (lora_B not rescaled)"
     if dst_fmt == "kohya":
         return "alpha/r kept exactly in per-module '.alpha' tensors (lora_up not rescaled)"
+    if formats.ms_style(lora) == "ldm":  # one rank, one scale (checked by formats.check_writable)
+        p = next(iter(lora.pairs.values()))
+        return (f"MindONE's SD 1.x / 2.x LoRA stores no scale: run with --lora_rank {p.rank} "
+                f"--lora_scale {p.scale:g}")
     if len(alphas) > 1:  # every module at scale 1 (checked by _check_ms_alpha)
         return "MindONE stores no alpha: run without lora_alpha (alpha = each module's rank, scale 1)"
     return (f"MindONE stores no alpha: run with lora_alpha={alphas[0]:g}"

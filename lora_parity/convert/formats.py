@@ -62,7 +62,7 @@ import numpy as np
 from lora_parity.convert import ckpt_io
 from lora_parity.atomic import atomic_output
 from lora_parity.errors import CheckpointFormatError, LoraParityError
-from lora_parity.convert.keymap import UNET_DIFFUSERS, kohya_name
+from lora_parity.convert.keymap import UNET_DIFFUSERS, kohya_dotted_name, kohya_name
 from lora_parity.convert.lora_set import LoraPair, LoraSet, NamedHalves, split_parts
 from lora_parity.convert.safetensors_io import is_safetensors, read_safetensors, write_safetensors
 from lora_parity.convert.tensor import Tensor, storage_dtype
@@ -73,10 +73,13 @@ MODEL_ROOTS = ("model.diffusion_model.", "conditioner.embedders.", "cond_stage_m
 # MindSpore optimizer / EMA state that shadows parameter names: listed, never converted
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "moments.", "accum.", "optimizer.",
                       "ema.", "vhat.", "mean_grad.", "mean_square.", "lamb_m.", "lamb_v.")
+LDM_RANK_KEY = "lora_rank"  # MindONE's LDM LoRA checkpoints: the rank every LoRADenseLayer is built with
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers reads for PEFT LoraConfig kwargs
 OUR_METADATA_KEY = "lora_parity"
 
-_MS_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<half>[AB])\.weight$")
+# MindONE names: gm (SDXL) ``<module>.lora_A/B.weight``; the LDM port (SD 1.x / 2.x, ``LoRADenseLayer``)
+# ``<module>.lora_down/up.weight``
+_MS_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<half>[AB]|down|up)\.weight$")
 # PEFT / kohya keys for a bias that belongs to a LoRA (never silently skipped, see _refuse_pt_bias)
 _PEFT_BIAS_RE = re.compile(r"^(?:unet|text_encoder|text_encoder_2)\..+\.bias$")
 _KOHYA_BIAS_RE = re.compile(r"^lora_(?:unet|te1|te2|te)_.+\.(?:diff_b|bias|lora_(?:up|down)\.bias)$")
@@ -87,6 +90,17 @@ _PEFT_RE = re.compile(r"^(?P<comp>unet|text_encoder|text_encoder_2)\.(?P<mod>.+?
                       r"\.(?:lora_(?P<half>[AB])\.weight|(?:lora|lora_linear_layer)\.(?P<old>down|up)\.weight"
                       r"|(?P<alpha>alpha))$")
 _KOHYA_RE = re.compile(r"^(?P<mod>lora_(?:unet|te1|te2|te)_.+?)\.(?:lora_(?P<half>down|up)\.weight|(?P<alpha>alpha))$")
+# MindONE's port of sd-scripts (examples/kohya_sd_scripts) saves ``LoRANetwork.save_weights`` to a .ckpt as
+# prefix + "." + the module's dotted path (``lora_unet.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_down.weight``,
+# ``lora_te1.text_model.encoder.layers.0.self_attn.q_proj.alpha``): its parameters_and_names() names
+_KOHYA_DOTTED_RE = re.compile(r"^(?P<prefix>lora_(?:unet|te1|te2|te))\.(?P<path>.+?)"
+                              r"\.(?P<tail>lora_(?:down|up)\.weight|alpha)$")
+#: header metadata kept from a kohya source: sd-scripts' training record and SAI model spec.  Its
+#: ``sshs_*`` hashes cover the original file's bytes and are dropped (a converted file has other bytes)
+KOHYA_META_PREFIXES = ("ss_", "modelspec.")
+#: sd-scripts' ``ss_base_model_version`` per family (``sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0``,
+#: ``model_util.get_model_version_str_for_sd1_sd2`` without the v-parameterisation suffix a LoRA cannot tell)
+KOHYA_BASE_VERSION = {"sdxl": "sdxl_base_v1-0", "sd1": "sd_v1", "sd2": "sd_v2"}
 
 
 def read_tensors(path: str | Path, *, progress: bool = False,
@@ -108,7 +122,9 @@ def read_tensors(path: str | Path, *, progress: bool = False,
         return _read_pickle(path), {}, "pickle"
     # everything else is parsed as a .ckpt, whose reader says precisely what is wrong
     # (truncated, encrypted, corrupt record, ...)
-    return ckpt_io.read_ckpt(path, progress=progress, skipped=non_tensor), {}, "ckpt"
+    strings: dict[str, str] = {}
+    tensors = ckpt_io.read_ckpt(path, progress=progress, skipped=non_tensor, strings=strings)
+    return tensors, strings, "ckpt"
 
 
 def _read_pickle(path: Path) -> dict[str, Tensor]:
@@ -140,7 +156,7 @@ def detect_format(tensors: dict[str, Tensor]) -> str:
     """'ms', 'peft' or 'kohya' by what the majority of LoRA keys look like."""
     votes = Counter()
     for k in tensors:
-        if _KOHYA_RE.match(k):
+        if _KOHYA_RE.match(k) or _KOHYA_DOTTED_RE.match(k):
             votes["kohya"] += 1
         elif _PEFT_RE.match(k):
             votes["peft"] += 1
@@ -362,8 +378,10 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
         raise LoraParityError(f"--ema: a {fmt} file has no EMA copies (only MindONE checkpoints do)", path=path)
     regex = {"peft": _PEFT_RE, "kohya": _KOHYA_RE}[fmt]
     bias_re = {"peft": _PEFT_BIAS_RE, "kohya": _KOHYA_BIAS_RE}[fmt]
+    if fmt == "kohya":  # training record and model spec ride along (as strings in a .ckpt)
+        h.metadata = {k: v for k, v in metadata.items() if k.startswith(KOHYA_META_PREFIXES)}
     for key, t in tensors.items():
-        m = regex.match(key)
+        m = regex.match(_undot_kohya(key) if fmt == "kohya" else key)
         if m is None:
             if bias_re.match(key):
                 _refuse_pt_bias(path, key, fmt)
@@ -398,13 +416,27 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
     return h
 
 
+def _undot_kohya(key: str) -> str:
+    """MindONE's sd-scripts port's dotted ``.ckpt`` names -> sd-scripts' own (``lora_unet_a_b.lora_down.weight``)."""
+    m = _KOHYA_DOTTED_RE.match(key)
+    return key if m is None else f"{m.group('prefix')}_{m.group('path').replace('.', '_')}.{m.group('tail')}"
+
+
 def _parse_ms(h: NamedHalves, tensors: dict[str, Tensor], ema: bool | None) -> NamedHalves:
     sel = select_ms_tensors(h.path, tensors, ema)
+    spellings = set()
     for name, (key, t) in sel.lora.items():
         m = _MS_RE.match(name)
         mod, half = m.group("mod"), m.group("half")
+        spellings.add("ldm" if half in ("down", "up") else "gm")
+        half = {"down": "A", "up": "B"}.get(half, half)
+        if half in h.modules.get(mod, {}):
+            raise CheckpointFormatError(f"holds both lora_A/B and lora_down/up tensors for module {mod}",
+                                        path=h.path, key=key)
         h.modules.setdefault(mod, {})[half] = t
         h.keys.setdefault(mod, {})[half] = key
+    if "ldm" in spellings:
+        _check_lora_rank(h, tensors)
     for mod, (key, t) in sel.biases.items():
         h.biases[mod] = t
         h.bias_keys[mod] = key
@@ -413,6 +445,23 @@ def _parse_ms(h: NamedHalves, tensors: dict[str, Tensor], ema: bool | None) -> N
     h.unknown = sel.unknown
     h.notes = sel.notes
     return h
+
+
+def _check_lora_rank(h: NamedHalves, tensors: dict[str, Tensor]) -> None:
+    """MindONE's LDM LoRA records its one rank (``append_dict={"lora_rank": r}``) and its loader builds every
+    ``LoRADenseLayer`` at that rank: a file whose tensors disagree would not load there."""
+    t = tensors.get(LDM_RANK_KEY)
+    if t is None:
+        return
+    if t.shape not in ((), (1,)) or t.dtype not in ("I64", "I32", "I16", "I8", "U8"):
+        raise CheckpointFormatError(f"'{LDM_RANK_KEY}' must be an integer scalar, got {t.dtype}{list(t.shape)}",
+                                    path=h.path, key=LDM_RANK_KEY)
+    rank = int(t.data.reshape(-1)[0])
+    for mod, parts in h.modules.items():
+        if "A" in parts and parts["A"].shape and parts["A"].shape[0] != rank:
+            raise CheckpointFormatError(f"rank {parts['A'].shape[0]} differs from the file's {LDM_RANK_KEY} {rank} "
+                                        f"(MindONE's loader builds every LoRA layer at that rank)",
+                                        path=h.path, key=h.keys[mod]["A"])
 
 
 def _peft_alphas(path: Path, metadata: dict[str, str], h: NamedHalves) -> dict[str, float]:
@@ -451,6 +500,20 @@ def bias_refusal(fmt: str) -> str:
             f"{target}, so it needs the base model; use --format ms to keep it")
 
 
+#: What MindONE's LDM LoRA (SD 1.x / 2.x ``LoRADenseLayer``) can hold: ``inject_trainable_lora`` replaces the
+#: UNet CrossAttention's to_q/to_k/to_v/to_out[0], ``inject_trainable_lora_to_textencoder`` the text
+#: encoder's fused in_proj and out_proj; its loader keeps only those names (a LoRA elsewhere loads nothing)
+LDM_LORA_SUFFIXES = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0",
+                     ".attn2.to_q", ".attn2.to_k", ".attn2.to_v", ".attn2.to_out.0",
+                     ".attn.attn.in_proj", ".attn.attn.out_proj")
+
+
+def ms_style(lora: LoraSet) -> str:
+    """How a MindONE checkpoint of this family spells its LoRA: "gm" (SDXL: lora_A / lora_B, a lora_alpha at
+    inference) or "ldm" (SD 1.x / 2.x: lora_down / lora_up, one lora_rank, a --lora_scale at inference)."""
+    return "ldm" if lora.layout.family in ("sd1", "sd2") else "gm"
+
+
 def check_writable(lora: LoraSet, fmt: str, src: Path | None = None) -> None:
     """Refuse, naming the source key, what ``fmt`` cannot hold (before anything is written)."""
     if fmt != "ms":
@@ -460,13 +523,50 @@ def check_writable(lora: LoraSet, fmt: str, src: Path | None = None) -> None:
             more = f" ({len(biased)} biases)" if len(biased) > 1 else ""
             raise LoraParityError(bias_refusal(fmt) + more, path=src,
                                   key=lora.bias_keys.get(sgm, f"{sgm}.bias"))
+    elif ms_style(lora) == "ldm":
+        _check_ldm_writable(lora, src)
 
 
-def pair_tensors(p: LoraPair, fmt: str, te_kohya: dict[str, str],
-                 unet_style: str = "sgm") -> list[tuple[str, Tensor, str]]:
-    """(key, tensor, role) stored for one module in ``fmt``; role is 'A', 'B', 'alpha' or 'bias'."""
+def _check_ldm_writable(lora: LoraSet, src: Path | None) -> None:
+    """MindONE's LDM LoRA: attention modules only, one rank, one scale, no trained bias."""
+    km = lora.keymap
+
+    def key_of(p: LoraPair) -> str:  # the module as the source file names it
+        if lora.source_format == "peft":
+            return p.module.diffusers[0]
+        if lora.source_format == "kohya":
+            return kohya_name(p.module, 0, te_prefixes=km.te_kohya, unet_style=km.kohya_unet_style)
+        return p.module.sgm
+
+    for p in lora.ordered():
+        if not p.module.sgm.endswith(LDM_LORA_SUFFIXES):
+            n = sum(not q.module.sgm.endswith(LDM_LORA_SUFFIXES) for q in lora.pairs.values())
+            raise LoraParityError(
+                f"MindONE's SD 1.x / 2.x LoRA (LoRADenseLayer) adapts only attention q/k/v/out (UNet) and "
+                f"in_proj/out_proj (text encoder); {n} module(s) of this LoRA are elsewhere and would load "
+                f"nothing there, e.g. {p.module.sgm} (keep this LoRA as peft / kohya)", path=src, key=key_of(p))
+        if p.bias is not None:
+            raise LoraParityError("MindONE's LoRADenseLayer trains no bias", path=src, key=f"{p.module.sgm}.bias")
+    if len(lora.ranks()) > 1:
+        fused = [p for p in lora.ordered() if p.part_ranks]
+        why = (f"; {len(fused)} text-encoder in_proj LoRA(s) fused from separately trained q/k/v have rank "
+               f"{fused[0].rank}" if fused else "")
+        raise LoraParityError(f"modules have ranks {sorted(lora.ranks())}{why}; MindONE's SD 1.x / 2.x loader builds "
+                              f"every LoRA layer at the one lora_rank its checkpoint records", path=src)
+    if len({p.scale for p in lora.pairs.values()}) > 1:
+        raise LoraParityError(f"modules have different scales alpha/rank {sorted({p.scale for p in lora.pairs.values()})}; "
+                              f"MindONE's SD 1.x / 2.x LoRA has one --lora_scale for all layers", path=src)
+
+
+def pair_tensors(p: LoraPair, fmt: str, te_kohya: dict[str, str], unet_style: str = "sgm", *,
+                 ms_spelling: str = "gm", dotted: bool = False) -> list[tuple[str, Tensor, str]]:
+    """(key, tensor, role) stored for one module in ``fmt``; role is 'A', 'B', 'alpha' or 'bias'.
+
+    ``ms_spelling``: "gm" (lora_A / lora_B) or "ldm" (lora_down / lora_up, see :func:`ms_style`);
+    ``dotted``: kohya names as MindONE's sd-scripts port writes them into a ``.ckpt``."""
     if fmt == "ms":
-        out = [(f"{p.module.sgm}.lora_A.weight", p.A, "A"), (f"{p.module.sgm}.lora_B.weight", p.B, "B")]
+        down, up = ("lora_down", "lora_up") if ms_spelling == "ldm" else ("lora_A", "lora_B")
+        out = [(f"{p.module.sgm}.{down}.weight", p.A, "A"), (f"{p.module.sgm}.{up}.weight", p.B, "B")]
         if p.bias is not None:  # as MindONE's lora_state_dict(bias="lora_only") names it
             out.append((f"{p.module.sgm}.bias", p.bias, "bias"))
         return out
@@ -479,11 +579,12 @@ def pair_tensors(p: LoraPair, fmt: str, te_kohya: dict[str, str],
     parts = split_parts(p) or [(p.A, p.B if n == 1 else Tensor(p.B.dtype, p.B.data[i * rows:(i + 1) * rows]),
                                 p.alpha) for i in range(n)]
     out = []
+    namer = kohya_dotted_name if dotted else kohya_name
     for i, (dif, (a, b, alpha)) in enumerate(zip(p.module.diffusers, parts)):
         if fmt == "peft":
             out += [(f"{dif}.lora_A.weight", a, "A"), (f"{dif}.lora_B.weight", b, "B")]
         else:
-            kn = kohya_name(p.module, i, te_prefixes=te_kohya, unet_style=unet_style)
+            kn = namer(p.module, i, te_prefixes=te_kohya, unet_style=unet_style)
             out += [(f"{kn}.lora_down.weight", a, "A"), (f"{kn}.lora_up.weight", b, "B"),
                     (f"{kn}.alpha", kohya_alpha(alpha, a.dtype), "alpha")]
     return out
@@ -510,18 +611,49 @@ def kohya_alpha(alpha: float, dtype: str) -> Tensor:
     return Tensor("F32", np.array(alpha, dtype=storage_dtype("F32")).reshape(()))
 
 
-def tensors_for(lora: LoraSet, fmt: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The exact key -> tensor dict (and header metadata) a format stores."""
+def tensors_for(lora: LoraSet, fmt: str, *, dotted: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The exact key -> tensor dict (and header metadata / .ckpt strings) a format stores."""
     km = lora.keymap
-    out = {k: t for p in lora.ordered() for k, t, _ in pair_tensors(p, fmt, km.te_kohya, km.kohya_unet_style)}
+    spelling = ms_style(lora)
+    out = {k: t for p in lora.ordered()
+           for k, t, _ in pair_tensors(p, fmt, km.te_kohya, km.kohya_unet_style, ms_spelling=spelling, dotted=dotted)}
     meta: dict[str, str] = {}
+    if fmt == "ms" and spelling == "ldm" and len(lora.ranks()) == 1:
+        # as MindONE's EvalSaveCallback appends it (save_checkpoint writes a Python int as a 0-d Int64)
+        out[LDM_RANK_KEY] = Tensor("I64", np.array(next(iter(lora.ranks())), dtype=np.int64).reshape(()))
     if fmt == "peft":
         meta[ADAPTER_METADATA_KEY] = json.dumps(_adapter_metadata(lora), sort_keys=True, allow_nan=False)
         meta["format"] = "pt"
+    if fmt == "kohya":
+        meta.update(kohya_metadata(lora, out))
     if fmt != "ms":
         meta[OUR_METADATA_KEY] = json.dumps({"layout": lora.layout.name, "source_format": lora.source_format},
                                             allow_nan=False)
     return out, meta
+
+
+def kohya_metadata(lora: LoraSet, tensors: dict[str, Tensor]) -> dict[str, str]:
+    """sd-scripts' header: what a kohya source recorded (``ss_*``, ``modelspec.*``), with the fields a loader
+    reads to describe the network set from the tensors written: the most common rank and alpha over the
+    written modules (a recorded value is kept when it says the same number, e.g. sd-scripts' "2.0").
+    Values are strings, as sd-scripts writes them."""
+    meta = dict(lora.metadata)
+    ranks = Counter(t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight"))
+    alphas = Counter(float(t.to_float().reshape(-1)[0]) for k, t in tensors.items() if k.endswith(".alpha"))
+    for key, counter, text in (("ss_network_dim", ranks, str), ("ss_network_alpha", alphas, lambda a: f"{a:g}")):
+        if not counter:
+            continue
+        value = counter.most_common(1)[0][0]
+        try:
+            same = float(meta.get(key, "nan")) == float(value)
+        except ValueError:
+            same = False
+        if not same:
+            meta[key] = text(value)
+    meta["ss_network_module"] = "networks.lora"
+    meta["ss_base_model_version"] = meta.get("ss_base_model_version") or KOHYA_BASE_VERSION[lora.layout.family]
+    meta["ss_v2"] = str(lora.layout.family == "sd2")
+    return meta
 
 
 def _adapter_metadata(lora: LoraSet) -> dict:
@@ -550,8 +682,11 @@ def _adapter_metadata(lora: LoraSet) -> dict:
 
 def write(path: Path, lora: LoraSet, fmt: str) -> tuple[int, int]:
     """Atomically write ``lora`` as ``fmt``; the container follows the extension. Returns (bytes, tensors)."""
-    tensors, meta = tensors_for(lora, fmt)
     suffix = path.suffix.lower()
+    tensors, meta = tensors_for(lora, fmt, dotted=fmt == "kohya" and suffix == ".ckpt")
+    if fmt == "kohya" and suffix == ".ckpt":  # MindONE's sd-scripts port: dotted names, header as str records
+        ckpt_io.write_ckpt(path, tensors, strings={k: v for k, v in meta.items() if k != OUR_METADATA_KEY})
+        return path.stat().st_size, len(tensors)
     if fmt == "ms":
         if suffix == ".safetensors":
             return write_safetensors(path, tensors, {"format": "ms"}), len(tensors)

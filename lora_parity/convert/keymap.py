@@ -169,6 +169,14 @@ def unet_entries(layout: UNetLayout):
     yield ModuleEntry(S + "out.2", (D + "conv_out",), "conv", ch, layout.out_channels, comp, "out", (3, 3))
 
 
+#: Fused-q/k/v text encoders: (attention path, MLP prefix, resblock path) under the SGM prefix.
+#: "openclip": SGM's OpenCLIP (``model.transformer.resblocks.N.attn.in_proj``, ``mlp.c_fc``);
+#: "ldm": MindONE's SD 1.x / 2.x ``TextEncoder`` (``transformer.transformer_layer.resblocks.N.attn.attn.in_proj``,
+#: ``c_fc`` directly under the block; MindONE ``tools/model_conversion/ms_names_v1.txt`` / ``_v2.txt``).
+_FUSED_STYLES = {"openclip": ("attn", "mlp.", "transformer.resblocks"),
+                 "ldm": ("attn.attn", "", "transformer_layer.resblocks")}
+
+
 def text_encoder_entries(te: TextEncoderLayout):
     """CLIP-L keeps HF names under SGM's prefix; OpenCLIP-bigG uses resblocks with fused in_proj."""
     comp = te.diffusers_prefix.rstrip(".")
@@ -187,15 +195,16 @@ def text_encoder_entries(te: TextEncoderLayout):
                       ("layer_norm2", "layer_norm2", "norm", h, h)]
             for s, d, kind, i, o in pairs:
                 yield ModuleEntry(f"{sgm}.{s}", (f"{dif}.{d}",), kind, i, o, comp, block)
-        else:
-            sgm = f"{te.sgm_prefix}transformer.resblocks.{n}"
-            yield ModuleEntry(f"{sgm}.attn.in_proj",
+        else:  # fused q/k/v: OpenCLIP (SGM's bigG) or MindONE's LDM CLIP (SD 1.x / 2.x)
+            attn, mlp, blocks = _FUSED_STYLES[te.style]
+            sgm = f"{te.sgm_prefix}{blocks}.{n}"
+            yield ModuleEntry(f"{sgm}.{attn}.in_proj",
                               tuple(f"{dif}.self_attn.{p}_proj" for p in "qkv"), "linear", h, 3 * h,
                               comp, block)
-            for s, d, kind, i, o in (("attn.out_proj", "self_attn.out_proj", "linear", h, h),
+            for s, d, kind, i, o in ((f"{attn}.out_proj", "self_attn.out_proj", "linear", h, h),
                                      ("ln_1", "layer_norm1", "norm", h, h),
-                                     ("mlp.c_fc", "mlp.fc1", "linear", h, inter),
-                                     ("mlp.c_proj", "mlp.fc2", "linear", inter, h),
+                                     (f"{mlp}c_fc", "mlp.fc1", "linear", h, inter),
+                                     (f"{mlp}c_proj", "mlp.fc2", "linear", inter, h),
                                      ("ln_2", "layer_norm2", "norm", h, h)):
                 yield ModuleEntry(f"{sgm}.{s}", (f"{dif}.{d}",), kind, i, o, comp, block)
     final = "text_model.final_layer_norm" if te.style == "hf" else "ln_final"
@@ -212,6 +221,17 @@ def kohya_name(entry: ModuleEntry, part: int = 0, *, te_prefixes: dict[str, str]
         return KOHYA_UNET + entry.sgm[len(UNET_SGM):].replace(".", "_")
     dif = entry.diffusers[part]
     return te_prefixes[entry.component] + dif.split(".", 1)[1].replace(".", "_")
+
+
+def kohya_dotted_name(entry: ModuleEntry, part: int = 0, *, te_prefixes: dict[str, str],
+                      unet_style: str = "sgm") -> str:
+    """MindONE's sd-scripts port's ``.ckpt`` name: prefix + "." + the module's dotted path in its own model
+    (SDXL UNet by SGM path, text encoders by HF path), i.e. :func:`kohya_name` before its dots became "_"."""
+    if entry.component == "unet":
+        path = (entry.diffusers[0][len(UNET_DIFFUSERS):] if unet_style == "diffusers"
+                else entry.sgm[len(UNET_SGM):])
+        return KOHYA_UNET.rstrip("_") + "." + path
+    return te_prefixes[entry.component].rstrip("_") + "." + entry.diffusers[part].split(".", 1)[1]
 
 
 class KeyMap:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_parity.convert.converter import load_lora
-from lora_parity.convert.formats import pair_tensors
+from lora_parity.convert.formats import ms_style, pair_tensors
 from lora_parity.convert.layout import load_layout
 
 
@@ -17,14 +17,14 @@ def keys_table(src: Path, *, layout: str | None = None, fmt: str | None = None,
     """
     lora = load_lora(src, layout=load_layout(layout) if layout else None, strict=strict)
     dst_fmt = fmt or ("peft" if lora.source_format == "ms" else "ms")
-    te, style = lora.keymap.te_kohya, lora.keymap.kohya_unet_style
+    te, style, spelling = lora.keymap.te_kohya, lora.keymap.kohya_unet_style, ms_style(lora)
     rows = []
     for p in lora.ordered():
         src_by_role: dict[str, list[str]] = {}
-        for k, _, role in pair_tensors(p, lora.source_format, te, style):
+        for k, _, role in pair_tensors(p, lora.source_format, te, style, ms_spelling=spelling):
             src_by_role.setdefault(role, []).append(k)
         counts: dict[str, int] = {}
-        for k, t, role in pair_tensors(p, dst_fmt, te, style):
+        for k, t, role in pair_tensors(p, dst_fmt, te, style, ms_spelling=spelling):
             cands = src_by_role.get(role) or ["(alpha)"]
             i = counts.get(role, 0)
             counts[role] = i + 1

@@ -112,7 +112,8 @@ class TextEncoderLayout:
     hidden_size: int
     intermediate_size: int
     num_layers: int
-    # "hf": SGM wraps a HF CLIPTextModel (CLIP-L); "openclip": fused in_proj resblocks (bigG)
+    # "hf": SGM wraps a HF CLIPTextModel (CLIP-L); "openclip": fused in_proj resblocks (bigG);
+    # "ldm": MindONE's SD 1.x / 2.x TextEncoder (fused in_proj, other block names; keymap._FUSED_STYLES)
     style: str
     sgm_prefix: str
     diffusers_prefix: str
@@ -243,13 +244,15 @@ CLIP_H_CONFIG = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_lay
 
 
 def sd_text_encoder(te_cfg: dict, family: str) -> TextEncoderLayout:
-    """SD 1.x: HF CLIP-L held by LDM's FrozenCLIPEmbedder (``cond_stage_model.transformer.``); SD 2.x:
-    OpenCLIP-H held by FrozenOpenCLIPEmbedder (``cond_stage_model.model.``, fused in_proj).  sd-scripts
-    names either text encoder ``lora_te_``."""
-    if family == "sd1":
-        return text_encoder_layout(te_cfg, style="hf", sgm_prefix="cond_stage_model.transformer.",
-                                   diffusers_prefix="text_encoder.", kohya_prefix="lora_te_")
-    return text_encoder_layout(te_cfg, style="openclip", sgm_prefix="cond_stage_model.model.",
+    """The SD 1.x / 2.x text encoder as MindONE's LDM port holds it: its own ``TextEncoder`` cell with fused
+    q/k/v (``cond_stage_model.transformer.transformer_layer.resblocks.N.attn.attn.in_proj``) for CLIP-L
+    (SD 1.x) and the 23-layer OpenCLIP-H (SD 2.x) alike (MindONE ``examples/stable_diffusion_v2``
+    ``tools/model_conversion/ms_names_v1.txt`` / ``_v2.txt``; ``FrozenCLIPEmbedder`` in both configs).  Its
+    LoRA (``inject_trainable_lora_to_textencoder``) trains that fused ``in_proj`` and ``out_proj``.
+    sd-scripts names either text encoder ``lora_te_``."""
+    if family not in ("sd1", "sd2"):
+        raise LoraParityError(f"not an SD 1.x / 2.x family: {family!r}")
+    return text_encoder_layout(te_cfg, style="ldm", sgm_prefix="cond_stage_model.transformer.",
                                diffusers_prefix="text_encoder.", kohya_prefix="lora_te_")
 
 

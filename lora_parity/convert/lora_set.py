@@ -64,6 +64,7 @@ class LoraSet:
     ignored: dict[str, list[str]] = field(default_factory=dict)  # kind -> skipped file keys
     notes: list[str] = field(default_factory=list)  # what was chosen (EMA set, trained biases)
     bias_keys: dict[str, str] = field(default_factory=dict)  # sgm module -> bias key as in the file
+    metadata: dict[str, str] = field(default_factory=dict)  # kohya source's ss_* / modelspec.* header
 
     @property
     def keymap(self) -> KeyMap:
@@ -97,7 +98,7 @@ class LoraSet:
                              None if p.bias is None else p.bias.astype(dtype), p.part_ranks)
                  for k, p in self.pairs.items()}
         return LoraSet(pairs, self.layout, self.layout_note, self.source_format,
-                       self.skipped, self.unmapped, self.ignored, self.notes, self.bias_keys)
+                       self.skipped, self.unmapped, self.ignored, self.notes, self.bias_keys, self.metadata)
 
 
 @dataclass
@@ -121,6 +122,7 @@ class NamedHalves:
     bias_keys: dict[str, str] = field(default_factory=dict)  # module -> bias key as in the file
     ignored: dict[str, list[str]] = field(default_factory=dict)  # kind -> skipped keys
     notes: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)  # kohya: ss_* / modelspec.* carried to the output
 
 
 def _lookup(km: KeyMap, space: str, name: str) -> tuple[ModuleEntry, int] | None:
@@ -171,7 +173,7 @@ def choose_layout(halves: NamedHalves, layout: ModelLayout | None) -> tuple[Mode
 
 
 def resolve(halves: NamedHalves, layout: ModelLayout | None, *, alpha: float | None,
-            strict: bool) -> LoraSet:
+            strict: bool, scale: float | None = None) -> LoraSet:
     """Turn named halves into a validated :class:`LoraSet`."""
     layout, note = choose_layout(halves, layout)
     km = keymap_for(layout)
@@ -221,6 +223,8 @@ def resolve(halves: NamedHalves, layout: ModelLayout | None, *, alpha: float | N
             mod_alpha = halves.default_alpha.get(entry.component)
         if alpha is not None:
             mod_alpha = alpha
+        if scale is not None:  # MindONE's LDM LoRA: output = linear(x) + scale * up(down(x)), no alpha
+            mod_alpha = scale * a.shape[0]
         if mod_alpha is None:
             mod_alpha = float(a.shape[0])
         if entry.fused and part >= 0:
@@ -240,7 +244,7 @@ def resolve(halves: NamedHalves, layout: ModelLayout | None, *, alpha: float | N
         raise KeyMapError(f"{len(unmapped)} LoRA key(s) do not map to layout '{layout.name}': {shown} "
                           f"(--no-strict skips them)", path=path, key=unmapped[0])
     return LoraSet(pairs, layout, note, halves.fmt, list(halves.skipped), unmapped,
-                   dict(halves.ignored), list(halves.notes), bias_keys)
+                   dict(halves.ignored), list(halves.notes), bias_keys, dict(halves.metadata))
 
 
 def _check_bias(path: Path, key: str, entry: ModuleEntry, bias: Tensor, layout: ModelLayout) -> None:
@@ -328,9 +332,9 @@ def split_parts(p: LoraPair) -> list[tuple[Tensor, Tensor, float]] | None:
     return out
 
 
-def check_alpha(alpha: float | None) -> float | None:
+def check_alpha(alpha: float | None, option: str = "--alpha") -> float | None:
     if alpha is None:
         return None
     if not np.isfinite(alpha) or alpha <= 0:
-        raise LoraParityError(f"--alpha must be a positive number, got {alpha}")
+        raise LoraParityError(f"{option} must be a positive number, got {alpha}")
     return float(alpha)
