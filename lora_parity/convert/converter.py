@@ -140,7 +140,9 @@ def convert(opts: ConvertOptions) -> ConversionReport:
 
     lora = load_lora(src, layout=layout, alpha=alpha, strict=opts.strict, progress=opts.progress, ema=opts.ema,
                      lora_scale=opts.lora_scale)
-    src_is_ms = lora.source_format == "ms"
+    # a mindone.diffusers training checkpoint is MindSpore's, though its names are diffusers': PEFT by default,
+    # the file its trainer's save_lora_weights would write at the end
+    src_is_ms = lora.source_format == "ms" or lora.source_kind == formats.WRAPPED_MODEL
     dst_fmt = opts.fmt or ("peft" if src_is_ms else "ms")
     dst = Path(opts.dst) if opts.dst is not None else default_output(src, dst_fmt)
     _check_output(src, dst, opts.force)

@@ -73,6 +73,7 @@ MODEL_ROOTS = ("model.diffusion_model.", "conditioner.embedders.", "cond_stage_m
 # MindSpore optimizer / EMA state that shadows parameter names: listed, never converted
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "moments.", "accum.", "optimizer.",
                       "ema.", "vhat.", "mean_grad.", "mean_square.", "lamb_m.", "lamb_v.")
+WRAPPED_MODEL = "wrapped-model"  # LoraSet.source_kind of a LoRA taken from a whole PEFT-wrapped model checkpoint
 LDM_RANK_KEY = "lora_rank"  # MindONE's LDM LoRA checkpoints: the rank every LoRADenseLayer is built with
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers reads for PEFT LoraConfig kwargs
 OUR_METADATA_KEY = "lora_parity"
@@ -90,6 +91,12 @@ _PEFT_RE = re.compile(r"^(?P<comp>unet|text_encoder|text_encoder_2)\.(?P<mod>.+?
                       r"\.(?:lora_(?P<half>[AB])\.weight|(?:lora|lora_linear_layer)\.(?P<old>down|up)\.weight"
                       r"|(?P<alpha>alpha))$")
 _KOHYA_RE = re.compile(r"^(?P<mod>lora_(?:unet|te1|te2|te)_.+?)\.(?:lora_(?P<half>down|up)\.weight|(?P<alpha>alpha))$")
+# a whole PEFT-wrapped model saved by MindSpore: mindone.diffusers' LoRA trainers write
+# ``checkpoint-N/pytorch_model.ckpt`` with ``ms.save_checkpoint(unet, ...)`` after ``unet.add_adapter(LoraConfig)``:
+# every UNet parameter under its diffusers path, adapted layers as ``<module>.base_layer.weight`` next to
+# ``<module>.lora_A.<adapter>.weight`` / ``lora_B``; no alpha (the trainers use lora_alpha = rank)
+_WRAPPED_RE = re.compile(r"^(?P<mod>(?:down_blocks|mid_block|up_blocks|conv_in|conv_out|time_embedding|add_embedding)"
+                         r"(?:\..+?)?)\.lora_(?P<half>[AB])\.(?P<adapter>[A-Za-z0-9_\-]+)\.weight$")
 # MindONE's port of sd-scripts (examples/kohya_sd_scripts) saves ``LoRANetwork.save_weights`` to a .ckpt as
 # prefix + "." + the module's dotted path (``lora_unet.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_down.weight``,
 # ``lora_te1.text_model.encoder.layers.0.self_attn.q_proj.alpha``): its parameters_and_names() names
@@ -158,6 +165,8 @@ def detect_format(tensors: dict[str, Tensor]) -> str:
     for k in tensors:
         if _KOHYA_RE.match(k) or _KOHYA_DOTTED_RE.match(k):
             votes["kohya"] += 1
+        elif _WRAPPED_RE.match(k):  # a PEFT-wrapped UNet's own checkpoint: the LoRA in diffusers names
+            votes["peft"] += 1
         elif _PEFT_RE.match(k):
             votes["peft"] += 1
         elif classify_ms_key(k, 2).kind == "lora":  # MindONE names, wrappers / 'ema.' included
@@ -380,8 +389,28 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
     bias_re = {"peft": _PEFT_BIAS_RE, "kohya": _KOHYA_BIAS_RE}[fmt]
     if fmt == "kohya":  # training record and model spec ride along (as strings in a .ckpt)
         h.metadata = {k: v for k, v in metadata.items() if k.startswith(KOHYA_META_PREFIXES)}
+    adapters: dict[str, int] = {}
+    if fmt == "peft":
+        adapters = Counter(m.group("adapter") for m in map(_WRAPPED_RE.match, tensors) if m)
+        if len(adapters) > 1:
+            raise LoraParityError(f"a PEFT-wrapped model checkpoint holding {len(adapters)} adapters "
+                                  f"({', '.join(sorted(adapters))}); extract one with diffusers / mindone's "
+                                  f"get_peft_model_state_dict(model, adapter_name=...)", path=path)
     for key, t in tensors.items():
         m = regex.match(_undot_kohya(key) if fmt == "kohya" else key)
+        if m is None and adapters:
+            w = _WRAPPED_RE.match(key)
+            if w is not None:
+                mod = f"unet.{w.group('mod')}"
+                h.modules.setdefault(mod, {})[w.group("half")] = t
+                h.keys.setdefault(mod, {})[w.group("half")] = key
+                continue
+            if ".lora_" in key:  # LoRA-looking but not the wrapped layout: never dropped silently
+                h.unknown.append(key)
+                continue
+            h.ignored.setdefault(IGNORED_BASE, []).append(key)  # the UNet's own weights, base_layer ones too
+            h.skipped.append(key)
+            continue
         if m is None:
             if bias_re.match(key):
                 _refuse_pt_bias(path, key, fmt)
@@ -410,9 +439,17 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
             h.unknown.append(f"{mod}.alpha")
     if fmt == "peft":
         h.default_alpha = _peft_alphas(path, metadata, h)
+    based = set(h.ignored.get(IGNORED_BASE, ()))
     for key in h.skipped:
-        h.ignored.setdefault(IGNORED_OPTIMIZER if key.startswith(OPTIMIZER_PREFIXES) else IGNORED_OTHER,
-                             []).append(key)
+        if key not in based:
+            h.ignored.setdefault(IGNORED_OPTIMIZER if key.startswith(OPTIMIZER_PREFIXES) else IGNORED_OTHER,
+                                 []).append(key)
+    if adapters:
+        h.source_kind = WRAPPED_MODEL
+        (name, n), = adapters.items()
+        h.notes.append(f"the LoRA of adapter '{name}' from a whole PEFT-wrapped UNet checkpoint ({n} tensors; "
+                       f"{len(based)} UNet weights left out); it stores no alpha: alpha = rank, as mindone's "
+                       f"trainers set lora_alpha (pass --alpha if yours differed)")
     return h
 
 

@@ -65,6 +65,9 @@ class LoraSet:
     notes: list[str] = field(default_factory=list)  # what was chosen (EMA set, trained biases)
     bias_keys: dict[str, str] = field(default_factory=dict)  # sgm module -> bias key as in the file
     metadata: dict[str, str] = field(default_factory=dict)  # kohya source's ss_* / modelspec.* header
+    # "wrapped-model": taken from a whole PEFT-wrapped model checkpoint (mindone.diffusers checkpoint-N), a
+    # MindSpore-side file although its names are diffusers'
+    source_kind: str = ""
 
     @property
     def keymap(self) -> KeyMap:
@@ -98,7 +101,8 @@ class LoraSet:
                              None if p.bias is None else p.bias.astype(dtype), p.part_ranks)
                  for k, p in self.pairs.items()}
         return LoraSet(pairs, self.layout, self.layout_note, self.source_format,
-                       self.skipped, self.unmapped, self.ignored, self.notes, self.bias_keys, self.metadata)
+                       self.skipped, self.unmapped, self.ignored, self.notes, self.bias_keys, self.metadata,
+                       self.source_kind)
 
 
 @dataclass
@@ -123,6 +127,7 @@ class NamedHalves:
     ignored: dict[str, list[str]] = field(default_factory=dict)  # kind -> skipped keys
     notes: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)  # kohya: ss_* / modelspec.* carried to the output
+    source_kind: str = ""  # see LoraSet.source_kind
 
 
 def _lookup(km: KeyMap, space: str, name: str) -> tuple[ModuleEntry, int] | None:
@@ -244,7 +249,7 @@ def resolve(halves: NamedHalves, layout: ModelLayout | None, *, alpha: float | N
         raise KeyMapError(f"{len(unmapped)} LoRA key(s) do not map to layout '{layout.name}': {shown} "
                           f"(--no-strict skips them)", path=path, key=unmapped[0])
     return LoraSet(pairs, layout, note, halves.fmt, list(halves.skipped), unmapped,
-                   dict(halves.ignored), list(halves.notes), bias_keys, dict(halves.metadata))
+                   dict(halves.ignored), list(halves.notes), bias_keys, dict(halves.metadata), halves.source_kind)
 
 
 def _check_bias(path: Path, key: str, entry: ModuleEntry, bias: Tensor, layout: ModelLayout) -> None:
