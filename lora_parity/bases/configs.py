@@ -17,10 +17,11 @@ from pathlib import Path
 from lora_parity.errors import LoraParityError
 from lora_parity.fixtures.tiny_pipeline import (BOS_TOKEN, EOS_TOKEN, SDXL_SCHEDULER_CONFIG, build_clip_tokenizer,
                                       byte_units, tiny_vocab)
-from lora_parity.convert.layout import (CLIP_BIGG_CONFIG, CLIP_L_CONFIG, SDXL_BASE_UNET_CONFIG, SDXL_REFINER_UNET_CONFIG,
-                      ModelLayout, UNetLayout, sdxl_text_encoders)
-from lora_parity.convert.tiny import (TINY_IMAGE_SIZE, TINY_REFINER_UNET_CONFIG, TINY_TE1_CONFIG, TINY_TE2_CONFIG,
-                    TINY_UNET_CONFIG, TINY_VAE_CONFIG)
+from lora_parity.convert.layout import (CLIP_BIGG_CONFIG, CLIP_H_CONFIG, CLIP_L_CONFIG, SD15_UNET_CONFIG,
+                                       SD21_UNET_CONFIG, SDXL_BASE_UNET_CONFIG, SDXL_REFINER_UNET_CONFIG, ModelLayout,
+                                       UNetLayout, sdxl_text_encoders)
+from lora_parity.convert.tiny import (TINY_IMAGE_SIZE, TINY_REFINER_UNET_CONFIG, TINY_SD_CONFIGS, TINY_TE1_CONFIG,
+                                     TINY_TE2_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG)
 
 # diffusers AutoencoderKL config of the released SDXL VAE (public facts)
 SDXL_VAE_CONFIG = {
@@ -105,6 +106,18 @@ PIPELINES: dict[str, PipelineConfigs] = {
                             TINY_IMAGE_SIZE, False),
     "tiny-refiner": PipelineConfigs("tiny-refiner", TINY_REFINER_UNET_CONFIG, None, TINY_TE2_CONFIG,
                                     TINY_VAE_CONFIG, TINY_IMAGE_SIZE, False),
+}
+
+
+# SD 1.x / 2.x (StableDiffusionPipeline): UNet and text-encoder configs of the released models and the tiny
+# test ones, for hollow (meta-device) pipelines; SD 2.x's text encoder is OpenCLIP-H as diffusers holds it
+SD15_TE_CONFIG = {**CLIP_L_CONFIG, **_CLIP_COMMON, "hidden_act": "quick_gelu", "pad_token_id": 1}
+SD21_TE_CONFIG = {**CLIP_H_CONFIG, **_CLIP_COMMON, "hidden_act": "gelu", "pad_token_id": 1}
+SD_PIPELINES: dict[str, tuple[dict, dict]] = {
+    "sd15": (SD15_UNET_CONFIG, SD15_TE_CONFIG),
+    "sd21": (SD21_UNET_CONFIG, SD21_TE_CONFIG),
+    "tiny-sd1": TINY_SD_CONFIGS["sd1"],
+    "tiny-sd2": TINY_SD_CONFIGS["sd2"],
 }
 
 

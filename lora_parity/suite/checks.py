@@ -105,11 +105,12 @@ class UserLora:
     """The user's LoRA file, inspected stage by stage (results and errors cached)."""
 
     def __init__(self, path: Path, *, layout: str | None = None, alpha: float | None = None,
-                 ema: bool | None = None):
+                 ema: bool | None = None, lora_scale: float | None = None):
         self.path = Path(path)
         self.layout_spec = layout
         self.alpha = alpha
         self.ema = ema
+        self.lora_scale = lora_scale  # MindONE SD 1.x / 2.x LoRA: its --lora_scale (alpha = scale x rank)
         self._cache: dict[str, tuple[object, Exception | None]] = {}
 
     def _stage(self, name: str, fn):
@@ -188,7 +189,7 @@ class UserLora:
             known = {m: p for m, p in h.modules.items() if "A" in p and "B" in p
                      and any(lookup(keymap_for(L), h.space, m) for L in PRESETS.values())}
             if not known:
-                raise KeyMapError("no LoRA module name belongs to a known layout (sdxl-base, sdxl-refiner); "
+                raise KeyMapError("no LoRA module name belongs to a known layout (sdxl-base, sdxl-refiner, sd15, sd21); "
                                   "pass --lora-layout with the model's config.json or pipeline folder", path=self.path)
             sub = dataclasses.replace(h, modules=known, keys={m: h.keys[m] for m in known})
             layout, note = choose_layout(sub, None)
@@ -201,7 +202,8 @@ class UserLora:
         """Names, shapes, ranks and dtypes checked against the layout; unmapped keys collected, not fatal."""
         def run():
             self.require(*DEPENDS["resolved"])
-            return resolve(self.read().halves, self.layout()[0], alpha=self.alpha, strict=False)
+            return resolve(self.read().halves, self.layout()[0], alpha=self.alpha, strict=False,
+                           scale=self.lora_scale)
         return self._stage("resolved", run)
 
     def strict(self) -> LoraSet:
@@ -297,9 +299,10 @@ class UserLora:
 
 
 def convert_to(src: Path, dst: Path, fmt: str, *, layout: str | None, alpha: float | None = None,
-               ema: bool | None = None):
+               ema: bool | None = None, lora_scale: float | None = None):
     """The converter's own entry point, as ``lora-parity convert`` calls it."""
-    return convert(ConvertOptions(src=src, dst=dst, fmt=fmt, layout=layout, alpha=alpha, ema=ema))
+    return convert(ConvertOptions(src=src, dst=dst, fmt=fmt, layout=layout, alpha=alpha, ema=ema,
+                                  lora_scale=lora_scale))
 
 
 def bitwise_diff(expected: dict, got: dict) -> list[str]:
@@ -319,7 +322,7 @@ def bitwise_diff(expected: dict, got: dict) -> list[str]:
 def pipeline_configs_for(layout: ModelLayout, layout_spec: str | None) -> tuple[dict[str, dict], bool]:
     """(component -> config, is_refiner) of the pipeline the layout describes: a built-in model by
     name, or the configs of a ``--lora-layout`` pipeline folder."""
-    from lora_parity.bases.configs import PIPELINES
+    from lora_parity.bases.configs import PIPELINES, SD_PIPELINES
 
     if layout_spec is not None and Path(layout_spec).is_dir():
         folder = Path(layout_spec)
@@ -327,7 +330,10 @@ def pipeline_configs_for(layout: ModelLayout, layout_spec: str | None) -> tuple[
                  for c in ("unet", "text_encoder", "text_encoder_2") if (folder / c / "config.json").is_file()}
         if "unet" not in comps:
             raise LoraParityError("no unet/config.json", path=folder)
-        return comps, "text_encoder" not in comps
+        return comps, layout.family == "sdxl" and "text_encoder" not in comps
+    if layout.name in SD_PIPELINES:
+        unet, te = SD_PIPELINES[layout.name]
+        return {"unet": unet, "text_encoder": te}, False
     if layout.name not in PIPELINES:
         raise LoraParityError(f"no built-in pipeline for layout '{layout.name}' (pass --lora-layout with the "
                               f"model's pipeline folder to load the LoRA in diffusers)")
@@ -351,14 +357,20 @@ def _hollow(model):
 
 
 def hollow_pipeline(layout: ModelLayout, layout_spec: str | None = None):
-    """A real-size SDXL (or refiner) pipeline object for ``layout``: diffusers' and transformers' own
-    module trees with real shapes and no weights (meta device, then zero-stride tensors)."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    """A real-size pipeline object of the layout's family (SDXL base or refiner, SD 1.x / 2.x): diffusers' and
+    transformers' own module trees with real shapes and no weights (meta device, then zero-stride tensors)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from lora_parity.bases.configs import meta_model
 
     comps, refiner = pipeline_configs_for(layout, layout_spec)
     models = {c: _hollow(meta_model(c, cfg)) for c, cfg in comps.items()}
+    if layout.family != "sdxl":
+        pipe = StableDiffusionPipeline(vae=None, text_encoder=models.get("text_encoder"), tokenizer=None,
+                                       unet=models["unet"], scheduler=None, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     kwargs = dict(vae=None, text_encoder=models.get("text_encoder"), text_encoder_2=models.get("text_encoder_2"),
                   tokenizer=None, tokenizer_2=None, unet=models["unet"], scheduler=None)
     if refiner:

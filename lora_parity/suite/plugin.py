@@ -37,7 +37,7 @@ MARKERS = {
 
 #: options whose value is a path: given as ``--opt VALUE``, pytest locates its configuration
 #: before this plugin is loaded, taking VALUE for a test path (see :func:`_relocate_config`)
-PATH_OPTIONS = ("--lora-ckpt", "--sdxl-base", "--fullsize-cache", "--lora-layout")
+PATH_OPTIONS = ("--lora-ckpt", "--base", "--sdxl-base", "--fullsize-cache", "--lora-layout")
 
 DEV_SUITE_INI = "lora_parity_dev_suite"
 PROFILES = {"dev": dict(max_examples=25, deadline=None),
@@ -69,18 +69,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("lora-parity")
     g.addoption("--lora-ckpt", action="store", default=None, metavar="PATH",
                 help="your MindONE LoRA .ckpt (or a PEFT / kohya file): the shipped suite (pytest --pyargs "
-                     "lora_parity) checks it without base weights or an NPU; with --sdxl-base also the "
+                     "lora_parity) checks it without base weights or an NPU; with --base also the "
                      "parity and image layers")
     g.addoption("--lora-layout", action="store", default=None, metavar="SPEC",
-                help="the LoRA's model layout for --lora-ckpt: sdxl-base, sdxl-refiner, tiny, a diffusers unet "
+                help="the LoRA's model layout for --lora-ckpt: sdxl-base, sdxl-refiner, sd15, sd21, tiny, a diffusers unet "
                      "config.json or pipeline folder (default: detected from names and shapes)")
     g.addoption("--lora-alpha", action="store", type=float, default=None, metavar="A",
                 help="the lora_alpha --lora-ckpt was trained with (a MindONE .ckpt stores none; default: rank)")
+    g.addoption("--lora-scale", action="store", type=float, default=None, metavar="S",
+                help="a MindONE SD 1.x / 2.x LoRA (lora_down / lora_up .ckpt): the --lora_scale it runs with "
+                     "(alpha = S x rank; default 1)")
     g.addoption("--lora-ema", action="store", default=None, choices=("ema", "trained"),
                 help="a MindONE file holding both LoRA sets: check the EMA copies or the trained ones")
-    g.addoption("--sdxl-base", action="store", default=None, metavar="SPEC",
-                help="the SDXL base for the ascend layer and, with --lora-ckpt, the shipped parity/image test: a "
-                     "diffusers folder, an official single-file checkpoint or random:sdxl-base (as compare --base)")
+    g.addoption("--base", "--sdxl-base", dest="base", action="store", default=None, metavar="SPEC",
+                help="the base model for the ascend layer and, with --lora-ckpt, the shipped parity/image test: a "
+                     "diffusers folder, an official single-file checkpoint or random:NAME (as compare --base); "
+                     "--sdxl-base is the older name")
     g.addoption("--parity-size", action="store", type=int, default=None, metavar="PX",
                 help="image size for the --lora-ckpt + --sdxl-base parity test (default: compare's, 1024 at "
                      "real size; 256 is enough on a CPU)")
@@ -227,9 +231,12 @@ def _check_options(config: pytest.Config) -> None:
         except OSError as exc:
             raise pytest.UsageError(f"--lora-ckpt {value}: cannot be read ({exc.strerror or exc})") from None
         config.stash[_LORA] = path.resolve()
-    alpha = config.getoption("--lora-alpha")
-    if alpha is not None and not (alpha > 0 and alpha != float("inf")):
-        raise pytest.UsageError(f"--lora-alpha {alpha}: must be a positive number")
+    for opt in ("--lora-alpha", "--lora-scale"):
+        value = config.getoption(opt)
+        if value is not None and not (value > 0 and value != float("inf")):
+            raise pytest.UsageError(f"{opt} {value}: must be a positive number")
+    if config.getoption("--lora-alpha") is not None and config.getoption("--lora-scale") is not None:
+        raise pytest.UsageError("--lora-alpha and --lora-scale both set the LoRA's scale; give one")
     layout = config.getoption("--lora-layout")
     if layout is not None:
         from lora_parity.errors import LoraParityError
@@ -357,9 +364,15 @@ def lora_ckpt_option(request) -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def sdxl_base_option(request) -> str | None:
-    """``--sdxl-base SPEC`` (a folder, a single-file checkpoint or random:NAME), or None."""
-    return request.config.getoption("--sdxl-base")
+def base_option(request) -> str | None:
+    """``--base SPEC`` (or its older name ``--sdxl-base``): a folder, a single-file checkpoint or random:NAME."""
+    return request.config.getoption("base")
+
+
+@pytest.fixture(scope="session")
+def sdxl_base_option(base_option) -> str | None:
+    """The older name of :func:`base_option`."""
+    return base_option
 
 
 @pytest.fixture(scope="session")
@@ -373,7 +386,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     if (config.stash.get(_ONLY_SUITE, False) and config.getoption("--lora-ckpt") is None
             and not config.getoption("collectonly", False)):
         terminalreporter.write_sep("=", "lora-parity")
-        terminalreporter.write_line("the shipped suite checks your own LoRA: add --lora-ckpt PATH (and --sdxl-base SPEC "
+        terminalreporter.write_line("the shipped suite checks your own LoRA: add --lora-ckpt PATH (and --base SPEC "
                                     "for the parity and image layers); -rs lists why each test was skipped")
     if not lines:
         return

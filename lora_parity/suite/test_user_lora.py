@@ -1,10 +1,17 @@
 """The real-checkpoint layer: every check of YOUR LoRA that needs no base weights and no NPU.
 
-    pytest --pyargs lora_parity -m conversion --lora-ckpt ~/my_lora.ckpt [--lora-alpha A] [--lora-layout SPEC]
+    pytest --pyargs lora_parity -m conversion --lora-ckpt ~/my_lora.ckpt [--lora-alpha A | --lora-scale S]
+           [--lora-layout SPEC]
+
+The family (SDXL base / refiner, SD 1.x, SD 2.x) is detected from the file's names and shapes and every
+check below runs for it: the key map, the round trips through the MindONE spelling of that family (gm's
+lora_A / lora_B for SDXL, the LDM port's lora_down / lora_up for SD 1.x / 2.x) and diffusers' own loader on a
+real-size hollow pipeline of that family.
 
 One named test per check, each skipped (reason naming ``--lora-ckpt``) without the option.  A
 check that cannot run because an earlier one failed is skipped naming that test, so a fault
-fails the test that is about it.  With ``--sdxl-base SPEC`` too, the parity and image layers run
+fails the test that is about it.  With ``--base SPEC`` (older name ``--sdxl-base``) too, the parity and image
+layers run
 on that base (``-m "parity or image"``).
 """
 from __future__ import annotations
@@ -15,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lora_parity.convert import formats
 from lora_parity.errors import LoraParityError
 from lora_parity.suite.checks import (LoraContentWarning, LoraCoverageWarning, StageFailed, UserLora, bitwise_diff,
                                       check_adapter, compare_adapters, convert_to, hollow_pipeline)
@@ -35,7 +43,7 @@ def user(lora_ckpt_option, request) -> UserLora:
     ema = {"ema": True, "trained": False, None: None}[cfg.getoption("--lora-ema")]
     layout = cfg.getoption("--lora-layout")
     return UserLora(lora_ckpt_option, layout=None if layout is None else str(Path(layout).expanduser()),
-                    alpha=cfg.getoption("--lora-alpha"), ema=ema)
+                    alpha=cfg.getoption("--lora-alpha"), ema=ema, lora_scale=cfg.getoption("--lora-scale"))
 
 
 def _need(user: UserLora, *stages: str):
@@ -119,16 +127,17 @@ def test_not_cut_short(user, record_property):
 
 @conversion
 def test_layout_detected(user, record_property, lora_summary):
-    """The model the LoRA was trained on (SDXL base or refiner) is detected from names and shapes, or
-    taken from ``--lora-layout``; what was chosen and why is recorded."""
+    """The model the LoRA was trained on (SDXL base or refiner, SD 1.5, SD 2.1) is detected from names and
+    shapes, or taken from ``--lora-layout``; the family and what was chosen and why are recorded."""
     _need(user, "read")
     try:
         layout, note, n = user.layout()
     except LoraParityError as exc:
         _fail(str(exc))
     record_property("layout", layout.name)
+    record_property("family", layout.family)
     record_property("layout_note", note)
-    _say(lora_summary, f"layout: {note}")
+    _say(lora_summary, f"layout: {note}; family {layout.family}")
 
 
 @conversion
@@ -193,9 +202,11 @@ def test_rank_and_alpha(user, record_property, lora_summary):
     record_property("dtypes", dict(dtypes))
     scales = sorted({p.alpha / p.rank for p in lora.pairs.values()})
     record_property("scales", scales)
-    src = "--lora-alpha" if user.alpha is not None else (
-        "not stored in a MindONE .ckpt: alpha = rank assumed (scale 1), pass --lora-alpha A"
-        if lora.source_format == "ms" else "from the file")
+    ldm = lora.source_format == "ms" and formats.ms_style(lora) == "ldm"
+    src = ("--lora-alpha" if user.alpha is not None else "--lora-scale x rank" if user.lora_scale is not None else
+           "MindONE's SD 1.x / 2.x LoRA stores a scale nowhere: scale 1 (its default) assumed, pass --lora-scale S"
+           if ldm else "not stored in a MindONE .ckpt: alpha = rank assumed (scale 1), pass --lora-alpha A"
+           if lora.source_format == "ms" else "from the file")
     _say(lora_summary, f"rank: {dict(sorted(ranks.items()))}  alpha: {dict(sorted(alphas.items()))} ({src})  "
                        f"scale alpha/rank: {', '.join(f'{s:g}' for s in scales)}  dtype: {dict(dtypes)}")
     bad = [f"{p.module.sgm} rank {p.rank}" for p in lora.ordered()
@@ -250,7 +261,7 @@ def converted(user, tmp_path_factory):
             out[fmt] = (None, err)
             continue
         if fr.fmt == "ms":
-            extra = dict(alpha=user.alpha, ema=user.ema)
+            extra = dict(alpha=user.alpha, ema=user.ema, lora_scale=user.lora_scale)
         else:  # the MindONE copy stores no alpha: give it the source's, as a user would at inference
             alphas = user.strict().alphas()
             extra = dict(alpha=next(iter(alphas))) if len(alphas) == 1 else {}
@@ -263,8 +274,6 @@ def converted(user, tmp_path_factory):
 
 
 def _round_trip(user, converted, fmt, record_property):
-    from lora_parity.convert import formats
-
     for name in ("ms", fmt, f"{fmt}_back"):
         path, err = converted[name]
         if err is not None:
@@ -276,7 +285,8 @@ def _round_trip(user, converted, fmt, record_property):
     fr = user.read()
     if fr.fmt == "ms":  # the tensors the reader took, by their keys in the file (EMA, prefixes, ...)
         h, start = fr.halves, fr.tensors
-        taken = [(h.keys[m][half], f"{m}.lora_{half}.weight") for m in h.modules for half in ("A", "B")]
+        spelled = {"A": "down", "B": "up"} if formats.ms_style(lora) == "ldm" else {"A": "A", "B": "B"}
+        taken = [(h.keys[m][half], f"{m}.lora_{spelled[half]}.weight") for m in h.modules for half in ("A", "B")]
         taken += [(h.bias_keys[m], f"{m}.bias") for m in h.biases]
     else:
         start = formats.read_tensors(converted["ms"][0])[0]
@@ -366,13 +376,18 @@ def test_diffusers_kohya_path_same_modules(user, loaded, record_property):
 
 @pytest.mark.parity
 @pytest.mark.image
-def test_parity_and_image_on_your_base(user, converted, sdxl_base_option, request, record_property, tmp_path):
-    """With ``--sdxl-base SPEC``: MindSpore (CPU unless ``--ms-device``) against diffusers on that base with
+def test_parity_and_image_on_your_base(user, converted, base_option, request, record_property, tmp_path):
+    """With ``--base SPEC``: MindSpore (CPU unless ``--ms-device``) against diffusers on that base with
     your LoRA, layer by layer and as a 2-step image (``compare --steps 2``); the report is kept in the
     test's tmp folder."""
-    if sdxl_base_option is None:
-        pytest.skip("no --sdxl-base SPEC given (the base your LoRA was trained on: a diffusers folder, "
+    if base_option is None:
+        pytest.skip("no --base SPEC given (the base your LoRA was trained on: a diffusers folder, "
                     "sd_xl_base_1.0.safetensors or random:sdxl-base)")
+    family = user.strict().layout.family
+    if family != "sdxl":
+        pytest.skip(f"your LoRA is for {family}: compare runs SDXL bases only so far, so this layer cannot "
+                    f"judge it yet (the conversion layer above does)")
+    sdxl_base_option = base_option
     from lora_parity.compare import CompareOptions, run_compare
     from lora_parity.parity.metrics import assert_report
     from lora_parity.suite.plugin import gate_overrides
