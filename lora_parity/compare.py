@@ -189,6 +189,14 @@ def _replayed_again(o: CompareOptions, req: SideRequest, kept: SideResult) -> Si
     return SideResult(acts, kept.images, meta)
 
 
+def check_family(base: "_Base", backend: str) -> None:
+    """The port is an SGM (SDXL) model: an SD 1.x / 2.x base runs on diffusers and mindone.diffusers only."""
+    family = layout_from_pipeline_dir(base.pipeline_dir).family
+    if backend == PORT and family != "sdxl":
+        raise LoraParityError(f"a {family} base: the port runs SDXL (MindONE's gm); judge mindone.diffusers on it "
+                              f"with --ms-backend mindone", path=base.pipeline_dir)
+
+
 def check_backend(o: CompareOptions) -> None:
     """The MindSpore backend can run here with this dtype; one error before any side runs."""
     from lora_parity.backends import MS_BACKENDS, get_backend
@@ -251,6 +259,7 @@ def replay_refs(pt: SideResult, configs_dir: Path, timesteps, backend: str) -> d
 def run_compare(o: CompareOptions) -> ParityReport:
     """Capture both sides (child processes, one after the other), then :func:`judge` them."""
     base = resolve_bases(o, sides=("pt", "ms") if o.ms_backend == PORT else ("pt",))
+    check_family(base, o.ms_backend)
     check_backend(o)
     from lora_parity.fixtures.tiny_pipeline import DEFAULT_PROMPT
     from lora_parity.infer import default_size_cond
@@ -451,6 +460,7 @@ def run_capture(o: CompareOptions, backend: str, out: Path, *, force: bool = Fal
     if not ok:
         raise LoraParityError(f"--dtype {o.dtype}: {why}")
     base = resolve_bases(o, sides=("ms",) if be.name == PORT else ("pt",))
+    check_family(base, be.name)
     prompt = o.prompt if o.prompt is not None else DEFAULT_PROMPT
     latents = compare_latents(o, base)
     size_cond = [list(p) for p in default_size_cond(base.pipeline_dir, latents)]

@@ -89,7 +89,7 @@ def generate(backend: str, pt_base: str | Path | None = None, *, base: str | Non
     """
     import tempfile
 
-    from lora_parity.compare import CompareOptions, compare_latents, resolve_bases, side_request
+    from lora_parity.compare import CompareOptions, check_family, compare_latents, resolve_bases, side_request
     from lora_parity.fixtures.tiny_pipeline import DEFAULT_PROMPT
     from lora_parity.sides.run import run_side
 
@@ -102,6 +102,7 @@ def generate(backend: str, pt_base: str | Path | None = None, *, base: str | Non
                        pt_lora=pt_lora, latents=latents_npy, height=height, width=width, guidance=guidance,
                        progress=progress, ms_graph=ms_graph)
     b = resolve_bases(o, sides=("pt", "ms") if backend == "ms" else ("pt",))
+    check_family(b, "port" if backend == "ms" else backend)
     if latents is None:
         latents = compare_latents(o, b)
     prompt = DEFAULT_PROMPT if prompt is None else prompt

@@ -252,14 +252,27 @@ class DiffusersReplay:
 
         self._run(one_pass, [m for m in encoders.values() if m is not None])
 
-    def unet(self, unet, x, time_ids, tproj: np.ndarray) -> None:
+    def unet(self, unet, x, time_ids, tproj: np.ndarray | None) -> None:
         """One UNet forward per timestep on the reference's context and pooled embedding; ``add_embedding``
-        gets the reference's input, so only the time-id sinusoid stays this side's (its own point)."""
+        gets the reference's input, so only the time-id sinusoid stays this side's (its own point).
+        SD 1.x / 2.x (``time_ids`` None): the context is the UNet's only conditioning."""
         ref = self._ref()
-        pooled = np.asarray(ref["text_encoder_2.text_embeds"], np.float64)
         ctx = self.fw.like(ref["conditioning.prompt_embeds"], x)
-        text_embeds = self.fw.like(pooled, x)
         modules = point_modules(self.points, "unet")
+        if time_ids is None:
+            def sd_pass():
+                local = {}
+                for t in self.req.timesteps:
+                    sfx = timestep_suffix(t, self.req.timesteps)
+                    with replaying(self.fw, unet, modules, ref, suffix=sfx) as got:
+                        unet(x, self.fw.scalar(t), encoder_hidden_states=ctx, return_dict=False)
+                    local.update(got)
+                return local
+
+            self._run(sd_pass, [unet])
+            return
+        pooled = np.asarray(ref["text_encoder_2.text_embeds"], np.float64)
+        text_embeds = self.fw.like(pooled, x)
 
         def one_pass():
             local = {"conditioning.add_embedding_input": np.concatenate([pooled, tproj], axis=-1)}

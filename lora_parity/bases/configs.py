@@ -110,15 +110,64 @@ PIPELINES: dict[str, PipelineConfigs] = {
 
 
 # SD 1.x / 2.x (StableDiffusionPipeline): UNet and text-encoder configs of the released models and the tiny
-# test ones, for hollow (meta-device) pipelines; SD 2.x's text encoder is OpenCLIP-H as diffusers holds it
+# test ones; SD 2.x's text encoder is OpenCLIP-H as diffusers holds it (23 layers, gelu)
 SD15_TE_CONFIG = {**CLIP_L_CONFIG, **_CLIP_COMMON, "hidden_act": "quick_gelu", "pad_token_id": 1}
-SD21_TE_CONFIG = {**CLIP_H_CONFIG, **_CLIP_COMMON, "hidden_act": "gelu", "pad_token_id": 1}
-SD_PIPELINES: dict[str, tuple[dict, dict]] = {
-    "sd15": (SD15_UNET_CONFIG, SD15_TE_CONFIG),
-    "sd21": (SD21_UNET_CONFIG, SD21_TE_CONFIG),
-    "tiny-sd1": TINY_SD_CONFIGS["sd1"],
-    "tiny-sd2": TINY_SD_CONFIGS["sd2"],
+SD21_TE_CONFIG = {**CLIP_H_CONFIG, **_CLIP_COMMON, "hidden_act": "gelu", "pad_token_id": 0}
+# the released SD 1.5 / 2.1 VAE (the SDXL VAE's architecture, its own scaling factor)
+SD_VAE_FOLDER_CONFIG = {**SDXL_VAE_FOLDER_CONFIG, "scaling_factor": 0.18215, "sample_size": 512}
+
+
+@dataclass(frozen=True)
+class SdPipelineConfigs:
+    """Every config of one SD 1.x / 2.x pipeline (``StableDiffusionPipeline``: one CLIP text encoder).
+
+    SD 2.x is v-prediction (as SD 2.1 768-v) and its tokenizer pads with "!" (OpenCLIP's id 0); SD 1.x
+    predicts noise and pads with EOS."""
+
+    name: str
+    family: str  # "sd1" | "sd2"
+    unet: dict
+    te: dict
+    vae: dict
+    image_size: int
+    real_size: bool
+    is_refiner: bool = False
+
+    def components(self) -> dict[str, dict]:
+        return {"unet": self.unet, "text_encoder": self.te, "vae": self.vae}
+
+    def layout(self) -> ModelLayout:
+        from lora_parity.convert.layout import sd_text_encoder
+
+        unet = UNetLayout.from_diffusers_config(self.unet, name=self.name)
+        return ModelLayout(self.name, unet, (sd_text_encoder(self.te, self.family),), family=self.family)
+
+    def vocab(self) -> dict[str, int]:
+        return clip_vocab() if self.real_size else tiny_vocab()
+
+    def scheduler(self) -> dict:
+        return {**SDXL_SCHEDULER_CONFIG, "prediction_type": "v_prediction" if self.family == "sd2" else "epsilon"}
+
+    def model_index(self) -> dict:
+        from diffusers import __version__ as diffusers_version
+
+        return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers_version,
+                "feature_extractor": [None, None], "image_encoder": [None, None], "safety_checker": [None, None],
+                "requires_safety_checker": False, "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
+
+SD_FAMILY_PIPELINES: dict[str, SdPipelineConfigs] = {
+    "sd15": SdPipelineConfigs("sd15", "sd1", SD15_UNET_CONFIG, SD15_TE_CONFIG, SD_VAE_FOLDER_CONFIG, 512, True),
+    "sd21": SdPipelineConfigs("sd21", "sd2", SD21_UNET_CONFIG, SD21_TE_CONFIG, SD_VAE_FOLDER_CONFIG, 768, True),
+    "tiny-sd1": SdPipelineConfigs("tiny-sd1", "sd1", *TINY_SD_CONFIGS["sd1"], TINY_VAE_CONFIG, TINY_IMAGE_SIZE,
+                                  False),
+    "tiny-sd2": SdPipelineConfigs("tiny-sd2", "sd2", *TINY_SD_CONFIGS["sd2"], TINY_VAE_CONFIG, TINY_IMAGE_SIZE,
+                                  False),
 }
+#: (UNet config, text-encoder config) by layout name, for hollow pipelines (the shipped suite)
+SD_PIPELINES: dict[str, tuple[dict, dict]] = {n: (c.unet, c.te) for n, c in SD_FAMILY_PIPELINES.items()}
 
 
 def pipeline_configs(name: str) -> PipelineConfigs:
@@ -197,12 +246,13 @@ def write_tokenizer(out_dir: Path, vocab: dict[str, int], pad_token: str) -> Non
     (out_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
-def write_skeleton(out_dir: Path, cfgs: PipelineConfigs) -> None:
+def write_skeleton(out_dir: Path, cfgs: PipelineConfigs | SdPipelineConfigs) -> None:
     """Everything of a diffusers pipeline folder but the weights (configs, tokenizers, scheduler)."""
     from diffusers import EulerDiscreteScheduler
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "model_index.json").write_text(json.dumps(model_index(cfgs), indent=2, allow_nan=False) + "\n")
+    index = cfgs.model_index() if isinstance(cfgs, SdPipelineConfigs) else model_index(cfgs)
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, allow_nan=False) + "\n")
     for comp, cfg in cfgs.components().items():
         (out_dir / comp).mkdir(exist_ok=True)
         model = meta_model(comp, cfg)
@@ -212,6 +262,10 @@ def write_skeleton(out_dir: Path, cfgs: PipelineConfigs) -> None:
             model.config.architectures = [type(model).__name__]
             model.config.save_pretrained(out_dir / comp)
     vocab = cfgs.vocab()
+    if isinstance(cfgs, SdPipelineConfigs):
+        write_tokenizer(out_dir / "tokenizer", vocab, TOKENIZER_2_PAD if cfgs.family == "sd2" else EOS_TOKEN)
+        EulerDiscreteScheduler(**cfgs.scheduler()).save_config(out_dir / "scheduler")
+        return
     if not cfgs.is_refiner:
         write_tokenizer(out_dir / "tokenizer", vocab, EOS_TOKEN)
     write_tokenizer(out_dir / "tokenizer_2", vocab, TOKENIZER_2_PAD)

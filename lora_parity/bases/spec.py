@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lora_parity.errors import LoraParityError
 from lora_parity.convert.layout import UNetLayout, layout_from_pipeline_dir
-from lora_parity.bases.configs import PIPELINES, pipeline_configs
+from lora_parity.bases.configs import PIPELINES, SD_FAMILY_PIPELINES, pipeline_configs
 from lora_parity.bases.sources import COMPONENTS, DiffusersFolderWeights, SgmWeights, weight_files
 
 RANDOM_PREFIX = "random:"
@@ -63,22 +63,24 @@ def resolve_base(spec: str, *, variant: str | None = None, cache: Path | None = 
     if path.is_file():
         return _single_file(spec, path, cache)
     raise LoraParityError("no such file or folder (want a diffusers pipeline folder, an SGM single-file "
-                          f"checkpoint, or {RANDOM_PREFIX}{{{','.join(PIPELINES)}}}[:SEED])", path=spec)
+                          f"checkpoint, or {RANDOM_PREFIX}{{{','.join([*PIPELINES, *SD_FAMILY_PIPELINES])}}}"
+                          f"[:SEED])", path=spec)
 
 
 def _random(spec: str, cache: Path, progress: bool) -> BaseModel:
     from lora_parity.bases.random_weights import VARIANT, ensure_random_pipeline
 
     name, _, seed_s = spec[len(RANDOM_PREFIX):].partition(":")
-    if name not in PIPELINES:
-        raise LoraParityError(f"unknown random model {name!r} (known: {', '.join(PIPELINES)})", path=spec)
+    known = {**PIPELINES, **SD_FAMILY_PIPELINES}
+    if name not in known:
+        raise LoraParityError(f"unknown random model {name!r} (known: {', '.join(known)})", path=spec)
     try:
         seed = int(seed_s) if seed_s else 0
         if seed < 0:
             raise ValueError
     except ValueError:
         raise LoraParityError(f"seed {seed_s!r} is not a non-negative integer", path=spec) from None
-    cfgs = PIPELINES[name]
+    cfgs = known[name]
     folder = ensure_random_pipeline(cache, cfgs, seed, spec, progress=progress)
     return BaseModel(spec, "random", folder, VARIANT, name, cfgs.is_refiner, cfgs.image_size)
 
@@ -92,12 +94,13 @@ def _diffusers(spec: str, path: Path, variant: str | None) -> BaseModel:
     except (OSError, ValueError) as exc:
         raise LoraParityError(f"cannot read model_index.json: {exc}", path=index) from None
     layout = layout_from_pipeline_dir(path)
-    if layout.family != "sdxl":
-        raise LoraParityError(f"a {layout.family} pipeline: compare / infer / capture run SDXL pipelines so far "
-                              f"(convert and keys read and write {layout.family} LoRAs)", path=path)
     for comp in COMPONENTS:
         if (path / comp / "config.json").is_file():
             weight_files(path / comp, variant)  # one clear error for a missing variant
+    if layout.family != "sdxl":  # SD 1.x / 2.x: one text encoder, never a refiner
+        name = next((n for n, c in SD_FAMILY_PIPELINES.items()
+                     if UNetLayout.from_diffusers_config(c.unet, name=layout.unet.name) == layout.unet), path.name)
+        return BaseModel(spec, "diffusers", path, variant, name, False, _image_size(path))
     refiner = bool(mi.get("requires_aesthetics_score")) or not (path / "text_encoder" / "config.json").is_file()
     return BaseModel(spec, "diffusers", path, variant, _layout_name(layout.unet, refiner, path.name), refiner,
                      _image_size(path))

@@ -51,6 +51,9 @@ def text_alignment(layout: ModelLayout) -> list[Aligned]:
         if te.style == "hf":
             names = [f"{p}text_model.embeddings"] + [f"{p}text_model.encoder.layers.{i}" for i in range(te.num_layers)]
             tail = [(f"{p}text_model.final_layer_norm", f"{comp}.last_hidden_state"), (f"{p}pooled", f"{comp}.pooler_output")]
+        elif te.style == "ldm":  # MindONE's SD 1.x / 2.x TextEncoder; diffusers holds a CLIPTextModel (pooler_output)
+            names = [f"{p}embedding_table"] + [f"{p}transformer_layer.resblocks.{i}" for i in range(te.num_layers)]
+            tail = [(f"{p}ln_final", f"{comp}.last_hidden_state"), (f"{p}pooled", f"{comp}.pooler_output")]
         else:
             names = [f"{p}token_embedding"] + [f"{p}transformer.resblocks.{i}" for i in range(te.num_layers)]
             tail = [(f"{p}ln_final", f"{comp}.last_hidden_state"), (f"{p}text_projection", f"{comp}.text_embeds")]
@@ -59,10 +62,12 @@ def text_alignment(layout: ModelLayout) -> list[Aligned]:
     return out
 
 
-def conditioning_alignment() -> list[Aligned]:
-    """The UNet's inputs built from the prompt: cross-attention context and the vector y."""
-    return [Aligned("conditioner.context", "conditioning.prompt_embeds", "conditioning", 0),
-            Aligned("conditioner.vector", "conditioning.add_embedding_input", "conditioning", 1)]
+def conditioning_alignment(family: str = "sdxl") -> list[Aligned]:
+    """The UNet's inputs built from the prompt: cross-attention context and (SDXL) the vector y."""
+    out = [Aligned("conditioner.context", "conditioning.prompt_embeds", "conditioning", 0)]
+    if family == "sdxl":
+        out.append(Aligned("conditioner.vector", "conditioning.add_embedding_input", "conditioning", 1))
+    return out
 
 
 def vae_alignment(num_blocks: int, prefix: str = "first_stage_model.") -> list[Aligned]:
@@ -79,7 +84,7 @@ def alignment_for(configs_dir: Path, timesteps, naming: str) -> list[Aligned]:
     aligned name to name (both fields the diffusers name)."""
     layout = layout_from_pipeline_dir(Path(configs_dir))
     vae_blocks = len(json.loads((Path(configs_dir) / "vae" / "config.json").read_text())["block_out_channels"])
-    points = (text_alignment(layout) + conditioning_alignment() + unet_alignment(layout, timesteps)
+    points = (text_alignment(layout) + conditioning_alignment(layout.family) + unet_alignment(layout, timesteps)
               + vae_alignment(vae_blocks))
     if naming == "diffusers":
         points = [Aligned(a.diffusers, a.diffusers, a.component, a.depth) for a in points]

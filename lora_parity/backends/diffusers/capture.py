@@ -27,7 +27,9 @@ from lora_parity.sides.request import SideRequest, SideResult
 from lora_parity.sides.tokens import clip_tokenizers
 
 TORCH_DTYPES = ("F32", "F16", "BF16")
-PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionPipeline")
+#: SD 1.x / 2.x: one CLIP text encoder, prompt_embeds = its last hidden state, no pooled / time-id conditioning
+SD_PIPELINE = "StableDiffusionPipeline"
 
 
 def _torch_dtype(name: str):
@@ -37,14 +39,15 @@ def _torch_dtype(name: str):
 
 
 def pipeline_class(pipeline_dir: Path, library=None):
-    """The folder's SDXL pipeline class from ``library`` (diffusers, or mindone.diffusers) and its index."""
+    """The folder's pipeline class (SDXL, SDXL img2img or SD 1.x / 2.x) from ``library`` (diffusers, or
+    mindone.diffusers) and its index."""
     if library is None:
         import diffusers as library
 
     index = json.loads((pipeline_dir / "model_index.json").read_text())
     name = index.get("_class_name")
     if name not in PIPELINES:
-        raise LoraParityError(f"pipeline class {name!r} is not an SDXL pipeline ({', '.join(PIPELINES)})",
+        raise LoraParityError(f"pipeline class {name!r} is not one compare runs ({', '.join(PIPELINES)})",
                               path=pipeline_dir / "model_index.json")
     return getattr(library, name), index
 
@@ -148,8 +151,12 @@ class _Loader:
 
 def _pipe(cls, **components):
     """The pipeline object over the given modules (None elsewhere), progress bars off."""
-    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
-    pipe = cls(**{n: components.get(n) for n in names}, **components.get("config", {}))
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
+             "safety_checker", "feature_extractor")
+    pipe = cls(**{n: components.get(n) for n in names if n in accepted}, **components.get("config", {}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -162,6 +169,8 @@ def pipeline_config(cls, index: dict) -> dict:
     accepted = inspect.signature(cls.__init__).parameters
     cfg = {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
            if k in index and k in accepted}
+    if "requires_safety_checker" in accepted:  # SD 1.x / 2.x: no safety checker (the other side has none)
+        cfg["requires_safety_checker"] = False
     if "add_watermarker" in accepted:
         cfg["add_watermarker"] = False
     return cfg
@@ -182,6 +191,7 @@ def capture_pt(req: SideRequest) -> SideResult:
     cls, index = pipeline_class(loader.dir)
     config = pipeline_config(cls, index)
     refiner = bool(config.get("requires_aesthetics_score"))
+    sd = cls.__name__ == SD_PIPELINE
     result = SideResult(meta={"side": "pt", "dtype": req.dtype, "pipeline": cls.__name__,
                               "versions": _versions(), "seconds": {}})
     tmp = tempfile.TemporaryDirectory(prefix="lora-parity-pt-")
@@ -213,7 +223,11 @@ def capture_pt(req: SideRequest) -> SideResult:
     with torch.no_grad():
         embeds, pooled = be.encode_prompt(**ids, as_numpy=False)
         gen = None
-        if req.steps is not None:  # the pipeline's own encode_prompt, negative branch included
+        if req.steps is not None and sd:  # SD 1.x / 2.x's encode_prompt: (embeds, negative embeds)
+            e, ne = pipe.encode_prompt(req.prompt, device=pipe.device, num_images_per_prompt=1,
+                                       do_classifier_free_guidance=cfg_on)
+            gen = {"prompt_embeds": e, **({"negative_prompt_embeds": ne} if cfg_on else {})}
+        elif req.steps is not None:  # the pipeline's own encode_prompt, negative branch included
             e, ne, p, npool = pipe.encode_prompt(req.prompt, device=pipe.device, num_images_per_prompt=1,
                                                  do_classifier_free_guidance=cfg_on)
             gen = {"prompt_embeds": e, "pooled_prompt_embeds": p}
@@ -235,13 +249,15 @@ def capture_pt(req: SideRequest) -> SideResult:
     if "unet" in parts:
         lora_loaded += list(load_lora_checked(pipe, parts["unet"]).loaded)
     be = TorchBackend.from_pipe(pipe, loader.dir, dtype=dtype)
-    orig, crop, target = (tuple(int(v) for v in p) for p in req.size_cond)
-    time_ids = be.add_time_ids(orig, crop, target, aesthetic=_aesthetic(req), pooled_dim=int(pooled.shape[-1]))
-    with torch.no_grad():
-        tproj = unet.add_time_proj(torch.as_tensor(time_ids).flatten()).reshape(time_ids.shape[0], -1)
     result.acts["conditioning.prompt_embeds"] = embeds.float().numpy()
-    result.acts["conditioning.add_embedding_input"] = np.concatenate(
-        [pooled.float().numpy(), tproj.float().numpy()], axis=-1)
+    time_ids = tproj = None
+    if not sd:  # SDXL's vector conditioning: pooled text + the sinusoid of the size / crop (/ aesthetic) ids
+        orig, crop, target = (tuple(int(v) for v in p) for p in req.size_cond)
+        time_ids = be.add_time_ids(orig, crop, target, aesthetic=_aesthetic(req), pooled_dim=int(pooled.shape[-1]))
+        with torch.no_grad():
+            tproj = unet.add_time_proj(torch.as_tensor(time_ids).flatten()).reshape(time_ids.shape[0], -1)
+        result.acts["conditioning.add_embedding_input"] = np.concatenate(
+            [pooled.float().numpy(), tproj.float().numpy()], axis=-1)
     forward_s = []
     for t in (req.timesteps if req.activations else ()):
         t1 = time.perf_counter()
@@ -252,10 +268,11 @@ def capture_pt(req: SideRequest) -> SideResult:
     result.meta["unet_forward_seconds"] = forward_s
     if replay is not None:
         x = torch.from_numpy(np.ascontiguousarray(latents)).to(unet.device, unet.dtype)
-        replay.unet(unet, x, torch.as_tensor(time_ids).to(x), tproj.double().cpu().numpy())
+        replay.unet(unet, x, None if sd else torch.as_tensor(time_ids).to(x),
+                    None if sd else tproj.double().cpu().numpy())
     final = None
     if req.steps is not None:
-        final, per_step = _denoise(pipe, gen, req, latents, refiner, dtype)
+        final, per_step = _denoise(pipe, gen, req, latents, refiner, dtype, sd=sd)
         result.meta["seconds_per_step"] = per_step
     del pipe, be, unet
     free_memory()
@@ -293,7 +310,7 @@ def _vae_scale_factor(pipeline_dir: Path) -> int:
     return 2 ** (len(cfg["block_out_channels"]) - 1)
 
 
-def _denoise(pipe, gen: dict, req: SideRequest, latents: np.ndarray, refiner: bool, dtype):
+def _denoise(pipe, gen: dict, req: SideRequest, latents: np.ndarray, refiner: bool, dtype, *, sd: bool = False):
     """``pipe(...)`` from the given start latents to final latents; and seconds per step."""
     import torch
 
@@ -308,8 +325,9 @@ def _denoise(pipe, gen: dict, req: SideRequest, latents: np.ndarray, refiner: bo
         return kwargs
 
     kwargs = dict(gen, latents=lat, num_inference_steps=int(req.steps), guidance_scale=float(req.guidance),
-                  height=h, width=w, output_type="latent", callback_on_step_end=on_step_end,
-                  original_size=orig, crops_coords_top_left=crop, target_size=target)
+                  height=h, width=w, output_type="latent", callback_on_step_end=on_step_end)
+    if not sd:  # SDXL's size conditioning
+        kwargs.update(original_size=orig, crops_coords_top_left=crop, target_size=target)
     if refiner:  # img2img from the given (already noisy) latents over the whole schedule
         score, negative = _aesthetic(req) or (6.0, 2.5)
         kwargs.update(image=lat, strength=1.0, aesthetic_score=score, negative_aesthetic_score=negative)

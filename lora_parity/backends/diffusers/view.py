@@ -331,7 +331,7 @@ class TorchBackend:
     def token_ids(self, prompt: str) -> dict[str, np.ndarray]:
         """``{"input_ids": ..., "input_ids_2": ...}`` for the tokenizers this pipeline has (refiner: only _2)."""
         out = {}
-        for key, tok in (("input_ids", self.pipe.tokenizer), ("input_ids_2", self.pipe.tokenizer_2)):
+        for key, tok in (("input_ids", self.pipe.tokenizer), ("input_ids_2", getattr(self.pipe, "tokenizer_2", None))):
             if tok is not None:
                 enc = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
                           return_tensors="np")
@@ -348,6 +348,11 @@ class TorchBackend:
 
     def _encode(self, prompt, input_ids, input_ids_2):
         pipe = self.pipe
+        if not hasattr(pipe, "text_encoder_2"):  # SD 1.x / 2.x: the last hidden state, no pooled embedding
+            if input_ids is None:
+                input_ids = self.token_ids(prompt)["input_ids"]
+            embeds = pipe.text_encoder(self._t(input_ids, torch.long), output_hidden_states=True)[0]
+            return embeds.to(self.dtype), None
         if input_ids is None and input_ids_2 is None:
             if prompt is None:
                 raise ValueError("encode_prompt needs a prompt or token ids")
@@ -374,7 +379,7 @@ class TorchBackend:
         """``(prompt_embeds (1,77,ctx), pooled (1,proj))`` via ``pipe.encode_prompt`` (or the same for ids)."""
         embeds, pooled = self._encode(prompt, input_ids, input_ids_2)
         if as_numpy:
-            return to_numpy(embeds, np.float32), to_numpy(pooled, np.float32)
+            return to_numpy(embeds, np.float32), None if pooled is None else to_numpy(pooled, np.float32)
         return embeds, pooled
 
     @_no_grad
@@ -444,7 +449,7 @@ class TorchBackend:
         """
         x = self._t(latents)
         t = torch.as_tensor(timestep, dtype=torch.float32, device=self.device)
-        cond = {"text_embeds": self._t(pooled), "time_ids": self._t(add_time_ids)}
+        cond = None if pooled is None else {"text_embeds": self._t(pooled), "time_ids": self._t(add_time_ids)}
         with capture(self.unet, self.unet_hook_names(), prefix="unet.") as got:
             self.unet(x, t, encoder_hidden_states=self._t(prompt_embeds), added_cond_kwargs=cond,
                       return_dict=False)

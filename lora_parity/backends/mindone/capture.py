@@ -150,14 +150,20 @@ class _Loader:
 
 
 def pipeline(req: SideRequest, loader: _Loader):
-    """mindone's SDXL pipeline class of the folder over freshly loaded, checked components."""
+    """mindone's pipeline class of the folder (SDXL, SDXL img2img, SD 1.x / 2.x) over freshly loaded, checked
+    components."""
+    import inspect
+
     from mindone import diffusers as md
 
     cls, index = pipeline_class(loader.dir, md)
-    comps = {c: loader.load(c) for c in ("text_encoder", "text_encoder_2", "unet", "vae")}
+    accepted = inspect.signature(cls.__init__).parameters
+    comps = {c: loader.load(c) for c in ("text_encoder", "text_encoder_2", "unet", "vae") if c in accepted}
     config = pipeline_config(cls, index)
     toks = {"tokenizer": None, "tokenizer_2": None, **loader.tokenizers()}  # a refiner has no first tokenizer
-    pipe = cls(**comps, **toks, scheduler=loader.scheduler(), **config)
+    toks = {k: v for k, v in toks.items() if k in accepted}
+    extra = {k: None for k in ("safety_checker", "feature_extractor") if k in accepted}
+    pipe = cls(**comps, **toks, **extra, scheduler=loader.scheduler(), **config)
     pipe.set_progress_bar_config(disable=not req.progress, desc="mindone", unit="step")
     return pipe
 
@@ -228,6 +234,7 @@ def capture_mindone(req: SideRequest) -> SideResult:
     t0 = time.perf_counter()
     pipe = pipeline(req, _Loader(req))
     refiner = bool(getattr(pipe.config, "requires_aesthetics_score", False))
+    sd = not hasattr(pipe, "text_encoder_2")  # SD 1.x / 2.x: no pooled text, no time ids
     landed: list[str] = []
     if req.lora:
         _check_peft(Path(req.lora))
@@ -247,7 +254,7 @@ def capture_mindone(req: SideRequest) -> SideResult:
     ids = _token_ids(pipe, req, refiner)
     for k, v in ids.items():
         result.acts[f"_inputs.{k}"] = v
-    embeds, pooled, acts = _encode(pipe, ids, dtype)
+    embeds, pooled, acts = _encode(pipe, ids, dtype, sd=sd)
     if req.activations and not req.replay_only:
         result.acts.update(acts)
     replay = None
@@ -255,26 +262,30 @@ def capture_mindone(req: SideRequest) -> SideResult:
         from lora_parity.backends.replay import DiffusersReplay, mindspore_framework
 
         replay = DiffusersReplay(mindspore_framework(), req, result)
-        replay.text({"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}, ids)
+        replay.text({"text_encoder": pipe.text_encoder, "text_encoder_2": getattr(pipe, "text_encoder_2", None)},
+                    ids)
     result.meta["seconds"]["text_encoders"] = time.perf_counter() - t0
     result.meta["rss_after_bytes"] = {"text_encoders": rss_bytes(), "peak_so_far": peak_rss_bytes()}
 
     # ---- UNet: one forward per timestep, then mindone's own denoising loop
     t0 = time.perf_counter()
     latents = req.arrays["latents"]
-    orig, crop, target = (tuple(int(v) for v in p) for p in req.size_cond)
-    time_ids = _time_ids(pipe, orig, crop, target, refiner, req, int(pooled.shape[-1]), dtype)
-    tproj = pipe.unet.add_time_proj(time_ids.flatten()).reshape(time_ids.shape[0], -1)
+    time_ids = tproj = None
+    if not sd:
+        orig, crop, target = (tuple(int(v) for v in p) for p in req.size_cond)
+        time_ids = _time_ids(pipe, orig, crop, target, refiner, req, int(pooled.shape[-1]), dtype)
+        tproj = pipe.unet.add_time_proj(time_ids.flatten()).reshape(time_ids.shape[0], -1)
     if not req.replay_only:
         result.acts["conditioning.prompt_embeds"] = _to_numpy(embeds).astype(np.float32)
-        result.acts["conditioning.add_embedding_input"] = np.concatenate(
-            [_to_numpy(pooled), _to_numpy(tproj)], axis=-1).astype(np.float32)
+        if not sd:
+            result.acts["conditioning.add_embedding_input"] = np.concatenate(
+                [_to_numpy(pooled), _to_numpy(tproj)], axis=-1).astype(np.float32)
     forward_s = []
     x = ms.Tensor(np.ascontiguousarray(latents), dtype)
     if replay is not None:
-        replay.unet(pipe.unet, x, time_ids.astype(dtype), _to_numpy(tproj))
+        replay.unet(pipe.unet, x, None if sd else time_ids.astype(dtype), None if sd else _to_numpy(tproj))
     for t in (req.timesteps if req.activations and not req.replay_only else ()):
-        cond = {"text_embeds": pooled.astype(dtype), "time_ids": time_ids.astype(dtype)}
+        cond = None if sd else {"text_embeds": pooled.astype(dtype), "time_ids": time_ids.astype(dtype)}
         with hooked(pipe.unet, UNET_PATTERNS, "unet.") as got:
             t1 = time.perf_counter()
             pipe.unet(x, ms.Tensor(float(t), ms.float32), encoder_hidden_states=embeds.astype(dtype),
@@ -285,7 +296,7 @@ def capture_mindone(req: SideRequest) -> SideResult:
     result.meta["unet_forward_seconds"] = forward_s
     final = None
     if req.steps is not None:
-        final, per_step = _denoise(pipe, req, latents, refiner, dtype)
+        final, per_step = _denoise(pipe, req, latents, refiner, dtype, sd=sd)
         result.meta["seconds_per_step"] = per_step
     result.meta["seconds"]["unet"] = time.perf_counter() - t0
     result.meta["rss_after_bytes"]["unet"] = rss_bytes()
@@ -340,7 +351,7 @@ def _token_ids(pipe, req: SideRequest, refiner: bool) -> dict[str, np.ndarray]:
     With both present they must agree: a tokenizer difference would otherwise show up as a
     text-encoder "parity" failure."""
     own = {}
-    for key, tok in (("input_ids", pipe.tokenizer), ("input_ids_2", pipe.tokenizer_2)):
+    for key, tok in (("input_ids", pipe.tokenizer), ("input_ids_2", getattr(pipe, "tokenizer_2", None))):
         if tok is not None:
             own[key] = tok(req.prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
                            return_tensors="np").input_ids.astype(np.int64)
@@ -352,16 +363,17 @@ def _token_ids(pipe, req: SideRequest, refiner: bool) -> dict[str, np.ndarray]:
     return {**own, **given}
 
 
-def _encode(pipe, ids: dict, dtype):
+def _encode(pipe, ids: dict, dtype, *, sd: bool = False):
     """``(prompt_embeds, pooled, activations)``: what the pipeline's ``encode_prompt`` computes for these ids
-    (penultimate hidden states concatenated, pooled projection of the last encoder), every layer recorded."""
+    (SDXL: penultimate hidden states concatenated, pooled projection of the last encoder; SD 1.x / 2.x: the
+    encoder's last hidden state, no pooled), every layer recorded."""
     import mindspore as ms
     from mindspore import ops
 
     acts, hidden, pooled = {}, [], None
     for comp, key in (("text_encoder", "input_ids"), ("text_encoder_2", "input_ids_2")):
         te = getattr(pipe, comp, None)
-        if te is None:
+        if te is None or key not in ids:
             continue
         out = te(ms.Tensor(ids[key]), output_hidden_states=True, return_dict=False)
         if comp == "text_encoder":  # CLIPTextModel: (last_hidden_state, pooler_output, hidden_states)
@@ -376,6 +388,8 @@ def _encode(pipe, ids: dict, dtype):
         acts[f"{comp}.{pooled_name}"] = _to_numpy(pool)
         hidden.append(states[-2])
         pooled = pool
+    if sd:
+        return last.astype(dtype), None, acts
     embeds = ops.concat(hidden, axis=-1) if len(hidden) > 1 else hidden[0]
     return embeds.astype(dtype), pooled.astype(dtype), acts
 
@@ -401,7 +415,7 @@ def _unscale(vae, z):
     return z / cfg.scaling_factor
 
 
-def _denoise(pipe, req: SideRequest, latents: np.ndarray, refiner: bool, dtype):
+def _denoise(pipe, req: SideRequest, latents: np.ndarray, refiner: bool, dtype, *, sd: bool = False):
     """mindone's ``pipe(...)`` from the given start latents to final latents (its own encode_prompt,
     negative branch, scheduler and guidance); and seconds per step."""
     import mindspore as ms
@@ -418,8 +432,9 @@ def _denoise(pipe, req: SideRequest, latents: np.ndarray, refiner: bool, dtype):
 
     kwargs = dict(prompt=req.prompt, latents=lat, num_inference_steps=int(req.steps),
                   guidance_scale=float(req.guidance), height=h, width=w, output_type="latent",
-                  callback_on_step_end=on_step_end, original_size=orig, crops_coords_top_left=crop,
-                  target_size=target)
+                  callback_on_step_end=on_step_end)
+    if not sd:  # SDXL's size conditioning
+        kwargs.update(original_size=orig, crops_coords_top_left=crop, target_size=target)
     if refiner:
         score, negative = _aesthetic(req) or (6.0, 2.5)
         kwargs.update(image=lat, strength=1.0, aesthetic_score=score, negative_aesthetic_score=negative)
