@@ -108,7 +108,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         guidance=args.guidance, image_mae=args.image_mae, image_max_error=args.image_max_error, ms_graph=args.ms_graph, ms_device=args.ms_device, pt_device=args.pt_device,
         progress=args.steps is not None and not args.quiet, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
         ms_backend=args.ms_backend, ms_python=args.ms_python, ema=args.ema, port_numerics=args.port_numerics,
-        replay_only=args.replay_only, report_dir=Path(args.report) if args.report else None))
+        replay_only=args.replay_only, report_dir=Path(args.report) if args.report else None,
+        lora_scale=args.lora_scale))
     return _print_report(args, report)
 
 
@@ -275,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--latents", help=".npy latents (N, 4, H, W) (default: built-in seed 0)")
     m.add_argument("--prompt", help="prompt text (default: the built-in prompt)")
     m.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
+    m.add_argument("--lora-scale", type=float,
+                   help="a MindONE SD 1.x / 2.x LoRA .ckpt (lora_down / lora_up): the --lora_scale it runs with "
+                        "(alpha = scale x rank; default 1)")
     m.add_argument("--timestep", type=float, default=500.0, help="UNet timestep (default 500)")
     m.add_argument("--timesteps", help="compare the UNet at several timesteps, e.g. 999,500,1")
     m.add_argument("--in-process", action="store_true",

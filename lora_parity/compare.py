@@ -39,6 +39,7 @@ class CompareOptions:
     width: int | None = None
     prompt: str | None = None
     alpha: float | None = None
+    lora_scale: float | None = None  # a MindONE SD 1.x / 2.x LoRA .ckpt: its --lora_scale (alpha = scale x rank)
     ema: bool | None = None  # a MindONE file with plain and "ema." LoRA tensors: which set (None: refuse to guess)
     timestep: float = DEFAULT_TIMESTEP
     timesteps: tuple[float, ...] | None = None  # several UNet timesteps (default: (timestep,))
@@ -233,7 +234,7 @@ def _lora_for(o: CompareOptions, base: _Base, tmp: Path) -> tuple[str | None, st
         out = tmp / f"converted_{f}.safetensors"
         if not out.is_file():
             convert(ConvertOptions(src=ms_lora, dst=out, layout=str(base.pipeline_dir), alpha=o.alpha, fmt=f,
-                                   ema=o.ema))
+                                   ema=o.ema, lora_scale=o.lora_scale))
         return out
 
     pt = Path(o.pt_lora) if o.pt_lora else None

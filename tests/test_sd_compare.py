@@ -112,3 +112,24 @@ def test_the_port_refuses_an_sd_base_in_one_line(sd, tmp_path):
     code, out, err = run_cli(["compare", "--base", spec, "--cache", str(cache)])
     assert code == 2 and "the port runs SDXL" in err and "--ms-backend mindone" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("pt_format", ["peft", "kohya"])
+def test_mindone_ldm_ckpt_compares_through_its_conversion(sd, tmp_path, pt_format):
+    """MindONE's older SD LoRA (.ckpt, lora_down / lora_up, run with --lora_scale 0.5): compare converts it for
+    each side (PEFT for mindone, PEFT or kohya for diffusers) with --lora-scale, and the run passes."""
+    from lora_parity.fixtures.synthetic import make_lora
+
+    from .test_families import ldm_module_names, write_mindone_ldm_lora
+
+    spec, cache, pipe_dir, _ = sd
+    layout = layout_from_pipeline_dir(pipe_dir)
+    ckpt = write_mindone_ldm_lora(tmp_path / "mindone_sd_lora.ckpt",
+                                  make_lora(layout, rank=4, modules=ldm_module_names(layout), seed=12))
+    report = tmp_path / "report"
+    code, out, err = run_cli(["compare", "--ms-backend", "mindone", "--base", spec, "--cache", str(cache),
+                              "--ms-lora", str(ckpt), "--lora-scale", "0.5", "--pt-format", pt_format,
+                              "--report", str(report), "--quiet"])
+    assert code == 0, (out + err)[-3000:]
+    layers = json.loads((report / "report.json").read_text())["layers"]
+    assert any(r["kind"] == "effect" and r["component"] == "text_encoder" and r["effect_size"] for r in layers)
