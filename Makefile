@@ -32,8 +32,10 @@ $(MINDONE_STAMP): pyproject.toml constraints-mindone.txt
 demo: setup
 	$(VENV)/bin/lora-parity demo
 
+# the JUnit file keeps each test's layer and metrics: `make bench` prints the suite's time per layer from it
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	mkdir -p reports
+	$(PY) -m pytest --junitxml=reports/junit.xml $(PYTEST_ARGS)
 
 test-conversion: setup
 	$(PY) -m pytest -m conversion
@@ -41,6 +43,8 @@ test-conversion: setup
 bench: setup
 	$(PY) -m pytest -m benchmark --benchmark-only --benchmark-enable --benchmark-columns=min,median,mean,max,rounds
 	$(PY) scripts/bench_fullsize_unet.py
+	@if [ -f reports/junit.xml ]; then $(PY) scripts/suite_times.py reports/junit.xml; \
+	else echo "no reports/junit.xml: run make test first for the suite's time per layer"; fi
 
 # mutation score of compare: ~40 realistic faults planted one at a time on the tiny SDXL, on both MindSpore
 # backends (MUTANTS_ARGS="--backend port" for one); exits 1 when a fault is missed or crashes compare

@@ -304,6 +304,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "benchmark" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.benchmark)
+        # the layer each test's time counts against (scripts/suite_times.py reads it from the JUnit file)
+        item.user_properties.append(("layer", layer_of(item)))
+
+
+#: the order in which a test with several layer markers is counted (the heaviest first)
+LAYER_ORDER = ("fullsize", "ascend", "benchmark", "suite", "image", "parity", "conversion")
+
+
+def layer_of(item: pytest.Item) -> str:
+    """The suite layer a test belongs to (its heaviest layer marker), or "other"."""
+    names = {m.name for m in item.iter_markers()}
+    return next((layer for layer in LAYER_ORDER if layer in names), "other")
 
 
 # ---------------------------------------------------------------- skips under LORA_PARITY_NO_SKIPS
