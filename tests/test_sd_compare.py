@@ -133,3 +133,19 @@ def test_mindone_ldm_ckpt_compares_through_its_conversion(sd, tmp_path, pt_forma
     assert code == 0, (out + err)[-3000:]
     layers = json.loads((report / "report.json").read_text())["layers"]
     assert any(r["kind"] == "effect" and r["component"] == "text_encoder" and r["effect_size"] for r in layers)
+
+
+def test_bundles_captured_apart_are_judged_alike(sd, tmp_path):
+    """capture on two machines (diffusers; mindone replaying on the diffusers bundle), judge the pair."""
+    spec, cache, _, lora = sd
+    common = ["--base", spec, "--cache", str(cache), "--lora", str(lora), "--steps", "2", "--quiet"]
+    code, out, err = run_cli(["capture", "--backend", "diffusers", *common, "-o", str(tmp_path / "pt")])
+    assert code == 0, (out + err)[-3000:]
+    code, out, err = run_cli(["capture", "--backend", "mindone", *common, "--replay-from", str(tmp_path / "pt"),
+                              "-o", str(tmp_path / "ms")])
+    assert code == 0, (out + err)[-3000:]
+    code, out, err = run_cli(["compare", "--ms-bundle", str(tmp_path / "ms"), "--pt-bundle", str(tmp_path / "pt"),
+                              "--report", str(tmp_path / "report"), "--quiet"])
+    assert code == 0, (out + err)[-3000:]
+    layers = json.loads((tmp_path / "report" / "report.json").read_text())["layers"]
+    assert any(r["kind"] == "local" and r["component"] == "unet" for r in layers)
