@@ -243,13 +243,26 @@ def test_sd_lora_with_a_mindone_rank_record_that_lies_fails_where_it_is_read(tmp
 
 
 @pytest.mark.parity
-def test_sd_lora_with_a_base_says_compare_is_sdxl_only(tmp_path, sd_lora):
-    """``--base`` (the new name of ``--sdxl-base``) with an SD LoRA: the parity test says why it cannot judge."""
-    _, path, _ = sd_lora
-    proc, outcomes, _ = run_pytest(tmp_path, "--pyargs", "lora_parity", "-m", "parity or image",
-                                   "--lora-ckpt", str(path), "--base", "random:tiny")
+@pytest.mark.image
+def test_tiny_sd_lora_with_a_base_runs_on_mindone(tmp_path):
+    """``--base`` (the new name of ``--sdxl-base``) with an SD LoRA: the shipped parity/image test judges
+    mindone.diffusers on it (the port is SDXL-only) and passes; ``--ms-backend port`` says why it cannot."""
+    from .test_families import ldm_module_names, write_mindone_ldm_lora
+    from lora_parity.convert.tiny import tiny_sd_layout
+    from lora_parity.fixtures.synthetic import make_lora
+
+    layout = tiny_sd_layout("sd1")
+    path = write_mindone_ldm_lora(tmp_path / "tiny_sd_lora.ckpt",
+                                  make_lora(layout, rank=4, modules=ldm_module_names(layout), seed=4))
+    args = ["--pyargs", "lora_parity", "-m", "parity or image", "--lora-ckpt", str(path), "--lora-layout", "tiny-sd1",
+            "--lora-scale", "0.5", "--base", "random:tiny-sd1"]
+    env = {"LORA_PARITY_CACHE": str(tmp_path / "cache")}
+    proc, outcomes, _ = run_pytest(tmp_path, *args, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert outcomes["test_parity_and_image_on_your_base"][0] == "passed", outcomes
+    proc, outcomes, _ = run_pytest(tmp_path, *args, "--ms-backend", "port", env=env)
     outcome, message = outcomes["test_parity_and_image_on_your_base"]
-    assert outcome == "skipped" and "compare runs SDXL bases only so far" in message, outcomes
+    assert outcome == "skipped" and "the port runs SDXL only" in message, outcomes
 
 
 # ---------------------------------------------------------------- command line

@@ -379,26 +379,32 @@ def test_diffusers_kohya_path_same_modules(user, loaded, record_property):
 def test_parity_and_image_on_your_base(user, converted, base_option, request, record_property, tmp_path):
     """With ``--base SPEC``: MindSpore (CPU unless ``--ms-device``) against diffusers on that base with
     your LoRA, layer by layer and as a 2-step image (``compare --steps 2``); the report is kept in the
-    test's tmp folder."""
+    test's tmp folder.  SDXL LoRAs run on the port (``--ms-backend mindone`` for mindone.diffusers), SD 1.x /
+    2.x LoRAs on mindone.diffusers (the port is an SGM SDXL model)."""
     if base_option is None:
         pytest.skip("no --base SPEC given (the base your LoRA was trained on: a diffusers folder, "
                     "sd_xl_base_1.0.safetensors or random:sdxl-base)")
     family = user.strict().layout.family
-    if family != "sdxl":
-        pytest.skip(f"your LoRA is for {family}: compare runs SDXL bases only so far, so this layer cannot "
-                    f"judge it yet (the conversion layer above does)")
-    sdxl_base_option = base_option
+    choice = request.config.getoption("--ms-backend")
+    # the port is an SGM (SDXL) model: SD 1.x / 2.x LoRAs are judged on mindone.diffusers
+    backend = "port" if family == "sdxl" and choice in ("all", "port") else "mindone"
+    if family != "sdxl" and choice == "port":
+        pytest.skip(f"your LoRA is for {family}: the port runs SDXL only (--ms-backend mindone or all judges "
+                    f"mindone.diffusers on your base)")
     from lora_parity.compare import CompareOptions, run_compare
     from lora_parity.parity.metrics import assert_report
     from lora_parity.suite.plugin import gate_overrides
 
     ms_lora, err = converted["ms"]
+    if backend == "mindone":  # it loads PEFT: your own file (MindONE .ckpt or PEFT), else the PEFT conversion
+        ms_lora, err = (user.path, None) if user.read().fmt in ("ms", "peft") else converted["peft"]
     if err is not None:
         _fail(f"the converter refused it: {err}")
     cfg = request.config
     size = cfg.getoption("--parity-size")
     report = run_compare(CompareOptions(
-        base=sdxl_base_option, ms_lora=ms_lora, alpha=user.alpha, ema=user.ema if ms_lora == user.path else None,
+        base=base_option, ms_lora=ms_lora, alpha=user.alpha, ema=user.ema if ms_lora == user.path else None,
+        ms_backend=backend, lora_scale=user.lora_scale if ms_lora == user.path else None,
         steps=2, height=size, width=size, ms_device=cfg.getoption("--ms-device") or "CPU",
         report_dir=tmp_path, **gate_overrides(cfg)))
     record_property("report_json", str(tmp_path / "report.json"))
