@@ -194,8 +194,8 @@ def check_family(base: "_Base", backend: str) -> None:
     """The port is an SGM (SDXL) model: an SD 1.x / 2.x base runs on diffusers and mindone.diffusers only."""
     family = layout_from_pipeline_dir(base.pipeline_dir).family
     if backend == PORT and family != "sdxl":
-        raise LoraParityError(f"a {family} base: the port runs SDXL (MindONE's gm); judge mindone.diffusers on it "
-                              f"with --ms-backend mindone", path=base.pipeline_dir)
+        raise LoraParityError(f"a {family} base: the port runs SDXL (MindONE's gm); run mindone.diffusers on it "
+                              f"(compare --ms-backend mindone, capture / infer --backend mindone)", path=base.pipeline_dir)
 
 
 def check_backend(o: CompareOptions) -> None:

@@ -110,7 +110,7 @@ def test_wrong_scale_fails(sd, tmp_path):
 def test_the_port_refuses_an_sd_base_in_one_line(sd, tmp_path):
     spec, cache, _, _ = sd
     code, out, err = run_cli(["compare", "--base", spec, "--cache", str(cache)])
-    assert code == 2 and "the port runs SDXL" in err and "--ms-backend mindone" in err
+    assert code == 2 and "the port runs SDXL" in err and "compare --ms-backend mindone" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
