@@ -114,7 +114,7 @@ def resolve_bases(o: CompareOptions, sides: tuple[str, ...] = ("pt", "ms")) -> _
 
 def compare_latents(o: CompareOptions, base: _Base) -> np.ndarray:
     """The start latents: ``--latents``, else seed-0 noise of the requested (or the base's default) size."""
-    from lora_parity.infer import read_latents, vae_scale_factor
+    from lora_parity.sides.inputs import read_latents, vae_scale_factor
 
     if o.latents is not None or (o.height is None and o.width is None and base.default_image_size is None):
         latents = read_latents(o.latents, base.pipeline_dir)
@@ -263,7 +263,7 @@ def run_compare(o: CompareOptions) -> ParityReport:
     check_family(base, o.ms_backend)
     check_backend(o)
     from lora_parity.fixtures.tiny_pipeline import DEFAULT_PROMPT
-    from lora_parity.infer import default_size_cond
+    from lora_parity.sides.inputs import default_size_cond
 
     prompt = o.prompt if o.prompt is not None else DEFAULT_PROMPT
     latents = compare_latents(o, base)
@@ -445,7 +445,7 @@ def run_capture(o: CompareOptions, backend: str, out: Path, *, force: bool = Fal
     from lora_parity.backends import get_backend
     from lora_parity.sides.bundle import write_bundle
     from lora_parity.fixtures.tiny_pipeline import DEFAULT_PROMPT
-    from lora_parity.infer import default_size_cond
+    from lora_parity.sides.inputs import default_size_cond
 
     try:
         be = get_backend(backend)

@@ -75,7 +75,7 @@ def _ensure_hash_seed() -> None:
 def mindone_modules() -> list[str]:
     """SGM module names MindONE's gm LoRA wraps on the tiny layout (UNet attention + TE attention)."""
     from lora_parity.convert.keymap import keymap_for
-    from lora_parity.convert.tiny import tiny_layout
+    from lora_parity.convert.layout import tiny_layout
 
     km = keymap_for(tiny_layout())
     unet = [e.sgm for e in km.attention_entries()]
@@ -88,7 +88,7 @@ def write_mindone(out: Path) -> list[Path]:
 
     from lora_parity.convert.formats import tensors_for
     from lora_parity.fixtures.synthetic import make_lora
-    from lora_parity.convert.tiny import tiny_layout
+    from lora_parity.convert.layout import tiny_layout
 
     lora = make_lora(tiny_layout(), rank=RANK, modules=mindone_modules(), dtype="F32", seed=7)
     f32 = {k: t.data for k, t in tensors_for(lora, "ms")[0].items()}  # interleaved A, B per module
@@ -160,7 +160,7 @@ def sd_scripts_module_names() -> list[tuple[str, str, object]]:
 
     from lora_parity.fixtures.tiny_pipeline import build_tiny_components
     from lora_parity.convert.keymap import UNET_SGM, keymap_for
-    from lora_parity.convert.tiny import tiny_layout
+    from lora_parity.convert.layout import tiny_layout
 
     comps = build_tiny_components(0)
     out = []

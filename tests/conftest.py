@@ -15,7 +15,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def tiny_layout():
-    from lora_parity.convert.tiny import tiny_layout as make
+    from lora_parity.convert.layout import tiny_layout as make
 
     return make()
 

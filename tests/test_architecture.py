@@ -77,7 +77,7 @@ def test_a_conversion_imports_no_framework(tmp_path):
 import sys
 from pathlib import Path
 from lora_parity.convert.converter import ConvertOptions, convert
-from lora_parity.convert.tiny import tiny_layout
+from lora_parity.convert.layout import tiny_layout
 from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
 src = Path({str(tmp_path)!r}) / "lora.ckpt"
 write_ms_lora(src, make_lora(tiny_layout(), rank=4))
@@ -88,3 +88,83 @@ assert not loaded, loaded
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, lazy imports included.  ``from pkg import sub`` counts as an
+    import of ``pkg.sub`` when that is a module; a submodule's implicit import of its own package is not an
+    edge (Python runs ``pkg/__init__`` first whatever the submodule does)."""
+    files = {_module_name(f): f for f in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in files]
+                targets = subs if len(subs) == len(node.names) else [node.module, *subs]
+            for t in targets:
+                if t in files and t != mod and not mod.startswith(t + "."):
+                    graph[mod].add(t)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, on, stack, out, counter = {}, {}, set(), [], [], [0]
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            for w in it:
+                if w not in index:
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                    break
+                if w in on:
+                    low[v] = min(low[v], index[w])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                if low[v] == index[v]:
+                    comp = []
+                    while True:
+                        w = stack.pop()
+                        on.discard(w)
+                        comp.append(w)
+                        if w == v:
+                            break
+                    if len(comp) > 1:
+                        out.append(sorted(comp))
+    return out
+
+
+@pytest.mark.conversion
+def test_no_module_reaches_back_up_through_an_import_cycle():
+    """What two modules both need lives a floor below them (e.g. ``sides.inputs``, ``sides.quiet``,
+    ``convert.tiny`` as plain data), so no import chain, lazy ones included, comes back to where it began."""
+    assert import_cycles(import_graph()) == []
+
+
+@pytest.mark.conversion
+def test_the_cycle_finder_finds_a_planted_cycle():
+    graph = import_graph()
+    graph["lora_parity.convert.tiny"].add("lora_parity.convert.layout")  # the circle this repository had
+    assert ["lora_parity.convert.layout", "lora_parity.convert.tiny"] in import_cycles(graph)

@@ -14,7 +14,7 @@ from lora_parity.convert import ckpt_io, formats
 from lora_parity.convert.safetensors_io import write_safetensors
 from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
 from lora_parity.convert.tensor import Tensor
-from lora_parity.convert.tiny import tiny_layout
+from lora_parity.convert.layout import tiny_layout
 
 from .helpers import run_cli, snapshot
 

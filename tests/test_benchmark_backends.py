@@ -30,7 +30,8 @@ diffusers = pytest.importorskip("diffusers")
 from lora_parity.backends.port import (SGM_UNET_PREFIX, UNetModel, compile_for_graph,  # noqa: E402
                                             configure_cpu, load_params, sdxl_vector, set_conv_impl)
 from lora_parity.convert.fullweights import diffusers_to_sgm, param_maps  # noqa: E402
-from lora_parity.convert.tiny import TINY_LATENT_SHAPE, TINY_UNET_CONFIG, tiny_layout  # noqa: E402
+from lora_parity.convert.tiny import TINY_LATENT_SHAPE, TINY_UNET_CONFIG  # noqa: E402
+from lora_parity.convert.layout import tiny_layout  # noqa: E402
 
 GROUP = "unet-forward-tiny"
 BATCH = 2  # classifier-free guidance: [uncond, cond]

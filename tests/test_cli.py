@@ -9,7 +9,7 @@ import pytest
 from lora_parity.cli import build_parser
 from lora_parity.convert.layout import PRESETS
 from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
-from lora_parity.convert.tiny import tiny_layout
+from lora_parity.convert.layout import tiny_layout
 
 from .helpers import run_cli
 

@@ -12,7 +12,7 @@ from lora_parity.convert.converter import ConvertOptions, convert, load_lora
 from lora_parity.convert.layout import PRESETS
 from lora_parity.convert.safetensors_io import read_safetensors, write_safetensors
 from lora_parity.fixtures.synthetic import make_lora, training_extras, write_ms_lora
-from lora_parity.convert.tiny import tiny_layout
+from lora_parity.convert.layout import tiny_layout
 
 pytestmark = pytest.mark.conversion
 

@@ -25,7 +25,7 @@ from lora_parity.convert import ckpt_io
 from lora_parity.convert.keymap import keymap_for
 from lora_parity.convert.layout import PRESETS
 from lora_parity.convert.safetensors_io import read_safetensors, write_safetensors
-from lora_parity.convert.tiny import tiny_sd_layout
+from lora_parity.convert.layout import tiny_sd_layout
 from lora_parity.convert.tensor import Tensor
 from lora_parity.errors import LoraParityError
 from lora_parity.fixtures.synthetic import make_lora

@@ -21,7 +21,7 @@ from lora_parity.convert.converter import ConvertOptions, convert, load_lora
 from lora_parity.errors import LoraParityError
 from lora_parity.convert.safetensors_io import read_safetensors, write_safetensors
 from lora_parity.convert.tensor import ms_name
-from lora_parity.convert.tiny import tiny_layout
+from lora_parity.convert.layout import tiny_layout
 
 from .helpers import run_cli
 

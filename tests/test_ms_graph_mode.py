@@ -26,7 +26,8 @@ from lora_parity.backends.port import (  # noqa: E402
 from lora_parity.backends.port.graph import GRAPH_PHASE_PREFIX  # noqa: E402
 from lora_parity.backends.port.layers import Conv2d, Linear  # noqa: E402
 from lora_parity.convert.tiny import (TINY_LATENT_SHAPE, TINY_TE1_CONFIG, TINY_TE2_CONFIG,  # noqa: E402
-                              TINY_UNET_CONFIG, TINY_VAE_CONFIG, tiny_layout)
+                                      TINY_UNET_CONFIG, TINY_VAE_CONFIG)
+from lora_parity.convert.layout import tiny_layout  # noqa: E402
 
 pytestmark = pytest.mark.parity
 

@@ -42,7 +42,8 @@ from lora_parity.convert.keymap import keymap_for  # noqa: E402
 from lora_parity.convert.layout import PRESETS, ModelLayout  # noqa: E402
 from lora_parity.sampling import EulerSchedule  # noqa: E402
 from lora_parity.convert.tiny import (TINY_REFINER_UNET_CONFIG, TINY_TE2_CONFIG, TINY_UNET_CONFIG,  # noqa: E402
-                              TINY_VAE_CONFIG, tiny_refiner_layout)
+                                      TINY_VAE_CONFIG)
+from lora_parity.convert.layout import tiny_refiner_layout  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
@@ -153,7 +154,7 @@ def _latents(seed: int, n: int = 1) -> np.ndarray:
 def test_aesthetic_conditioning_is_derived_from_the_layout(refiner_ms):
     """uses_aesthetic_score follows adm_in_channels; a missing or superfluous score is a clear error."""
     assert refiner_ms.uses_aesthetic_score and refiner_ms.time_id_count == 5
-    from lora_parity.convert.tiny import tiny_layout
+    from lora_parity.convert.layout import tiny_layout
 
     base = build_sdxl(tiny_layout(), vae_config=None, configure_runtime=False)
     assert not base.uses_aesthetic_score and base.time_id_count == 6

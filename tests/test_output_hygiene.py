@@ -31,7 +31,7 @@ from lora_parity.parity.report import dumps_strict, strict_jsonable, write_repor
 from lora_parity.convert.safetensors_io import read_safetensors, write_safetensors
 from lora_parity.fixtures.synthetic import make_lora
 from lora_parity.convert.tensor import Tensor
-from lora_parity.convert.tiny import tiny_layout
+from lora_parity.convert.layout import tiny_layout
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_parity"
 REPO = PACKAGE.parent

@@ -248,7 +248,7 @@ def test_tiny_sd_lora_with_a_base_runs_on_mindone(tmp_path):
     """``--base`` (the new name of ``--sdxl-base``) with an SD LoRA: the shipped parity/image test judges
     mindone.diffusers on it (the port is SDXL-only) and passes; ``--ms-backend port`` says why it cannot."""
     from .test_families import ldm_module_names, write_mindone_ldm_lora
-    from lora_parity.convert.tiny import tiny_sd_layout
+    from lora_parity.convert.layout import tiny_sd_layout
     from lora_parity.fixtures.synthetic import make_lora
 
     layout = tiny_sd_layout("sd1")
@@ -327,7 +327,7 @@ def test_with_a_base_the_parity_and_image_test_runs(tmp_path):
     """``--sdxl-base random:tiny`` (generated into a temporary cache) and a tiny LoRA (``--lora-layout tiny``):
     the shipped parity/image test runs compare on it and passes."""
     from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
-    from lora_parity.convert.tiny import tiny_layout
+    from lora_parity.convert.layout import tiny_layout
 
     path = write_ms_lora(tmp_path / "tiny_lora.ckpt", make_lora(tiny_layout(), rank=4, seed=3))
     proc, outcomes, _ = run_pytest(tmp_path, "--pyargs", "lora_parity", "-m", "parity or image",

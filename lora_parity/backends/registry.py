@@ -102,7 +102,7 @@ class DiffusersBackend:
 
     def capture(self, req):
         from lora_parity.backends.diffusers.capture import capture_pt
-        from lora_parity.sides.run import quiet_frameworks
+        from lora_parity.sides.quiet import quiet_frameworks
 
         quiet_frameworks()  # before diffusers is imported
         return capture_pt(req)

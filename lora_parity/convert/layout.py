@@ -290,17 +290,39 @@ PRESETS: dict[str, ModelLayout] = {
 }
 
 
+def tiny_layout() -> ModelLayout:
+    """The tiny model's layout (UNet + both text encoders), as the key map sees it."""
+    from lora_parity.convert.tiny import TINY_TE1_CONFIG, TINY_TE2_CONFIG, TINY_UNET_CONFIG
+
+    return ModelLayout("tiny", UNetLayout.from_diffusers_config(TINY_UNET_CONFIG, name="tiny"),
+                       sdxl_text_encoders(TINY_TE1_CONFIG, TINY_TE2_CONFIG))
+
+
+def tiny_refiner_layout() -> ModelLayout:
+    """The tiny refiner's layout (UNet + the bigG-style encoder at ``conditioner.embedders.0``)."""
+    from lora_parity.convert.tiny import TINY_REFINER_UNET_CONFIG, TINY_TE2_CONFIG
+
+    return ModelLayout("tiny-refiner", UNetLayout.from_diffusers_config(TINY_REFINER_UNET_CONFIG,
+                                                                        name="tiny-refiner"),
+                       sdxl_text_encoders(None, TINY_TE2_CONFIG, refiner=True))
+
+
+def tiny_sd_layout(family: str) -> ModelLayout:
+    """The key-map layout of the tiny SD 1.x (``sd1``) or SD 2.x (``sd2``) model."""
+    from lora_parity.convert.tiny import TINY_SD_CONFIGS
+
+    unet, te = TINY_SD_CONFIGS[family]
+    return ModelLayout(f"tiny-{family}", UNetLayout.from_diffusers_config(unet, name=f"tiny-{family}"),
+                       (sd_text_encoder(te, family),), family=family)
+
+
 def load_layout(spec: str) -> ModelLayout:
     """A preset name, a diffusers UNet ``config.json``, or a diffusers pipeline folder."""
     if spec in PRESETS:
         return PRESETS[spec]
     if spec == "tiny":  # the built-in test models; never auto-detected
-        from lora_parity.convert.tiny import tiny_layout
-
         return tiny_layout()
     if spec in ("tiny-sd1", "tiny-sd2"):
-        from lora_parity.convert.tiny import tiny_sd_layout
-
         return tiny_sd_layout(spec.split("-")[1])
     path = Path(spec)
     if path.is_dir():

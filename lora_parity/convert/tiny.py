@@ -1,4 +1,7 @@
-"""The built-in tiny SDXL: diffusers configs shared by fixtures, both backends and tests.
+"""The built-in tiny SDXL (and SD 1.x / 2.x): diffusers configs shared by fixtures, both backends and tests.
+
+Plain data with no imports: :mod:`lora_parity.convert.layout` builds the tiny layouts from these
+(``tiny_layout``, ``tiny_refiner_layout``, ``tiny_sd_layout``), so the two modules never import each other.
 
 Sized for a 2-core CPU where MindSpore's Conv2D is ~120x slower than torch's:
 two UNet levels with 32/64 channels on 16x16 latents, 3-layer text encoders.
@@ -79,23 +82,6 @@ TINY_LATENT_SHAPE = (1, 4, 16, 16)
 TINY_IMAGE_SIZE = 32
 
 
-def tiny_layout():
-    """The tiny model's layout (UNet + both text encoders), as the key map sees it."""
-    from lora_parity.convert.layout import ModelLayout, UNetLayout, sdxl_text_encoders
-
-    return ModelLayout("tiny", UNetLayout.from_diffusers_config(TINY_UNET_CONFIG, name="tiny"),
-                       sdxl_text_encoders(TINY_TE1_CONFIG, TINY_TE2_CONFIG))
-
-
-def tiny_refiner_layout():
-    """The tiny refiner's layout (UNet + the bigG-style encoder at ``conditioner.embedders.0``)."""
-    from lora_parity.convert.layout import ModelLayout, UNetLayout, sdxl_text_encoders
-
-    return ModelLayout("tiny-refiner", UNetLayout.from_diffusers_config(TINY_REFINER_UNET_CONFIG,
-                                                                        name="tiny-refiner"),
-                       sdxl_text_encoders(None, TINY_TE2_CONFIG, refiner=True))
-
-
 # Tiny SD 1.x / 2.x (one text encoder, no size conditioning): SD 1.x projects into its transformers with
 # 1x1 convs and counts attention heads (``attention_head_dim`` is a head count there), SD 2.x projects
 # linearly with 64-wide heads in the real model; its text encoder is OpenCLIP-H (gelu) seen as HF CLIP.
@@ -116,12 +102,3 @@ TINY_SD1_UNET_CONFIG = {
 TINY_SD2_UNET_CONFIG = {**TINY_SD1_UNET_CONFIG, "attention_head_dim": [2, 4], "use_linear_projection": True}
 TINY_SD2_TE_CONFIG = {**TINY_TE1_CONFIG, "hidden_act": "gelu"}
 TINY_SD_CONFIGS = {"sd1": (TINY_SD1_UNET_CONFIG, TINY_TE1_CONFIG), "sd2": (TINY_SD2_UNET_CONFIG, TINY_SD2_TE_CONFIG)}
-
-
-def tiny_sd_layout(family: str):
-    """The key-map layout of the tiny SD 1.x (``sd1``) or SD 2.x (``sd2``) model."""
-    from lora_parity.convert.layout import ModelLayout, UNetLayout, sd_text_encoder
-
-    unet, te = TINY_SD_CONFIGS[family]
-    return ModelLayout(f"tiny-{family}", UNetLayout.from_diffusers_config(unet, name=f"tiny-{family}"),
-                       (sd_text_encoder(te, family),), family=family)

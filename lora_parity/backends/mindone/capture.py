@@ -225,7 +225,7 @@ def capture_mindone(req: SideRequest) -> SideResult:
     ms.set_context(mode=ms.PYNATIVE_MODE)
     patched = apply_cpu_compat(req.device)
     settings["cpu_compat_patched"] = patched
-    from lora_parity.sides.run import quiet_frameworks
+    from lora_parity.sides.quiet import quiet_frameworks
 
     quiet_frameworks()
     dtype = _ms_dtype(req.dtype)

@@ -25,9 +25,10 @@ MindONE checkpoint name (MindSpore spellings: ``gamma``/``beta`` for norms,
 from __future__ import annotations
 
 from lora_parity.backends.port.graph import compile_for_graph, run_graph, structure_key, uses_graph
-from lora_parity.backends.port.layers import Recordable, capture_activations, full_param_names, set_conv_impl
+from lora_parity.backends.port.layers import (Recordable, apply_numerics, capture_activations, full_param_names,
+                                             set_conv_impl)
 from lora_parity.backends.port.lora import LoraInjection, inject_lora, lora_state, lora_targets, merge_lora, unmerge_lora
-from lora_parity.backends.port.numerics import (NUMERICS, POINTS, Numerics, apply_numerics, current, current_numerics, set_numerics,
+from lora_parity.backends.port.numerics import (NUMERICS, POINTS, Numerics, current, current_numerics, set_numerics,
                        use_numerics)
 from lora_parity.backends.port.model import SDXLComponents, build_sdxl, cast_params, load_params, param_shapes
 from lora_parity.backends.port.runtime import configure_cpu

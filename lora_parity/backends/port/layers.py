@@ -443,3 +443,22 @@ class Upsample(nn.Cell):
 
     def construct(self, x):
         return self.conv(upsample_nearest2x(x))
+
+
+# --------------------------------------------------------------------------- numerics of built cells
+
+def apply_numerics(cell, mode: "str | _nx.Numerics | None" = None) -> int:
+    """Re-stamp every sub-cell of a built ``cell`` with ``mode`` (default: the selection in force);
+    returns how many cells have a numerics point.  Convolutions get MindSpore's kernel under
+    ``conv_kernel`` and the port's default implementation otherwise.  A graph-mode cell
+    recompiles on its next call (the stamps are part of its structure key)."""
+    nx = _nx.resolve(mode)
+    n = 0
+    for _, c in cell.cells_and_names():
+        pts = getattr(type(c), "NUMERICS_POINTS", ())
+        if pts:
+            _nx.stamp(c, pts, nx)
+            n += 1
+        if isinstance(c, Conv2d):
+            c.impl = "native" if nx.uses("conv_kernel") else CONV_IMPL
+    return n

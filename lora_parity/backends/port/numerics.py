@@ -204,25 +204,6 @@ def stamp(cell, points: Iterable[str], nx: Numerics | None = None) -> None:
         setattr(cell, "mindone_" + p, nx.uses(p))
 
 
-def apply_numerics(cell, mode: str | Numerics | None = None) -> int:
-    """Re-stamp every sub-cell of a built ``cell`` with ``mode`` (default: the selection in force);
-    returns how many cells have a numerics point.  Convolutions get MindSpore's kernel under
-    ``conv_kernel`` and the port's default implementation otherwise.  A graph-mode cell
-    recompiles on its next call (the stamps are part of its structure key)."""
-    from lora_parity.backends.port import layers
-
-    nx = resolve(mode)
-    n = 0
-    for _, c in cell.cells_and_names():
-        pts = getattr(type(c), "NUMERICS_POINTS", ())
-        if pts:
-            stamp(c, pts, nx)
-            n += 1
-        if isinstance(c, layers.Conv2d):
-            c.impl = "native" if nx.uses("conv_kernel") else layers.CONV_IMPL
-    return n
-
-
 def describe(mode: str | Numerics | None = None) -> dict:
     """The selection as plain data (for a report's meta): spec, mode, points MindONE-style."""
     nx = resolve(mode)
