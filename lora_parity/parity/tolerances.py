@@ -71,7 +71,7 @@ _U = {"F32": 2.0 ** -24, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}
 #     fixture (LoRA on linears)                          1.15e-6   4.1e-6  5.2e-6  6.1e-6
 #     random:tiny (LoCon on every conv)                  9.1e-7    3.2e-6  4.4e-6  5.4e-6
 #     random:tiny-refiner                                1.0e-6    3.3e-6  4.4e-6  5.7e-6
-#     random:sdxl-base / -refiner 256x256 (README)       3.4e-6 / 4.2e-6
+#     random:sdxl-base / -refiner 256x256 (docs/comparing.md)       3.4e-6 / 4.2e-6
 #   fp16 vs PyTorch fp32 (MindSpore; PyTorch fp16 itself):
 #     fixture      max rel 2.1e-3 (2.4e-3); |a-b|/median p99.9 1.1e-2 (1.0e-2), max 1.4e-2 (1.2e-2)
 #     random:tiny  max rel 1.7e-3 (1.5e-3); |a-b|/median p99.9 7.7e-3 (6.7e-3), max 1.1e-2 (9.2e-3)
@@ -282,14 +282,14 @@ class ImageGate:
 # Same device (MindSpore on CPU, like PyTorch here), per backend and dtype.  Measured (compare --steps):
 #   fp32, port in MindONE numerics (default), 2 steps: fixture + LoRA MAE 0.0026, max 1 (PSNR 74.0 dB);
 #         random:tiny with / without the fixture LoRA MAE 0, max 0;
-#         random:sdxl-base / -refiner 256x256 2 steps (README): MAE 0.0002, max 1.
+#         random:sdxl-base / -refiner 256x256 2 steps (docs/comparing.md): MAE 0.0002, max 1.
 #   fp16 (judged against PyTorch's fp32 image): fixture 2 steps MAE 0.146 max 1 (PyTorch fp16 itself 0.137, 1).
 IMAGE_GATES: dict[tuple[str, str], ImageGate] = {
     (PORT, "F32"): ImageGate(
         mae=0.05, max_error=8,
         reason="fp32 on the same device, the port in MindONE numerics (default), 2 steps, guidance 5: measured "
                "MAE 0.0026, max 1, PSNR 74.0 dB (fixture + LoRA), MAE 0, max 0 (random:tiny, with and without the "
-               "fixture LoRA); full size 256x256 (README) MAE 0.0002, max 1; a 10% LoRA scale error gives MAE "
+               "fixture LoRA); full size 256x256 (docs/comparing.md) MAE 0.0002, max 1; a 10% LoRA scale error gives MAE "
                "above 0.05 (tests/test_gates.py)"),
     (PORT, "F16"): ImageGate(
         mae=1.0, max_error=16,
