@@ -20,7 +20,7 @@ ms = pytest.importorskip("mindspore")
 from mindspore import Tensor, mint  # noqa: E402
 
 from lora_parity.backends.mindone import compat  # noqa: E402
-from lora_parity.parity.tolerances import (OP_ACCUMULATED, OP_DEFINITION, OP_FP16, OP_GRID,  # noqa: E402
+from lora_parity.parity.tolerances import (OP_ACCUMULATED, OP_DEFINITION, OP_EXACT, OP_FP16, OP_GRID,  # noqa: E402
                                           OP_GRID_RELATIVE, OP_ROUNDED_ONCE)
 from lora_parity.backends.port import configure_cpu  # noqa: E402
 
@@ -299,7 +299,7 @@ def test_arange(cpu_compat, args, kwargs, ref):
     kwargs = {k: getattr(ms, v) if k == "dtype" else v for k, v in kwargs.items()}
     out = mint.arange(*args, **kwargs)
     assert str(_np(out).dtype) == str(ref.dtype)
-    _check(out, ref, "mindspore.mint.arange", args, kwargs, rtol=0, atol=OP_GRID.atol)
+    _check(out, ref, "mindspore.mint.arange", args, kwargs, rtol=OP_GRID.rtol, atol=OP_GRID.atol)
 
 
 def test_arange_tensor_bounds_and_errors(cpu_compat):
@@ -332,9 +332,9 @@ def test_pad_constant(cpu_compat, pads, value):
         ref = np.pad(ref, widths, constant_values=0.0 if value is None else value)
     kw = {} if value is None else {"value": value}
     _check(F.pad(Tensor(x), pads, **kw), ref, "mindspore.mint.nn.functional.pad", (Tensor(x), pads), kw,
-           rtol=0, atol=0, dtype=ms.float32)
+           rtol=OP_EXACT.rtol, atol=OP_EXACT.atol, dtype=ms.float32)
     _check(F.pad(Tensor(x), list(pads), "constant", value), ref, "mindspore.mint.nn.functional.pad",
-           (Tensor(x), list(pads), "constant", value), rtol=0, atol=0)
+           (Tensor(x), list(pads), "constant", value), rtol=OP_EXACT.rtol, atol=OP_EXACT.atol)
 
 
 def test_pad_int_tensor_and_errors(cpu_compat):
@@ -366,8 +366,8 @@ def test_pad_other_modes_go_to_mint(cpu_compat, monkeypatch, mode):
 def test_stack(cpu_compat, dim):
     xs = [_f32(3, 4) for _ in range(3)]
     ts = [Tensor(a) for a in xs]
-    _check(mint.stack(ts, dim=dim), np.stack(xs, axis=dim), "mindspore.mint.stack", (ts,), {"dim": dim}, rtol=0, atol=0)
-    _check(mint.stack(tuple(ts), dim), np.stack(xs, axis=dim), "mindspore.mint.stack", (tuple(ts), dim), rtol=0, atol=0)
+    _check(mint.stack(ts, dim=dim), np.stack(xs, axis=dim), "mindspore.mint.stack", (ts,), {"dim": dim}, rtol=OP_EXACT.rtol, atol=OP_EXACT.atol)
+    _check(mint.stack(tuple(ts), dim), np.stack(xs, axis=dim), "mindspore.mint.stack", (tuple(ts), dim), rtol=OP_EXACT.rtol, atol=OP_EXACT.atol)
 
 
 @pytest.mark.parametrize("dtype", [None, "int32", "float16"])
@@ -376,7 +376,7 @@ def test_zeros_like(cpu_compat, dtype):
     kw = {} if dtype is None else {"dtype": getattr(ms, dtype)}
     out = mint.zeros_like(x, **kw)
     assert out.dtype == (ms.float32 if dtype is None else getattr(ms, dtype))
-    _check(out, np.zeros((2, 3, 4)), "mindspore.mint.zeros_like", (x,), kw, rtol=0, atol=0)
+    _check(out, np.zeros((2, 3, 4)), "mindspore.mint.zeros_like", (x,), kw, rtol=OP_EXACT.rtol, atol=OP_EXACT.atol)
 
 
 @pytest.mark.parametrize("size,value,dtype,expect", [
@@ -391,7 +391,7 @@ def test_full(cpu_compat, size, value, dtype, expect):
     kw = {} if dtype is None else {"dtype": getattr(ms, dtype)}
     out = mint.full(size, value, **kw)
     assert out.dtype == expect
-    _check(out, np.full(tuple(size), value, dtype=np.float64), "mindspore.mint.full", (size, value), kw, rtol=0, atol=0)
+    _check(out, np.full(tuple(size), value, dtype=np.float64), "mindspore.mint.full", (size, value), kw, rtol=OP_EXACT.rtol, atol=OP_EXACT.atol)
 
 
 def test_full_tensor_value_and_errors(cpu_compat):
@@ -427,7 +427,7 @@ def test_linspace(cpu_compat, start, end, steps, dtype):
     if steps:
         assert _np(out)[0] == np_dtype.type(start) and _np(out)[-1] == np_dtype.type(end if steps > 1 else start)
     # float64 values rounded to the output dtype: within one float32 ulp of numpy's
-    _check(out, ref.astype(np_dtype), "mindspore.mint.linspace", (start, end, steps), kw, rtol=OP_GRID_RELATIVE.rtol, atol=0)
+    _check(out, ref.astype(np_dtype), "mindspore.mint.linspace", (start, end, steps), kw, rtol=OP_GRID_RELATIVE.rtol, atol=OP_GRID_RELATIVE.atol)
 
 
 def test_linspace_tensor_bounds_and_errors(cpu_compat):
@@ -466,7 +466,7 @@ def test_repeat_interleave(cpu_compat, repeats, dim):
     ref = np.repeat(x, repeats, axis=dim)
     kw = {} if dim is None else {"dim": dim}
     _check(mint.repeat_interleave(Tensor(x), repeats, **kw), ref, "mindspore.mint.repeat_interleave",
-           (Tensor(x), repeats), kw, rtol=0, atol=0, dtype=ms.float32)
+           (Tensor(x), repeats), kw, rtol=OP_EXACT.rtol, atol=OP_EXACT.atol, dtype=ms.float32)
 
 
 def test_repeat_interleave_forms_and_errors(cpu_compat, monkeypatch):

@@ -248,6 +248,10 @@ SAME_FRAMEWORK = Tolerance(rel=1e-6, rtol=1e-6, atol=1e-6)
 # One float32 op against a float64 numpy evaluation of its definition (the mindone CPU compatibility
 # layer's replacements, the port's numerics branches): float32 rounding of values of order 1.
 OP_DEFINITION = Tolerance(rel=0.0, rtol=1e-5, atol=1e-6)
+# The same, judged by absolute difference only (values of order 1, where a relative term adds nothing)
+OP_DEFINITION_ABS = Tolerance(rel=0.0, rtol=0.0, atol=OP_DEFINITION.atol)
+# An op that only moves or copies values (padding, indexing): bit-exact.
+OP_EXACT = Tolerance(rel=0.0, rtol=0.0, atol=0.0)
 # An op computed in float64 and rounded once to float32 (the compat GELU): within one float32 rounding.
 OP_ROUNDED_ONCE = Tolerance(rel=0.0, rtol=1.2e-7, atol=1e-12)
 # Convolutions / norms (sums over many products) against float64 numpy: accumulated float32 rounding.

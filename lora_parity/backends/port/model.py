@@ -166,21 +166,13 @@ def build_sdxl(layout: ModelLayout, te_configs: tuple[dict | None, ...] | None =
     return comps
 
 
-_SHAPES: dict[tuple[object, str], dict[str, tuple[int, ...]]] = {}
-
-
 def param_shapes(layout: ModelLayout | TextEncoderLayout, **kwargs) -> dict[str, tuple[int, ...]]:
     """SGM name -> shape of every parameter the cells for ``layout`` hold.
 
     Built by the very cells that run (weights are lazy, nothing is allocated: the full
-    SDXL base instantiates in about a second), once per process for the same arguments: several
-    tests and the base generator ask for the same full-size model (a copy is returned).
+    SDXL base instantiates in about a second).
     """
-    key = (layout, repr(sorted(kwargs.items())))
-    if key not in _SHAPES:
-        if isinstance(layout, TextEncoderLayout):
-            shapes = {p.name: tuple(p.shape) for p in build_text_encoder(layout, **kwargs).get_parameters()}
-        else:
-            shapes = build_sdxl(layout, **{"configure_runtime": False, **kwargs}).param_shapes()
-        _SHAPES[key] = shapes
-    return dict(_SHAPES[key])
+    if isinstance(layout, TextEncoderLayout):
+        return {p.name: tuple(p.shape) for p in build_text_encoder(layout, **kwargs).get_parameters()}
+    kwargs.setdefault("configure_runtime", False)
+    return build_sdxl(layout, **kwargs).param_shapes()
