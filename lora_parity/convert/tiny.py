@@ -102,3 +102,64 @@ TINY_SD1_UNET_CONFIG = {
 TINY_SD2_UNET_CONFIG = {**TINY_SD1_UNET_CONFIG, "attention_head_dim": [2, 4], "use_linear_projection": True}
 TINY_SD2_TE_CONFIG = {**TINY_TE1_CONFIG, "hidden_act": "gelu"}
 TINY_SD_CONFIGS = {"sd1": (TINY_SD1_UNET_CONFIG, TINY_TE1_CONFIG), "sd2": (TINY_SD2_UNET_CONFIG, TINY_SD2_TE_CONFIG)}
+
+
+# Tiny SD3 (MMDiT, SD3-medium features) and Flux (double + single stream blocks, guidance embedding as
+# FLUX.1-dev): both denoise 16-channel latents; their text encoders are CLIP (SD3: CLIP-L and CLIP-G,
+# both with projection; Flux: CLIP-L pooled only) and a T5 v1.1 encoder (gated-gelu). The T5 width is the
+# transformers' joint_attention_dim; SD3 pads CLIP-L + CLIP-G hidden states (32 + 32) up to it.
+TINY_T5_CONFIG = {  # transformers T5Config of a T5EncoderModel (T5 v1.1 style)
+    "vocab_size": 300,
+    "d_model": 64,
+    "d_kv": 16,
+    "d_ff": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 16,
+    "feed_forward_proj": "gated-gelu",
+    "is_encoder_decoder": False,
+    "use_cache": False,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+    "layer_norm_epsilon": 1e-6,
+}
+TINY_SD3_CLIP_CONFIG = {**TINY_TE1_CONFIG, "hidden_act": "quick_gelu"}   # CLIP-L with projection
+TINY_SD3_CLIP_G_CONFIG = {**TINY_TE1_CONFIG, "hidden_act": "gelu"}        # CLIP-G (bigG style) with projection
+TINY_SD3_TRANSFORMER_CONFIG = {
+    "_class_name": "SD3Transformer2DModel",
+    "sample_size": 16,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "joint_attention_dim": TINY_T5_CONFIG["d_model"],
+    "caption_projection_dim": 32,  # heads * head dim
+    "pooled_projection_dim": 2 * TINY_TE1_CONFIG["projection_dim"],
+    "pos_embed_max_size": 32,
+}
+TINY_FLUX_TRANSFORMER_CONFIG = {
+    "_class_name": "FluxTransformer2DModel",
+    "patch_size": 1,
+    "in_channels": 64,  # 16 latent channels packed 2x2
+    "num_layers": 1,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": TINY_T5_CONFIG["d_model"],
+    "pooled_projection_dim": TINY_TE1_CONFIG["hidden_size"],  # CLIPTextModel's pooled output
+    "guidance_embeds": True,
+    "axes_dims_rope": [4, 4, 8],  # sums to the head dim
+}
+TINY_FLOW_VAE_CONFIG = {  # the tiny VAE with SD3/Flux's 16 latent channels, no quant convs, a shift
+    **TINY_VAE_CONFIG,
+    "latent_channels": 16,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+TINY_SD3_VAE_CONFIG = {**TINY_FLOW_VAE_CONFIG, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+TINY_FLUX_VAE_CONFIG = {**TINY_FLOW_VAE_CONFIG, "scaling_factor": 0.3611, "shift_factor": 0.1159}
