@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_parity.bases.configs import PipelineConfigs, meta_state_shapes, write_skeleton
+from lora_parity.bases.flow_configs import FlowPipelineConfigs, flow_state_shapes, write_flow_skeleton
 from lora_parity.bases.sources import write_component_weights
 
 INIT_VERSION = 3  # 2: UNet weights in 1 GiB shards; 3: CLIP-L names with "text_model." (transformers 4 / mindone)
@@ -52,9 +53,13 @@ MARKER = "lora-parity-random.json"
 # latents and the generated weights, lies within this range (checked on the tiny models in the tests).
 ACTIVATION_RMS_RANGE = (1e-2, 1e2)
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                "text_encoder": "model", "text_encoder_2": "model"}
+                "transformer": "diffusion_pytorch_model",
+                "text_encoder": "model", "text_encoder_2": "model", "text_encoder_3": "model"}
 
-_RESIDUAL_OUT = re.compile(r"(\.conv2|\.to_out\.0|\.ff\.net\.2|\.proj_out|\.out_proj|\.fc2)\.weight$")
+# residual-branch outputs: UNet / VAE / CLIP as above; SD3 / Flux context stream (to_add_out, ff_context);
+# T5's attention output (o) and feed-forward output (wo)
+_RESIDUAL_OUT = re.compile(r"(\.conv2|\.to_out\.0|\.to_add_out|\.ff\.net\.2|\.ff_context\.net\.2|\.proj_out"
+                           r"|\.out_proj|\.fc2|SelfAttention\.o|DenseReluDense\.wo)\.weight$")
 _EMBEDDING = re.compile(r"(token_embedding|position_embedding)\.weight$")
 
 
@@ -91,9 +96,9 @@ def random_tensor(seed: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
     return x.astype(np.float16)
 
 
-def write_component(out_dir: Path, component: str, cfg: dict, seed: int) -> None:
+def write_component(out_dir: Path, component: str, cfg: dict, seed: int, shapes: dict | None = None) -> None:
     """Stream one component's generated weights into ``<out_dir>/<component>/<file>.fp16.safetensors``."""
-    shapes = meta_state_shapes(component, cfg)
+    shapes = meta_state_shapes(component, cfg) if shapes is None else shapes
     entries = [(k, "F16", s) for k, s in shapes.items()]
     arrays = (random_tensor(seed, f"{component}.{k}", s) for k, s in shapes.items())
     write_component_weights(out_dir / component, WEIGHT_FILES[component], VARIANT, entries, arrays, {"format": "pt"})
@@ -115,9 +120,10 @@ def ensure_random_pipeline(cache: Path, cfgs: PipelineConfigs, seed: int, spec: 
     if progress and cfgs.real_size:
         print(f"lora-parity: generating {spec} into {final} once (a minute or two)", file=sys.stderr, flush=True)
     try:
-        write_skeleton(tmp, cfgs)
+        flow = isinstance(cfgs, FlowPipelineConfigs)
+        (write_flow_skeleton if flow else write_skeleton)(tmp, cfgs)
         for comp, cfg in cfgs.components().items():
-            write_component(tmp, comp, cfg, seed)
+            write_component(tmp, comp, cfg, seed, flow_state_shapes(cfgs, comp) if flow else None)
         marker = {"spec": f"random:{cfgs.name}:{seed}", "model": cfgs.name, "seed": seed, "version": INIT_VERSION,
                   "variant": VARIANT, "init": (__doc__ or "").split("INIT RULE", 1)[-1].strip()}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, allow_nan=False) + "\n")

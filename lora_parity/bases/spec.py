@@ -16,6 +16,7 @@ from pathlib import Path
 from lora_parity.errors import LoraParityError
 from lora_parity.convert.layout import UNetLayout, layout_from_pipeline_dir
 from lora_parity.bases.configs import PIPELINES, SD_FAMILY_PIPELINES, pipeline_configs
+from lora_parity.bases.flow_configs import FLOW_PIPELINES, PIPELINE_CLASSES
 from lora_parity.bases.sources import COMPONENTS, DiffusersFolderWeights, SgmWeights, weight_files
 
 RANDOM_PREFIX = "random:"
@@ -63,7 +64,7 @@ def resolve_base(spec: str, *, variant: str | None = None, cache: Path | None = 
     if path.is_file():
         return _single_file(spec, path, cache)
     raise LoraParityError("no such file or folder (want a diffusers pipeline folder, an SGM single-file "
-                          f"checkpoint, or {RANDOM_PREFIX}{{{','.join([*PIPELINES, *SD_FAMILY_PIPELINES])}}}"
+                          f"checkpoint, or {RANDOM_PREFIX}{{{','.join([*PIPELINES, *SD_FAMILY_PIPELINES, *FLOW_PIPELINES])}}}"
                           f"[:SEED])", path=spec)
 
 
@@ -71,7 +72,7 @@ def _random(spec: str, cache: Path, progress: bool) -> BaseModel:
     from lora_parity.bases.random_weights import VARIANT, ensure_random_pipeline
 
     name, _, seed_s = spec[len(RANDOM_PREFIX):].partition(":")
-    known = {**PIPELINES, **SD_FAMILY_PIPELINES}
+    known = {**PIPELINES, **SD_FAMILY_PIPELINES, **FLOW_PIPELINES}
     if name not in known:
         raise LoraParityError(f"unknown random model {name!r} (known: {', '.join(known)})", path=spec)
     try:
@@ -93,6 +94,8 @@ def _diffusers(spec: str, path: Path, variant: str | None) -> BaseModel:
         mi = json.loads(index.read_text())
     except (OSError, ValueError) as exc:
         raise LoraParityError(f"cannot read model_index.json: {exc}", path=index) from None
+    if mi.get("_class_name") in PIPELINE_CLASSES.values():  # SD3 / Flux: a transformer, never a refiner
+        return _flow_diffusers(spec, path, variant, mi)
     layout = layout_from_pipeline_dir(path)
     for comp in COMPONENTS:
         if (path / comp / "config.json").is_file():
@@ -104,6 +107,23 @@ def _diffusers(spec: str, path: Path, variant: str | None) -> BaseModel:
     refiner = bool(mi.get("requires_aesthetics_score")) or not (path / "text_encoder" / "config.json").is_file()
     return BaseModel(spec, "diffusers", path, variant, _layout_name(layout.unet, refiner, path.name), refiner,
                      _image_size(path))
+
+
+def _flow_diffusers(spec: str, path: Path, variant: str | None, mi: dict) -> BaseModel:
+    """An SD3 / Flux folder: named after the built-in pipeline whose transformer config it has."""
+    comps = [c for c, v in mi.items() if not c.startswith("_") and isinstance(v, list) and v[0] is not None
+             and (path / c / "config.json").is_file() and not c.startswith(("tokenizer", "scheduler"))]
+    for comp in comps:
+        weight_files(path / comp, variant)  # one clear error for a missing variant
+    try:
+        cfg = json.loads((path / "transformer" / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise LoraParityError(f"cannot read transformer/config.json: {exc}", path=path) from None
+    plain = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    name = next((n for n, c in FLOW_PIPELINES.items()
+                 if all(plain.get(k) == v for k, v in c.transformer.items() if not k.startswith("_"))), path.name)
+    size = FLOW_PIPELINES[name].image_size if name in FLOW_PIPELINES else int(cfg.get("sample_size") or 128) * 8
+    return BaseModel(spec, "diffusers", path, variant, name, False, size)
 
 
 def _single_file(spec: str, path: Path, cache: Path) -> BaseModel:
