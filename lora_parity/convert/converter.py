@@ -121,8 +121,19 @@ def load_lora(src: Path, *, layout: ModelLayout | None = None, alpha: float | No
     return resolve(halves, layout, alpha=alpha, strict=strict, scale=check_alpha(lora_scale, "--lora-scale"))
 
 
-def default_output(src: Path, dst_fmt: str) -> Path:
+def default_format(lora: LoraSet, src_is_ms: bool) -> str:
+    """PEFT for a MindSpore-side file, a MindONE .ckpt for a PyTorch one; SD3 / Flux have no MindONE .ckpt
+    (mindone.diffusers saves PEFT), so their PEFT and kohya files convert into each other."""
+    if lora.layout.is_transformer:
+        return "kohya" if lora.source_format == "peft" else "peft"
+    return "peft" if src_is_ms else "ms"
+
+
+def default_output(src: Path, dst_fmt: str, *, transformer: bool = False) -> Path:
+    """Beside the source; an SD3 / Flux PEFT file's kohya twin is ``<stem>_kohya.safetensors``."""
     stem = src.name.split(".")[0] if src.suffix else src.name
+    if transformer and dst_fmt == "kohya":
+        return src.with_name(f"{stem}_kohya.safetensors")
     return src.with_name(f"{stem}_ms.ckpt" if dst_fmt == "ms" else f"{stem}_pt.safetensors")
 
 
@@ -143,10 +154,11 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     # a mindone.diffusers training checkpoint is MindSpore's, though its names are diffusers': PEFT by default,
     # the file its trainer's save_lora_weights would write at the end
     src_is_ms = lora.source_format == "ms" or lora.source_kind == formats.WRAPPED_MODEL
-    dst_fmt = opts.fmt or ("peft" if src_is_ms else "ms")
-    dst = Path(opts.dst) if opts.dst is not None else default_output(src, dst_fmt)
+    dst_fmt = opts.fmt or default_format(lora, src_is_ms)
+    dst = (Path(opts.dst) if opts.dst is not None
+           else default_output(src, dst_fmt, transformer=lora.layout.is_transformer))
     _check_output(src, dst, opts.force)
-    formats.check_writable(lora, dst_fmt, src)
+    formats.check_writable(lora, dst_fmt, src, dst)
     if dst_fmt == "ms" and formats.ms_style(lora) == "gm":
         _check_ms_alpha(lora, src)
     lora = lora.cast(dtype)

@@ -82,15 +82,15 @@ OUR_METADATA_KEY = "lora_parity"
 # ``<module>.lora_down/up.weight``
 _MS_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<half>[AB]|down|up)\.weight$")
 # PEFT / kohya keys for a bias that belongs to a LoRA (never silently skipped, see _refuse_pt_bias)
-_PEFT_BIAS_RE = re.compile(r"^(?:unet|text_encoder|text_encoder_2)\..+\.bias$")
-_KOHYA_BIAS_RE = re.compile(r"^lora_(?:unet|te1|te2|te)_.+\.(?:diff_b|bias|lora_(?:up|down)\.bias)$")
+_PEFT_BIAS_RE = re.compile(r"^(?:unet|transformer|text_encoder|text_encoder_[23])\..+\.bias$")
+_KOHYA_BIAS_RE = re.compile(r"^lora_(?:unet|transformer|te1|te2|te3|te)_.+\.(?:diff_b|bias|lora_(?:up|down)\.bias)$")
 # PEFT names, and the older diffusers names its SDXL/dreambooth training scripts still save through
 # ``convert_state_dict_to_diffusers`` (``<module>.lora.down.weight``; text encoders
 # ``<module>.lora_linear_layer.up.weight``): the same tensors, down = lora_A, up = lora_B, no alpha
-_PEFT_RE = re.compile(r"^(?P<comp>unet|text_encoder|text_encoder_2)\.(?P<mod>.+?)"
+_PEFT_RE = re.compile(r"^(?P<comp>unet|transformer|text_encoder|text_encoder_[23])\.(?P<mod>.+?)"
                       r"\.(?:lora_(?P<half>[AB])\.weight|(?:lora|lora_linear_layer)\.(?P<old>down|up)\.weight"
                       r"|(?P<alpha>alpha))$")
-_KOHYA_RE = re.compile(r"^(?P<mod>lora_(?:unet|te1|te2|te)_.+?)\.(?:lora_(?P<half>down|up)\.weight|(?P<alpha>alpha))$")
+_KOHYA_RE = re.compile(r"^(?P<mod>lora_(?:unet|transformer|te1|te2|te3|te)_.+?)\.(?:lora_(?P<half>down|up)\.weight|(?P<alpha>alpha))$")
 # a whole PEFT-wrapped model saved by MindSpore: mindone.diffusers' LoRA trainers write
 # ``checkpoint-N/pytorch_model.ckpt`` with ``ms.save_checkpoint(unet, ...)`` after ``unet.add_adapter(LoraConfig)``:
 # every UNet parameter under its diffusers path, adapted layers as ``<module>.base_layer.weight`` next to
@@ -108,6 +108,8 @@ KOHYA_META_PREFIXES = ("ss_", "modelspec.")
 #: sd-scripts' ``ss_base_model_version`` per family (``sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0``,
 #: ``model_util.get_model_version_str_for_sd1_sd2`` without the v-parameterisation suffix a LoRA cannot tell)
 KOHYA_BASE_VERSION = {"sdxl": "sdxl_base_v1-0", "sd1": "sd_v1", "sd2": "sd_v2"}
+#: components a PEFT file's adapter metadata may describe (diffusers' ``<component>.lora_alpha`` keys)
+PEFT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def read_tensors(path: str | Path, *, progress: bool = False,
@@ -421,10 +423,7 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
             continue
         mod = m.group("mod")
         if fmt == "peft":
-            mod = f"{m.group('comp')}.{mod}"
-            if m.group("comp") == "text_encoder" and not mod.startswith("text_encoder.text_model."):
-                # written by diffusers with transformers 5, whose CLIPTextModel has no "text_model."
-                mod = "text_encoder.text_model." + mod[len("text_encoder."):]
+            mod = peft_module(m.group("comp"), mod)
         if m.groupdict().get("alpha"):
             if t.shape not in ((), (1,)):
                 raise CheckpointFormatError(f"alpha must be a scalar, got shape {list(t.shape)}", path=path, key=key)
@@ -451,6 +450,15 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
                        f"{len(based)} UNet weights left out); it stores no alpha: alpha = rank, as mindone's "
                        f"trainers set lora_alpha (pass --alpha if yours differed)")
     return h
+
+
+def peft_module(comp: str, mod: str) -> str:
+    """A PEFT module name (file key or adapter-metadata pattern) as the key map spells it.  diffusers with
+    transformers 5 writes a plain ``CLIPTextModel``'s modules without "text_model.", and our own metadata names
+    CLIP modules without it (it fits both module trees); T5 encoders (``encoder.block.``) have no such prefix."""
+    if comp.startswith("text_encoder") and mod.startswith("encoder.layers."):
+        mod = "text_model." + mod
+    return f"{comp}.{mod}"
 
 
 def _undot_kohya(key: str) -> str:
@@ -511,11 +519,11 @@ def _peft_alphas(path: Path, metadata: dict[str, str], h: NamedHalves) -> dict[s
     except ValueError:
         raise CheckpointFormatError(f"corrupt '{ADAPTER_METADATA_KEY}' header metadata", path=path) from None
     out = {}
-    for comp in ("unet", "text_encoder", "text_encoder_2"):
+    for comp in PEFT_COMPONENTS:
         if f"{comp}.lora_alpha" in meta:
             out[comp] = float(meta[f"{comp}.lora_alpha"])
         for mod, a in (meta.get(f"{comp}.alpha_pattern") or {}).items():
-            h.alpha_overrides[f"{comp}.{mod}"] = float(a)
+            h.alpha_overrides[peft_module(comp, mod)] = float(a)
     return out
 
 
@@ -551,8 +559,16 @@ def ms_style(lora: LoraSet) -> str:
     return "ldm" if lora.layout.family in ("sd1", "sd2") else "gm"
 
 
-def check_writable(lora: LoraSet, fmt: str, src: Path | None = None) -> None:
+#: why an SD3 / Flux LoRA has no MindSpore-only file to write
+NO_MS_TRANSFORMER = ("MindONE has no .ckpt LoRA format for {family}: mindone.diffusers trains and saves SD3 / Flux "
+                     "LoRAs as PEFT safetensors (diffusers names), so write --format peft or kohya as .safetensors")
+
+
+def check_writable(lora: LoraSet, fmt: str, src: Path | None = None, dst: Path | None = None) -> None:
     """Refuse, naming the source key, what ``fmt`` cannot hold (before anything is written)."""
+    if lora.layout.is_transformer and (fmt == "ms" or (dst is not None and dst.suffix.lower() == ".ckpt")):
+        raise LoraParityError(NO_MS_TRANSFORMER.format(family=lora.layout.family.upper()),
+                              path=dst if fmt != "ms" and dst is not None else src)
     if fmt != "ms":
         biased = lora.biased()
         if biased:
@@ -687,6 +703,10 @@ def kohya_metadata(lora: LoraSet, tensors: dict[str, Tensor]) -> dict[str, str]:
             same = False
         if not same:
             meta[key] = text(value)
+    if lora.layout.is_transformer:
+        # names are OneTrainer's / ComfyUI's (lora_transformer_), not sd-scripts' SD3 / Flux networks (whose Flux
+        # LoRA uses BFL names): claim no sd-scripts network module or base-model version
+        return meta
     meta["ss_network_module"] = "networks.lora"
     meta["ss_base_model_version"] = meta.get("ss_base_model_version") or KOHYA_BASE_VERSION[lora.layout.family]
     meta["ss_v2"] = str(lora.layout.family == "sd2")
@@ -720,6 +740,7 @@ def _adapter_metadata(lora: LoraSet) -> dict:
 def write(path: Path, lora: LoraSet, fmt: str) -> tuple[int, int]:
     """Atomically write ``lora`` as ``fmt``; the container follows the extension. Returns (bytes, tensors)."""
     suffix = path.suffix.lower()
+    check_writable(lora, fmt, dst=path) if lora.layout.is_transformer else None
     tensors, meta = tensors_for(lora, fmt, dotted=fmt == "kohya" and suffix == ".ckpt")
     if fmt == "kohya" and suffix == ".ckpt":  # MindONE's sd-scripts port: dotted names, header as str records
         ckpt_io.write_ckpt(path, tensors, strings={k: v for k, v in meta.items() if k != OUR_METADATA_KEY})

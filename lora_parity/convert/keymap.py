@@ -13,11 +13,16 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 
-from lora_parity.convert.layout import ModelLayout, TextEncoderLayout, UNetLayout
+from lora_parity.convert.layout import ModelLayout, TextEncoderLayout, TransformerLayout, UNetLayout
+from lora_parity.errors import LoraParityError
 
 UNET_SGM = "model.diffusion_model."
 UNET_DIFFUSERS = "unet."
 KOHYA_UNET = "lora_unet_"
+#: SD3 / Flux: diffusers' (= mindone.diffusers') transformer prefix, and the kohya spelling ComfyUI reads
+#: (OneTrainer's ``lora_transformer_`` + diffusers path with "." -> "_"; diffusers' Flux kohya reader too)
+TRANSFORMER_DIFFUSERS = "transformer."
+KOHYA_TRANSFORMER = "lora_transformer_"
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,112 @@ def unet_entries(layout: UNetLayout):
     yield ModuleEntry(S + "out.2", (D + "conv_out",), "conv", ch, layout.out_channels, comp, "out", (3, 3))
 
 
+# --- SD3 / Flux transformer: one table per block type; widths are symbols resolved per layout ---
+# (module path, in width, out width, present when) -- "text_out": not in SD3's context_pre_only last block;
+# "dual": only in SD3.5's dual-attention blocks.  Every row is a Linear with a bias in both models.
+_JOINT_BLOCK = (
+    ("norm1.linear", "h", "norm1", None),
+    ("norm1_context.linear", "h", "norm1_context", None),
+    ("attn.to_q", "h", "h", None),
+    ("attn.to_k", "h", "h", None),
+    ("attn.to_v", "h", "h", None),
+    ("attn.add_q_proj", "h", "h", None),
+    ("attn.add_k_proj", "h", "h", None),
+    ("attn.add_v_proj", "h", "h", None),
+    ("attn.to_out.0", "h", "h", None),
+    ("attn.to_add_out", "h", "h", "text_out"),
+    ("attn2.to_q", "h", "h", "dual"),
+    ("attn2.to_k", "h", "h", "dual"),
+    ("attn2.to_v", "h", "h", "dual"),
+    ("attn2.to_out.0", "h", "h", "dual"),
+    ("ff.net.0.proj", "h", "ff", None),
+    ("ff.net.2", "ff", "h", None),
+    ("ff_context.net.0.proj", "h", "ff", "text_out"),
+    ("ff_context.net.2", "ff", "h", "text_out"),
+)
+_SINGLE_BLOCK = (  # Flux single-stream block: attention and MLP side by side, one output projection
+    ("norm.linear", "h", "3h", None),
+    ("attn.to_q", "h", "h", None),
+    ("attn.to_k", "h", "h", None),
+    ("attn.to_v", "h", "h", None),
+    ("proj_mlp", "h", "mlp", None),
+    ("proj_out", "h+mlp", "h", None),
+)
+# top-level modules before and after the blocks: (module path, in, out, present when); "flux" / "sd3" /
+# "guidance" gate them by model
+_HEAD = (
+    ("time_text_embed.timestep_embedder.linear_1", "t", "h", None),
+    ("time_text_embed.timestep_embedder.linear_2", "h", "h", None),
+    ("time_text_embed.guidance_embedder.linear_1", "t", "h", "guidance"),
+    ("time_text_embed.guidance_embedder.linear_2", "h", "h", "guidance"),
+    ("time_text_embed.text_embedder.linear_1", "pool", "h", None),
+    ("time_text_embed.text_embedder.linear_2", "h", "h", None),
+    ("context_embedder", "ctx", "cap", None),
+    ("x_embedder", "in", "h", "flux"),
+)
+_TAIL = (
+    ("norm_out.linear", "h", "2h", None),
+    ("proj_out", "h", "out", None),
+)
+#: diffusers' sinusoidal timestep / guidance projection width (``Timesteps(num_channels=256)``)
+TIMESTEP_PROJ_DIM = 256
+
+
+def _widths(t: TransformerLayout, block: int | None = None) -> dict[str, int]:
+    h = t.hidden_size
+    dual = block is not None and block in t.dual_attention_layers
+    return {"h": h, "2h": 2 * h, "3h": 3 * h, "ff": 4 * h, "mlp": t.mlp_hidden, "h+mlp": h + t.mlp_hidden,
+            "t": TIMESTEP_PROJ_DIM, "pool": t.pooled_projection_dim, "ctx": t.joint_attention_dim,
+            "cap": t.caption_projection_dim, "in": t.in_channels, "out": t.patch_size ** 2 * t.out_channels,
+            # AdaLayerNormZero: 6 modulation vectors; SD3.5's dual variant 9; the pre-only context norm
+            # (AdaLayerNormContinuous) 2
+            "norm1": 9 * h if dual else 6 * h,
+            "norm1_context": 2 * h if t.context_pre_only(block or 0) else 6 * h}
+
+
+def _present(t: TransformerLayout, when: str | None, block: int | None = None) -> bool:
+    if when is None:
+        return True
+    return {"text_out": block is not None and not t.context_pre_only(block),
+            "dual": block is not None and block in t.dual_attention_layers,
+            "guidance": t.guidance_embeds, "flux": t.kind == "flux", "sd3": t.kind == "sd3"}[when]
+
+
+def _rows(t: TransformerLayout, table, prefix: str = "", block_label: str | None = None, block: int | None = None):
+    """A table's rows present in this block; top-level modules are labelled by their first path segment."""
+    w = _widths(t, block)
+    for path, i, o, when in table:
+        if _present(t, when, block):
+            name = f"{TRANSFORMER_DIFFUSERS}{prefix}{path}"
+            yield ModuleEntry(name, (name,), "linear", w[i], w[o], "transformer", block_label or path.split(".")[0])
+
+
+def transformer_entries(t: TransformerLayout):
+    """Every Linear of diffusers' SD3 / Flux transformer, in module order.  The MindSpore name is the diffusers
+    name: mindone.diffusers builds the same module tree (``pos_embed.proj``, a patchifying conv no trainer
+    adapts, is left out)."""
+    yield from _rows(t, _HEAD)
+    for n in range(t.num_layers):
+        yield from _rows(t, _JOINT_BLOCK, f"transformer_blocks.{n}.", f"transformer_blocks.{n}", n)
+    for n in range(t.num_single_layers):
+        yield from _rows(t, _SINGLE_BLOCK, f"single_transformer_blocks.{n}.", f"single_transformer_blocks.{n}", n)
+    yield from _rows(t, _TAIL)
+
+
+def t5_entries(te: TextEncoderLayout):
+    """transformers' ``T5EncoderModel``: self-attention q/k/v/o and the (gated) feed-forward, no biases."""
+    comp = te.diffusers_prefix.rstrip(".")
+    d, inner, ff = te.hidden_size, te.attention_dim or te.hidden_size, te.intermediate_size
+    wi = (("wi_0", d, ff), ("wi_1", d, ff)) if te.gated_ffn else (("wi", d, ff),)
+    rows = (*((f"layer.0.SelfAttention.{p}", d, inner) for p in "qkv"), ("layer.0.SelfAttention.o", inner, d),
+            *((f"layer.1.DenseReluDense.{p}", i, o) for p, i, o in wi), ("layer.1.DenseReluDense.wo", ff, d))
+    for n in range(te.num_layers):
+        base = f"{te.diffusers_prefix}encoder.block.{n}"
+        for path, i, o in rows:
+            yield ModuleEntry(f"{base}.{path}", (f"{base}.{path}",), "linear", i, o, comp, f"{comp}.block.{n}",
+                              bias=False)
+
+
 #: Fused-q/k/v text encoders: (attention path, MLP prefix, resblock path) under the SGM prefix.
 #: "openclip": SGM's OpenCLIP (``model.transformer.resblocks.N.attn.in_proj``, ``mlp.c_fc``);
 #: "ldm": MindONE's SD 1.x / 2.x ``TextEncoder`` (``transformer.transformer_layer.resblocks.N.attn.attn.in_proj``,
@@ -179,6 +290,9 @@ _FUSED_STYLES = {"openclip": ("attn", "mlp.", "transformer.resblocks"),
 
 def text_encoder_entries(te: TextEncoderLayout):
     """CLIP-L keeps HF names under SGM's prefix; OpenCLIP-bigG uses resblocks with fused in_proj."""
+    if te.style == "t5":
+        yield from t5_entries(te)
+        return
     comp = te.diffusers_prefix.rstrip(".")
     h, inter = te.hidden_size, te.intermediate_size
     for n in range(te.num_layers):
@@ -214,7 +328,9 @@ def text_encoder_entries(te: TextEncoderLayout):
 
 def kohya_name(entry: ModuleEntry, part: int = 0, *, te_prefixes: dict[str, str], unet_style: str = "sgm") -> str:
     """sd-scripts' naming: the UNet by SGM names (SDXL) or diffusers names (SD 1.x / 2.x, ``unet_style``),
-    the text encoders by HF names."""
+    the text encoders by HF names; an SD3 / Flux transformer ``lora_transformer_`` + its diffusers path."""
+    if entry.component == "transformer":
+        return KOHYA_TRANSFORMER + entry.diffusers[0][len(TRANSFORMER_DIFFUSERS):].replace(".", "_")
     if entry.component == "unet":
         if unet_style == "diffusers":
             return KOHYA_UNET + entry.diffusers[0][len(UNET_DIFFUSERS):].replace(".", "_")
@@ -227,6 +343,9 @@ def kohya_dotted_name(entry: ModuleEntry, part: int = 0, *, te_prefixes: dict[st
                       unet_style: str = "sgm") -> str:
     """MindONE's sd-scripts port's ``.ckpt`` name: prefix + "." + the module's dotted path in its own model
     (SDXL UNet by SGM path, text encoders by HF path), i.e. :func:`kohya_name` before its dots became "_"."""
+    if entry.component == "transformer":
+        raise LoraParityError("MindONE's sd-scripts port has no SD3 / Flux networks: no dotted kohya .ckpt names "
+                              "for a transformer")
     if entry.component == "unet":
         path = (entry.diffusers[0][len(UNET_DIFFUSERS):] if unet_style == "diffusers"
                 else entry.sgm[len(UNET_SGM):])
@@ -239,7 +358,8 @@ class KeyMap:
 
     def __init__(self, layout: ModelLayout):
         self.layout = layout
-        entries = list(unet_entries(layout.unet))
+        entries = (list(transformer_entries(layout.transformer)) if layout.is_transformer
+                   else list(unet_entries(layout.unet)))
         for te in layout.text_encoders:
             entries.extend(text_encoder_entries(te))
         self.entries: tuple[ModuleEntry, ...] = tuple(entries)
@@ -266,13 +386,19 @@ class KeyMap:
                 if e.component == "unet":  # either UNet spelling is read, whatever the family writes
                     out[KOHYA_UNET + d[len(UNET_DIFFUSERS):].replace(".", "_")] = (e, i)
                     out[KOHYA_UNET + e.sgm[len(UNET_SGM):].replace(".", "_")] = (e, i)
+                elif self.layout.family == "flux" and self.te_kohya.get(e.component) == "lora_te2_":
+                    # ComfyUI reads a Flux T5 LoRA as lora_te2_ (OneTrainer) and as lora_te3_
+                    out["lora_te3_" + d.split(".", 1)[1].replace(".", "_")] = (e, i)
         return out
 
     def lora_entries(self, component: str | None = None) -> list[ModuleEntry]:
         return [e for e in self.entries if e.lora_able and (component is None or e.component == component)]
 
     def attention_entries(self) -> list[ModuleEntry]:
-        """What MindONE trains by default: q/k/v/out of every UNet attention."""
+        """What MindONE trains by default: q/k/v/out of every UNet attention; SD3 / Flux: every transformer
+        attention projection (image and text side, mindone.diffusers' dreambooth LoRA targets)."""
+        if self.layout.is_transformer:
+            return [e for e in self.lora_entries("transformer") if ".attn." in e.sgm or ".attn2." in e.sgm]
         return [e for e in self.lora_entries("unet") if ".attn1." in e.sgm or ".attn2." in e.sgm]
 
     def block_counts(self, sgm_names) -> Counter:

@@ -1,9 +1,11 @@
-"""Frozen descriptions of Stable Diffusion architectures (SDXL, SD 1.x, SD 2.x), from which every name map
-is generated.
+"""Frozen descriptions of Stable Diffusion architectures (SDXL, SD 1.x, SD 2.x, SD3, Flux), from which every
+name map is generated.
 
 A :class:`UNetLayout` holds just what decides module names and shapes (channels,
 blocks, transformer depths); it comes from a preset or from a diffusers
-``config.json``.  Text encoders are described by :class:`TextEncoderLayout`.
+``config.json``.  SD3 and Flux denoise with a transformer instead: :class:`TransformerLayout`
+(read from diffusers' ``transformer/config.json``).  Text encoders (CLIP, and T5 for SD3 / Flux)
+are described by :class:`TextEncoderLayout`.
 Nothing here knows about LoRA or files: the key map expands these into tables.
 """
 from __future__ import annotations
@@ -122,26 +124,138 @@ class TextEncoderLayout:
     num_heads: int = 12
     vocab_size: int = 49408
     max_position_embeddings: int = 77
+    # "t5" only: width of the attention projections (heads * d_kv, which T5 need not tie to d_model) and
+    # whether the feed-forward is gated (v1.1's wi_0 / wi_1) or a single wi
+    attention_dim: int | None = None
+    gated_ffn: bool = False
 
 
 #: Model families the key map knows.  SDXL: SGM names, kohya names the UNet by its SGM names (sd-scripts'
 #: SDXL UNet); SD 1.x / 2.x: LDM names (the same UNet naming, text encoder under ``cond_stage_model.``),
 #: kohya names the UNet by its diffusers names (sd-scripts' SD 1/2 UNet is diffusers').
-FAMILIES = ("sdxl", "sd1", "sd2")
+#: SD3 / Flux: a diffusers transformer, no MindSpore-only names (mindone.diffusers keeps diffusers' names).
+FAMILIES = ("sdxl", "sd1", "sd2", "sd3", "flux")
+TRANSFORMER_FAMILIES = ("sd3", "flux")
+
+
+@dataclass(frozen=True)
+class TransformerLayout:
+    """The numbers that decide module names and shapes of diffusers' ``SD3Transformer2DModel`` (MMDiT joint
+    blocks) and ``FluxTransformer2DModel`` (double-stream blocks named like SD3's, then single-stream blocks).
+
+    SD3's last joint block is ``context_pre_only`` (no text-side output projection or feed-forward); SD3.5
+    adds a second image-only attention (``attn2``) in the blocks listed in ``dual_attention_layers``."""
+
+    kind: str  # "sd3" | "flux"
+    num_layers: int  # joint (SD3) / double-stream (Flux) blocks
+    num_heads: int
+    head_dim: int
+    in_channels: int
+    out_channels: int
+    patch_size: int
+    joint_attention_dim: int  # width of the T5 states fed to context_embedder
+    pooled_projection_dim: int  # width of the pooled CLIP vector fed to the text embedder
+    caption_projection_dim: int  # SD3: context_embedder output (= hidden size in released configs)
+    num_single_layers: int = 0  # Flux single-stream blocks
+    guidance_embeds: bool = False  # FLUX.1-dev: a guidance embedder next to the timestep embedder
+    dual_attention_layers: tuple[int, ...] = ()  # SD3.5: joint blocks with a second attention
+    mlp_ratio: float = 4.0  # Flux single blocks' proj_mlp width (diffusers' default)
+    name: str = "custom"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def context_pre_only(self, block: int) -> bool:
+        """SD3's last joint block only reads the text stream (diffusers: ``i == num_layers - 1``)."""
+        return self.kind == "sd3" and block == self.num_layers - 1
+
+    @classmethod
+    def from_diffusers_config(cls, cfg: dict, name: str = "custom") -> "TransformerLayout":
+        """Read a diffusers ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` config (defaults as diffusers')."""
+        kind = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(cfg.get("_class_name", ""))
+        if kind is None:
+            raise LoraParityError(f"not an SD3 / Flux transformer config (_class_name "
+                                  f"{cfg.get('_class_name')!r}; expected SD3Transformer2DModel or FluxTransformer2DModel)")
+        try:
+            heads, head_dim = int(cfg["num_attention_heads"]), int(cfg["attention_head_dim"])
+            inner = heads * head_dim
+            in_ch = int(cfg.get("in_channels", 16 if kind == "sd3" else 64))
+            return cls(
+                kind=kind,
+                num_layers=int(cfg.get("num_layers", 18 if kind == "sd3" else 19)),
+                num_heads=heads,
+                head_dim=head_dim,
+                in_channels=in_ch,
+                out_channels=int(cfg.get("out_channels") or in_ch),
+                patch_size=int(cfg.get("patch_size", 2 if kind == "sd3" else 1)),
+                joint_attention_dim=int(cfg.get("joint_attention_dim", 4096)),
+                pooled_projection_dim=int(cfg.get("pooled_projection_dim", 2048 if kind == "sd3" else 768)),
+                caption_projection_dim=int(cfg.get("caption_projection_dim") or inner) if kind == "sd3" else inner,
+                num_single_layers=int(cfg.get("num_single_layers", 38)) if kind == "flux" else 0,
+                guidance_embeds=bool(cfg.get("guidance_embeds", False)) if kind == "flux" else False,
+                dual_attention_layers=tuple(int(i) for i in cfg.get("dual_attention_layers") or ()),
+                name=name,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoraParityError(f"not a diffusers {kind.upper()} transformer config: {exc!r}") from None
+
+
+@dataclass(frozen=True)
+class NoUNet:
+    """Stands in a transformer model's ``ModelLayout.unet``: code written for UNet families that reaches for the
+    UNet of an SD3 / Flux layout gets one :class:`LoraParityError` line saying why, not an AttributeError on
+    None.  Falsy, hashable and comparable, so layouts stay usable as cache keys."""
+
+    family: str
+    layout: str
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):  # copy / pickle probe dunders: ordinary behaviour
+            raise AttributeError(attr)
+        raise LoraParityError(f"layout '{self.layout}' ({self.family.upper()}) has a diffusers transformer, "
+                              f"no UNet: this step needs a UNet model (SDXL, SD 1.x / 2.x); asked for unet.{attr}")
 
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """A whole Stable Diffusion model (SDXL, SD 1.x or SD 2.x): UNet plus its text encoders."""
+    """A whole model: UNet (SDXL, SD 1.x / 2.x) or transformer (SD3, Flux) plus its text encoders.
+
+    A transformer layout's ``unet`` is a :class:`NoUNet` (falsy; any attribute raises one clear error line), so
+    the many UNet-only paths keep reading ``layout.unet`` unchanged."""
 
     name: str
-    unet: UNetLayout
+    unet: UNetLayout | NoUNet | None
     text_encoders: tuple[TextEncoderLayout, ...] = field(default_factory=tuple)
     family: str = "sdxl"
+    transformer: TransformerLayout | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise LoraParityError(f"unknown model family {self.family!r} (known: {', '.join(FAMILIES)})")
+        if self.family in TRANSFORMER_FAMILIES:
+            if self.transformer is None or self.transformer.kind != self.family:
+                raise LoraParityError(f"layout '{self.name}': family {self.family} needs its transformer layout")
+            if not isinstance(self.unet, NoUNet):
+                object.__setattr__(self, "unet", NoUNet(self.family, self.name))
+        elif self.unet is None or isinstance(self.unet, NoUNet):
+            raise LoraParityError(f"layout '{self.name}': family {self.family} needs a UNet layout")
+
+    @property
+    def is_transformer(self) -> bool:
+        return self.family in TRANSFORMER_FAMILIES
 
     @property
     def kohya_unet_style(self) -> str:
-        """How sd-scripts names UNet modules for this family: "sgm" (SDXL) or "diffusers" (SD 1.x / 2.x)."""
+        """How sd-scripts names UNet modules for this family: "sgm" (SDXL) or "diffusers" (SD 1.x / 2.x; SD3 and
+        Flux have no UNet and name their transformer ``lora_transformer_`` + diffusers path)."""
         return "sgm" if self.family == "sdxl" else "diffusers"
 
 
@@ -257,11 +371,17 @@ def sd_text_encoder(te_cfg: dict, family: str) -> TextEncoderLayout:
 
 
 def family_of(unet_cfg: dict, model_index: dict | None = None) -> str:
-    """sdxl / sd1 / sd2 from the UNet config (and the pipeline class where there is one).
+    """sdxl / sd1 / sd2 from the UNet config (and the pipeline class where there is one); sd3 / flux when the
+    config given is an SD3 / Flux transformer's (see :func:`transformer_family_of`).
 
     SDXL conditions on pooled text + size (``addition_embed_type: text_time``); SD 2.x projects into its
     transformers linearly (``use_linear_projection``, every released 2.x config), SD 1.x with 1x1 convs."""
     cls = (model_index or {}).get("_class_name", "")
+    if unet_cfg.get("_class_name") in TRANSFORMER_CLASSES:  # SD3 / Flux: the config is the transformer's
+        return transformer_family_of(unet_cfg, model_index)
+    if cls in TRANSFORMER_PIPELINES:
+        raise LoraParityError(f"pipeline {cls} has a transformer, not a UNet: give its transformer/config.json "
+                              f"(or the pipeline folder)")
     if "XL" in cls or unet_cfg.get("addition_embed_type") == "text_time":
         return "sdxl"
     if cls and not cls.startswith("StableDiffusion"):
@@ -270,6 +390,69 @@ def family_of(unet_cfg: dict, model_index: dict | None = None) -> str:
         raise LoraParityError("a UNet with extra conditioning (addition/class embedding) that is not SDXL's: "
                               "not an SD 1.x / 2.x / XL model")
     return "sd2" if unet_cfg.get("use_linear_projection") else "sd1"
+
+
+# diffusers transformer configs of the released SD3 / Flux models and their T5 encoder (public facts; the
+# tests build them on the meta device)
+SD3_MEDIUM_TRANSFORMER_CONFIG = {
+    "_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2, "in_channels": 16,
+    "num_layers": 24, "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
+}
+FLUX_DEV_TRANSFORMER_CONFIG = {
+    "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 19,
+    "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
+}
+#: transformers ``T5Config`` of T5 v1.1 XXL's encoder (SD3's text_encoder_3, Flux's text_encoder_2)
+T5_XXL_CONFIG = {
+    "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+    "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+    "is_encoder_decoder": False, "use_cache": False, "tie_word_embeddings": False,
+}
+#: sd-scripts' / ComfyUI's kohya prefix of each text encoder per transformer family.  ComfyUI's
+#: ``model_lora_keys_clip`` numbers T5 after the CLIPs present: ``lora_te3_`` with CLIP-L + CLIP-G (SD3),
+#: ``lora_te2_`` with CLIP-L alone (Flux; it also reads ``lora_te3_`` there, see KeyMap.by_kohya).
+TRANSFORMER_TE_KOHYA = {"sd3": ("lora_te1_", "lora_te2_", "lora_te3_"), "flux": ("lora_te1_", "lora_te2_")}
+
+
+def t5_encoder_layout(t5_cfg: dict, *, diffusers_prefix: str, kohya_prefix: str) -> TextEncoderLayout:
+    """A transformers ``T5EncoderModel`` (``encoder.block.N.layer.0.SelfAttention.{q,k,v,o}``,
+    ``layer.1.DenseReluDense.{wi_0,wi_1,wo}`` for gated v1.1, ``wi`` otherwise; no biases)."""
+    try:
+        return TextEncoderLayout(
+            hidden_size=int(t5_cfg["d_model"]), intermediate_size=int(t5_cfg["d_ff"]),
+            num_layers=int(t5_cfg["num_layers"]), style="t5", sgm_prefix=diffusers_prefix,
+            diffusers_prefix=diffusers_prefix, kohya_prefix=kohya_prefix, num_heads=int(t5_cfg["num_heads"]),
+            vocab_size=int(t5_cfg.get("vocab_size", 32128)), max_position_embeddings=0,
+            attention_dim=int(t5_cfg["num_heads"]) * int(t5_cfg["d_kv"]),
+            gated_ffn=str(t5_cfg.get("feed_forward_proj", "relu")).startswith("gated-"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LoraParityError(f"not a transformers T5 config: {exc!r}") from None
+
+
+def transformer_text_encoders(family: str, clip_cfgs: tuple[dict, ...], t5_cfg: dict | None
+                              ) -> tuple[TextEncoderLayout, ...]:
+    """SD3: CLIP-L ``text_encoder``, CLIP-G ``text_encoder_2``, T5 ``text_encoder_3``; Flux: CLIP-L
+    ``text_encoder``, T5 ``text_encoder_2``.  The diffusers names are the MindSpore names too (mindone.diffusers)."""
+    prefixes = TRANSFORMER_TE_KOHYA[family]
+    out = []
+    for i, cfg in enumerate(clip_cfgs):
+        comp = "text_encoder." if i == 0 else f"text_encoder_{i + 1}."
+        out.append(text_encoder_layout(cfg, style="hf", sgm_prefix=comp, diffusers_prefix=comp,
+                                       kohya_prefix=prefixes[i]))
+    if t5_cfg is not None:
+        n = len(prefixes)
+        out.append(t5_encoder_layout(t5_cfg, diffusers_prefix=f"text_encoder_{n}.", kohya_prefix=prefixes[n - 1]))
+    return tuple(out)
+
+
+def transformer_layout(name: str, cfg: dict, clip_cfgs: tuple[dict, ...], t5_cfg: dict | None) -> ModelLayout:
+    """An SD3 / Flux :class:`ModelLayout` from its transformer config and text-encoder configs."""
+    tr = TransformerLayout.from_diffusers_config(cfg, name=name)
+    return ModelLayout(name, None, transformer_text_encoders(tr.kind, clip_cfgs, t5_cfg), family=tr.kind,
+                       transformer=tr)
 
 
 PRESETS: dict[str, ModelLayout] = {
@@ -287,6 +470,8 @@ PRESETS: dict[str, ModelLayout] = {
                         (sd_text_encoder(CLIP_L_CONFIG, "sd1"),), family="sd1"),
     "sd21": ModelLayout("sd21", UNetLayout.from_diffusers_config(SD21_UNET_CONFIG, name="sd21"),
                         (sd_text_encoder(CLIP_H_CONFIG, "sd2"),), family="sd2"),
+    "sd3": transformer_layout("sd3", SD3_MEDIUM_TRANSFORMER_CONFIG, (CLIP_L_CONFIG, CLIP_BIGG_CONFIG), T5_XXL_CONFIG),
+    "flux": transformer_layout("flux", FLUX_DEV_TRANSFORMER_CONFIG, (CLIP_L_CONFIG,), T5_XXL_CONFIG),
 }
 
 
@@ -316,6 +501,19 @@ def tiny_sd_layout(family: str) -> ModelLayout:
                        (sd_text_encoder(te, family),), family=family)
 
 
+def tiny_transformer_layout(family: str) -> ModelLayout:
+    """The key-map layout of the tiny SD3 (``sd3``) or Flux (``flux``) model."""
+    from lora_parity.convert import tiny
+
+    if family == "sd3":
+        return transformer_layout("tiny-sd3", tiny.TINY_SD3_TRANSFORMER_CONFIG,
+                                  (tiny.TINY_SD3_CLIP_CONFIG, tiny.TINY_SD3_CLIP_G_CONFIG), tiny.TINY_T5_CONFIG)
+    if family == "flux":
+        return transformer_layout("tiny-flux", tiny.TINY_FLUX_TRANSFORMER_CONFIG, (tiny.TINY_TE1_CONFIG,),
+                                  tiny.TINY_T5_CONFIG)
+    raise LoraParityError(f"not a transformer family: {family!r} (sd3 or flux)")
+
+
 def load_layout(spec: str) -> ModelLayout:
     """A preset name, a diffusers UNet ``config.json``, or a diffusers pipeline folder."""
     if spec in PRESETS:
@@ -324,6 +522,8 @@ def load_layout(spec: str) -> ModelLayout:
         return tiny_layout()
     if spec in ("tiny-sd1", "tiny-sd2"):
         return tiny_sd_layout(spec.split("-")[1])
+    if spec in ("tiny-sd3", "tiny-flux"):
+        return tiny_transformer_layout(spec.split("-")[1])
     path = Path(spec)
     if path.is_dir():
         return layout_from_pipeline_dir(path)
@@ -331,6 +531,11 @@ def load_layout(spec: str) -> ModelLayout:
         raise LoraParityError(
             f"not a preset ({', '.join(PRESETS)}) nor an existing config.json", path=spec)
     cfg = _read_json(path)
+    if cfg.get("_class_name") in TRANSFORMER_CLASSES:  # a bare transformer config: no text encoders known
+        try:
+            return transformer_layout(path.parent.name or "custom", cfg, (), None)
+        except LoraParityError as exc:
+            raise LoraParityError(str(exc), path=path) from None
     try:
         family = family_of(cfg)
     except LoraParityError as exc:
@@ -340,10 +545,13 @@ def load_layout(spec: str) -> ModelLayout:
 
 
 def layout_from_pipeline_dir(path: Path) -> ModelLayout:
-    """A diffusers pipeline folder: ``unet/``, ``text_encoder/`` and, for SDXL, ``text_encoder_2/``."""
+    """A diffusers pipeline folder: ``unet/``, ``text_encoder/`` and, for SDXL, ``text_encoder_2/``; SD3 / Flux:
+    ``transformer/`` and their text encoders (detected from ``model_index.json`` / the transformer config)."""
     unet_cfg = path / "unet" / "config.json"
+    if (path / "transformer" / "config.json").is_file() or _pipeline_class(path) in TRANSFORMER_PIPELINES:
+        return _transformer_pipeline_layout(path)
     if not unet_cfg.is_file():
-        raise LoraParityError("no unet/config.json in this folder", path=path)
+        raise LoraParityError("no unet/config.json (nor transformer/config.json) in this folder", path=path)
     cfg = _read_json(unet_cfg)
     index = path / "model_index.json"
     try:
@@ -360,6 +568,52 @@ def layout_from_pipeline_dir(path: Path) -> ModelLayout:
         tes = sdxl_text_encoders(_read_json(te1) if te1.is_file() else None, _read_json(te2),
                                  refiner=not te1.is_file())
     return ModelLayout(path.name, unet, tes, family=family)
+
+
+#: diffusers class names of the transformer families: pipeline (model_index.json) and model (config.json)
+TRANSFORMER_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+TRANSFORMER_CLASSES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+
+
+def _pipeline_class(path: Path) -> str:
+    index = path / "model_index.json"
+    return str(_read_json(index).get("_class_name", "")) if index.is_file() else ""
+
+
+def transformer_family_of(transformer_cfg: dict, model_index: dict | None = None, *, where: Path | None = None) -> str:
+    """sd3 / flux from ``transformer/config.json``'s ``_class_name``, checked against the pipeline class."""
+    cls = str(transformer_cfg.get("_class_name", ""))
+    family = TRANSFORMER_CLASSES.get(cls)
+    if family is None:
+        raise LoraParityError(f"transformer/config.json has _class_name {cls!r}; known: "
+                              f"{', '.join(TRANSFORMER_CLASSES)}", path=where)
+    pipe = str((model_index or {}).get("_class_name", ""))
+    if pipe and TRANSFORMER_PIPELINES.get(pipe) != family:
+        raise LoraParityError(f"model_index.json's pipeline {pipe!r} does not go with a {cls} (expected "
+                              f"{'StableDiffusion3Pipeline' if family == 'sd3' else 'FluxPipeline'})", path=where)
+    return family
+
+
+def _transformer_pipeline_layout(path: Path) -> ModelLayout:
+    """An SD3 / Flux pipeline folder: the transformer config and whichever text encoders are there."""
+    tcfg_path = path / "transformer" / "config.json"
+    if not tcfg_path.is_file():
+        raise LoraParityError(f"model_index.json names {_pipeline_class(path)} but there is no "
+                              f"transformer/config.json", path=path)
+    index = path / "model_index.json"
+    family = transformer_family_of(_read_json(tcfg_path), _read_json(index) if index.is_file() else None,
+                                   where=tcfg_path)
+    names = ["text_encoder", "text_encoder_2", "text_encoder_3"][:len(TRANSFORMER_TE_KOHYA[family])]
+    cfgs = [(path / n / "config.json") for n in names]
+    clips = tuple(_read_json(c) for c in cfgs[:-1] if c.is_file())
+    if len(clips) not in (0, len(cfgs) - 1):
+        raise LoraParityError(f"{family.upper()} pipeline with {len(clips)} of its {len(cfgs) - 1} CLIP text "
+                              f"encoder configs", path=path)
+    t5 = _read_json(cfgs[-1]) if cfgs[-1].is_file() else None
+    try:
+        return transformer_layout(path.name, _read_json(tcfg_path), clips, t5)
+    except LoraParityError as exc:
+        raise LoraParityError(str(exc), path=tcfg_path) from None
 
 
 def _read_json(path: Path) -> dict:

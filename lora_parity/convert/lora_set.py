@@ -19,7 +19,8 @@ import numpy as np
 
 from lora_parity.errors import KeyMapError, LoraParityError
 from lora_parity.convert.keymap import KeyMap, ModuleEntry, keymap_for
-from lora_parity.convert.layout import PRESETS, ModelLayout
+from lora_parity.convert.detect import family_from_keys
+from lora_parity.convert.layout import PRESETS, TRANSFORMER_FAMILIES, ModelLayout
 from lora_parity.convert.tensor import FLOAT_DTYPES, Tensor
 
 
@@ -164,8 +165,20 @@ def choose_layout(halves: NamedHalves, layout: ModelLayout | None) -> tuple[Mode
         return layout, f"layout '{layout.name}' (given)"
     if not halves.modules:
         raise KeyMapError("no LoRA tensors found in this file", path=halves.path)
-    scores = {name: _fits(keymap_for(p), halves) for name, p in PRESETS.items()}
+    family = family_from_keys(halves.modules)
+    # a transformer LoRA is fitted against the SD3 / Flux presets only, anything else against the UNet ones
+    candidates = {n: p for n, p in PRESETS.items()
+                  if (p.family in TRANSFORMER_FAMILIES) == (family is not None)
+                  and family in (None, "transformer", p.family)}
+    scores = {name: _fits(keymap_for(p), halves) for name, p in candidates.items()}
     full = [n for n, (ok, total) in scores.items() if ok == total]
+    if family is not None and not full:
+        what = "an SD3 or Flux" if family == "transformer" else f"an {family.upper()}" if family == "sd3" else "a Flux"
+        best = max(scores, key=lambda n: scores[n][0])
+        raise KeyMapError(
+            f"{what} LoRA by its key names that fits no built-in size (best: {best}, {scores[best][0]}/"
+            f"{scores[best][1]} modules match by name and shape); pass --layout with the model's pipeline folder, "
+            f"its transformer config.json or tiny-sd3 / tiny-flux", path=halves.path)
     if len(full) == 1:
         return PRESETS[full[0]], f"layout '{full[0]}' (detected from names and shapes)"
     best = max(scores, key=lambda n: scores[n][0])
