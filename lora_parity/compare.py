@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_parity.parity.align import alignment_for, unet_alignment  # noqa: F401  (alignment_for: re-exported)
+from lora_parity.parity.align import alignment_for, is_flow_folder, unet_alignment  # noqa: F401  (alignment_for: re-exported)
 from lora_parity.errors import LoraParityError
 from lora_parity.convert.layout import layout_from_pipeline_dir
 from lora_parity.parity.metrics import ParityReport
@@ -130,6 +130,11 @@ def compare_latents(o: CompareOptions, base: _Base) -> np.ndarray:
     f = vae_scale_factor(base.pipeline_dir)
     h = o.height or base.default_image_size
     w = o.width or base.default_image_size
+    if flow_family(base.pipeline_dir):  # SD3 patches 2x2, Flux packs 2x2: latent sides even
+        channels = int(_json(base.pipeline_dir / "vae" / "config.json")["latent_channels"])
+        if h % (2 * f) or w % (2 * f):
+            raise LoraParityError(f"--height/--width must be multiples of {2 * f} for this model, got {h}x{w}")
+        return make_latents(0, (1, channels, h // f, w // f))
     unet = _json(base.pipeline_dir / "unet" / "config.json")
     step = f * 2 ** (len(unet["block_out_channels"]) - 1)
     if h % step or w % step:
@@ -190,9 +195,25 @@ def _replayed_again(o: CompareOptions, req: SideRequest, kept: SideResult) -> Si
     return SideResult(acts, kept.images, meta)
 
 
+def flow_family(pipeline_dir: Path) -> str | None:
+    """"sd3" / "flux" for an SD3 / Flux folder, else None."""
+    index = Path(pipeline_dir) / "model_index.json"
+    name = _json(index).get("_class_name") if index.is_file() else None
+    return {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(name)
+
+
+def flow_max_sequence_length(pipeline_dir: Path) -> int:
+    """T5 tokens encoded: the pipeline's own default (SD3 256, Flux 512), capped by the T5 tokenizer's
+    ``model_max_length`` (the tiny folders' 16)."""
+    family = flow_family(pipeline_dir)
+    tok = "tokenizer_3" if family == "sd3" else "tokenizer_2"
+    cfg = _json(Path(pipeline_dir) / tok / "tokenizer_config.json")
+    return min(256 if family == "sd3" else 512, int(cfg.get("model_max_length") or 512))
+
+
 def check_family(base: "_Base", backend: str) -> None:
     """The port is an SGM (SDXL) model: an SD 1.x / 2.x base runs on diffusers and mindone.diffusers only."""
-    family = layout_from_pipeline_dir(base.pipeline_dir).family
+    family = flow_family(base.pipeline_dir) or layout_from_pipeline_dir(base.pipeline_dir).family
     if backend == PORT and family != "sdxl":
         raise LoraParityError(f"a {family} base: the port runs SDXL (MindONE's gm); run mindone.diffusers on it "
                               f"(compare --ms-backend mindone, capture / infer --backend mindone)", path=base.pipeline_dir)
@@ -252,6 +273,8 @@ def replay_refs(pt: SideResult, configs_dir: Path, timesteps, backend: str) -> d
     from lora_parity.backends import get_backend
     from lora_parity.sides.request import REF
 
+    if is_flow_folder(Path(configs_dir)):  # SD3 / Flux: judged by chained errors (no replay yet)
+        return {}
     naming = get_backend(backend).naming
     return {REF + a.sgm: pt.acts[a.diffusers] for a in alignment_for(Path(configs_dir), timesteps, naming)
             if a.diffusers in pt.acts}
@@ -271,6 +294,8 @@ def run_compare(o: CompareOptions) -> ParityReport:
     timesteps = [float(t) for t in (o.timesteps or (o.timestep,))]
     common = dict(prompt=prompt, timesteps=timesteps, size_cond=size_cond, steps=o.steps,
                   arrays={"latents": latents}, noise_source=latents_source(o.latents))
+    if flow_family(base.pipeline_dir):
+        common["max_sequence_length"] = flow_max_sequence_length(base.pipeline_dir)
     with tempfile.TemporaryDirectory(prefix="lora-parity-") as tmp:
         pt_lora, ms_lora = _lora_for(o, base, Path(tmp))
         pt = _side(o, "pt", side_request(o, base, "pt", lora=pt_lora, dtype="F32", **common))
@@ -307,7 +332,8 @@ def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,
 
     backend = ms.meta.get("backend") or o.ms_backend
     timesteps = [float(t) for t in ms.meta["inputs"]["timesteps"]]
-    alignment = alignment_for(Path(configs_dir), timesteps, get_backend(backend).naming)
+    alignment = alignment_for(Path(configs_dir), timesteps, get_backend(backend).naming,
+                              steps=ms.meta["inputs"].get("steps"))
     row = gate_row(backend, ms.meta)
     gate = layer_tolerance(o.dtype, o.tol_overrides, row, o.mismatch_overrides)  # the UNet's chained row
     from lora_parity.parity.verdict import Judge

@@ -173,19 +173,17 @@ def _cls(cfgs: FlowPipelineConfigs, component: str) -> str:
 def flow_state_shapes(cfgs: FlowPipelineConfigs, component: str) -> dict[str, tuple[int, ...]]:
     """Saved weight name -> shape, as ``from_pretrained`` loads them (persistent entries only).
 
-    T5's ``encoder.embed_tokens.weight`` is tied to ``shared.weight`` and not saved; CLIP-L keeps its
-    ``text_model.`` prefix as in the SDXL folders (transformers 4 / mindone need it)."""
-    from lora_parity.convert.fullweights import normalize_diffusers_names
-
+    T5's ``encoder.embed_tokens.weight`` (tied to ``shared.weight``) is saved too, equal values, as the
+    released SD3 / Flux T5 files have it (transformers otherwise reports it missing); ``CLIPTextModel``
+    keeps its ``text_model.`` prefix as in the SDXL folders (transformers 5 flattens it, transformers 4 /
+    mindone need it); the ``WithProjection`` models' ``text_projection`` sits beside ``text_model``."""
     model = flow_meta_model(component, _cls(cfgs, component), cfgs.components()[component])
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if _cls(cfgs, component) == "T5EncoderModel":
-        state.pop("encoder.embed_tokens.weight", None)
+    if _cls(cfgs, component) == "T5EncoderModel":  # both names of the tied embedding, as released files hold
         return state
-    if component in ("transformer", "vae"):
+    if _cls(cfgs, component) != "CLIPTextModel":  # the projection models keep their own names
         return state
-    shapes = {f"{component}.{k}": v for k, v in state.items()}
-    return {k[len(component) + 1:]: v for k, v in normalize_diffusers_names(shapes).items()}
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
 
 
 def build_t5_tokenizer(vocab_size: int):
@@ -211,7 +209,7 @@ def build_t5_tokenizer(vocab_size: int):
                                    model_max_length=512)
 
 
-def write_t5_tokenizer(out_dir: Path, vocab_size: int) -> None:
+def write_t5_tokenizer(out_dir: Path, vocab_size: int, max_length: int = 512) -> None:
     """``tokenizer.json`` plus a ``tokenizer_config.json`` naming ``T5TokenizerFast``.
 
     The config is written here, not by ``save_pretrained``: transformers 5 writes ``T5Tokenizer``
@@ -220,7 +218,7 @@ def write_t5_tokenizer(out_dir: Path, vocab_size: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     build_t5_tokenizer(vocab_size).backend_tokenizer.save(str(out_dir / "tokenizer.json"))
     cfg = {"tokenizer_class": "T5TokenizerFast", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-           "extra_ids": 0, "model_max_length": 512}
+           "extra_ids": 0, "model_max_length": int(max_length)}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -242,7 +240,7 @@ def write_flow_skeleton(out_dir: Path, cfgs: FlowPipelineConfigs) -> None:
     for comp, cls, _ in cfgs.text_encoders:
         tok_dir = out_dir / comp.replace("text_encoder", "tokenizer")
         if cls == "T5EncoderModel":
-            write_t5_tokenizer(tok_dir, cfgs.t5_vocab_size())
+            write_t5_tokenizer(tok_dir, cfgs.t5_vocab_size(), 512 if cfgs.real_size else TINY_MAX_SEQUENCE_LENGTH)
         else:  # SD3's CLIP-G pads with "!" as SDXL's bigG; CLIP-L with EOS
             write_tokenizer(tok_dir, vocab, TOKENIZER_2_PAD if comp == "text_encoder_2" else EOS_TOKEN)
     FlowMatchEulerDiscreteScheduler(**cfgs.scheduler()).save_config(out_dir / "scheduler")

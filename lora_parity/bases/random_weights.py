@@ -63,6 +63,10 @@ _RESIDUAL_OUT = re.compile(r"(\.conv2|\.to_out\.0|\.to_add_out|\.ff\.net\.2|\.ff
 _EMBEDDING = re.compile(r"(token_embedding|position_embedding)\.weight$")
 
 
+# T5 shares one embedding between ``shared`` and ``encoder.embed_tokens``; released files hold both, equal
+_TIED = {"encoder.embed_tokens.weight": "shared.weight"}
+
+
 class InitSpec(NamedTuple):
     """A tensor's values are ``mean + std * N(0, 1)``."""
 
@@ -100,7 +104,8 @@ def write_component(out_dir: Path, component: str, cfg: dict, seed: int, shapes:
     """Stream one component's generated weights into ``<out_dir>/<component>/<file>.fp16.safetensors``."""
     shapes = meta_state_shapes(component, cfg) if shapes is None else shapes
     entries = [(k, "F16", s) for k, s in shapes.items()]
-    arrays = (random_tensor(seed, f"{component}.{k}", s) for k, s in shapes.items())
+    arrays = (random_tensor(seed, f"{component}.{_TIED.get(k, k) if _TIED.get(k) in shapes else k}", s)
+              for k, s in shapes.items())
     write_component_weights(out_dir / component, WEIGHT_FILES[component], VARIANT, entries, arrays, {"format": "pt"})
 
 

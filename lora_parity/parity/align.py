@@ -79,9 +79,60 @@ def vae_alignment(num_blocks: int, prefix: str = "first_stage_model.") -> list[A
     return [Aligned(prefix + s, d, "vae", i) for i, (s, d) in enumerate(pairs)]
 
 
-def alignment_for(configs_dir: Path, timesteps, naming: str) -> list[Aligned]:
+def flow_alignment(configs_dir: Path, steps: int) -> list[Aligned]:
+    """SD3 / Flux (:mod:`lora_parity.backends.flow`): every point by its diffusers name on both sides, the
+    transformer's per denoising step (``#k`` for step k > 0, as the capture names repeated calls)."""
+    folder = Path(configs_dir)
+    index = json.loads((folder / "model_index.json").read_text())
+    out: list[Aligned] = []
+    for comp in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        entry = index.get(comp)
+        if not entry or entry[0] is None:
+            continue
+        cfg = json.loads((folder / comp / "config.json").read_text())
+        if entry[1] == "T5EncoderModel":
+            names = (["encoder.embed_tokens"] + [f"encoder.block.{i}" for i in range(cfg["num_layers"])]
+                     + ["encoder.final_layer_norm"])
+        else:
+            names = (["embeddings"] + [f"encoder.layers.{i}" for i in range(cfg["num_hidden_layers"])]
+                     + ["final_layer_norm"])
+        out += [Aligned(f"{comp}.{n}", f"{comp}.{n}", comp, i) for i, n in enumerate(names)]
+    cond = ["conditioning.prompt_embeds", "conditioning.pooled_prompt_embeds"]
+    out += [Aligned(n, n, "conditioning", i) for i, n in enumerate(cond)]
+    tcfg = json.loads((folder / "transformer" / "config.json").read_text())
+    flux = index.get("_class_name") == "FluxPipeline"
+    names = ["x_embedder" if flux else "pos_embed", "time_text_embed", "context_embedder"]
+    for i in range(int(tcfg["num_layers"])):
+        names.append(f"transformer_blocks.{i}")
+        last_sd3 = not flux and i == int(tcfg["num_layers"]) - 1  # SD3's last block: context_pre_only
+        if not last_sd3:
+            names.append(f"transformer_blocks.{i}.context")
+    names += [f"single_transformer_blocks.{i}" for i in range(int(tcfg.get("num_single_layers", 0) if flux else 0))]
+    names += ["norm_out", "proj_out"]
+    for k in range(max(int(steps), 1)):
+        sfx = f"#{k}" if k else ""
+        out += [Aligned(f"transformer.{n}{sfx}", f"transformer.{n}{sfx}", "transformer", i)
+                for i, n in enumerate(names)]
+    vae_blocks = len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"])
+    vae = (["decoder.conv_in", "decoder.mid_block"] + [f"decoder.up_blocks.{i}" for i in range(vae_blocks)]
+           + ["decoder.conv_out"])
+    out += [Aligned(f"vae.{n}", f"vae.{n}", "vae", i) for i, n in enumerate(vae)]
+    return out
+
+
+def is_flow_folder(configs_dir: Path) -> bool:
+    try:
+        return json.loads((Path(configs_dir) / "model_index.json").read_text()).get("_class_name") in (
+            "StableDiffusion3Pipeline", "FluxPipeline")
+    except (OSError, ValueError):
+        return False
+
+
+def alignment_for(configs_dir: Path, timesteps, naming: str, steps: int | None = None) -> list[Aligned]:
     """Every compared point of the pipeline folder's model; a backend that records diffusers names is
     aligned name to name (both fields the diffusers name)."""
+    if is_flow_folder(configs_dir):
+        return flow_alignment(configs_dir, steps or 1)
     layout = layout_from_pipeline_dir(Path(configs_dir))
     vae_blocks = len(json.loads((Path(configs_dir) / "vae" / "config.json").read_text())["block_out_channels"])
     points = (text_alignment(layout) + conditioning_alignment(layout.family) + unet_alignment(layout, timesteps)

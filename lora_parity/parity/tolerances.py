@@ -168,7 +168,10 @@ def _overridden(gate: LayerGate, dtype: str, rel: float | None, mismatch: float 
 #   LoRA effect (with - without, replayed on the same inputs): error / max|effect| max 2.8e-5 (port) /
 #     1.6e-5 (mindone) outside the sinusoid (time_embedding 1.1e-4; 2.6e-4 on random:tiny-refiner, t=999).
 SINUSOID_POINTS = ("model.diffusion_model.time_embed", "unet.time_embedding", "conditioner.vector",
-                   "conditioning.add_embedding_input")
+                   "conditioning.add_embedding_input", "transformer.time_text_embed")
+# the denoisers: a UNet (SD / SDXL) or an SD3 / Flux transformer, both fed the timestep sinusoid; their chained
+# row carries its propagation (LAYER_GATES), the same mechanism in both
+DENOISERS = ("unet", "transformer")
 _LOCAL_F32 = dict(rel=1e-5, rtol=1e-4, atol=3e-5, mismatch=1e-3, rms=3e-6)
 LOCAL_GATES: dict[tuple[str, str], LayerGate] = {
     (b, "F32"): LayerGate(
@@ -205,7 +208,7 @@ for _dt in ("F16", "BF16"):
 
 
 def is_sinusoid_point(name: str) -> bool:
-    return name.split("@t")[0] in SINUSOID_POINTS
+    return name.split("@t")[0].split("#")[0] in SINUSOID_POINTS  # "#k": the same point at a later step
 
 
 def point_gate(dtype: str, backend: str, kind: str, component: str, name: str, *, overrides: dict | None = None,
@@ -223,7 +226,7 @@ def point_gate(dtype: str, backend: str, kind: str, component: str, name: str, *
         gate = replace(LOCAL_GATES[(backend, dtype)], rms=LOCAL_TEXT_RMS, row="local-text", reason=LOCAL_TEXT_REASON)
     elif kind == "local":
         gate = LOCAL_GATES[(backend, dtype)]
-    elif component == "unet":
+    elif component in DENOISERS:
         gate = replace(LAYER_GATES[(backend, dtype)], row="chained-unet")
     else:
         gate = CHAINED_TIGHT[(backend, dtype)]

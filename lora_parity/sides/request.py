@@ -53,6 +53,7 @@ class SideRequest:
     port_numerics: str | None = None  # the port's numerics spec (backends.mindspore.numerics; None: default)
     # replay every aligned block on the reference's inputs (``arrays["ref/NAME"]``, by this side's names; a
     # PyTorch fp32 side without refs replays on its own outputs), with and without the LoRA
+    max_sequence_length: int | None = None  # SD3 / Flux: T5 tokens encoded (None: 256)
     replay: bool = True
     replay_only: bool = False  # no chained pass: only the replayed blocks (the reference side always chains)
 

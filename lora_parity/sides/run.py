@@ -47,6 +47,13 @@ def lora_modules(req: SideRequest) -> list[str]:
     from lora_parity.convert.layout import layout_from_pipeline_dir
 
     path = Path(req.lora)
+    from lora_parity.parity.align import is_flow_folder
+
+    if is_flow_folder(Path(req.pipeline_dir)):  # SD3 / Flux: PEFT names are the modules' diffusers names
+        from lora_parity.convert.safetensors_io import read_safetensors
+
+        tensors, _ = read_safetensors(path)
+        return sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k or ".lora_B." in k})
     # the EMA choice selects within a MindONE checkpoint; a side given a converted PEFT / kohya file already
     # holds the chosen set (compare converted it with the same choice)
     lora = load_lora(path, layout=layout_from_pipeline_dir(Path(req.pipeline_dir)), alpha=req.alpha,

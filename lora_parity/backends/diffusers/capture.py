@@ -184,6 +184,12 @@ def capture_pt(req: SideRequest) -> SideResult:
     from lora_parity.sides.environment import attention_kernels, torch_environment
 
     torch.manual_seed(0)
+    from lora_parity.backends.flow import capture_flow, is_flow_folder, torch_lib
+
+    if is_flow_folder(req.pipeline_dir):  # SD3 / Flux: the transformer families' own capture
+        out = capture_flow(req, torch_lib(), {"side": "pt", "dtype": req.dtype, "versions": _versions()})
+        out.meta["numerics_env"] = torch_environment(req, attention={})
+        return out
     reset_peak_rss()
     t_start = time.perf_counter()
     dtype = _torch_dtype(req.dtype)

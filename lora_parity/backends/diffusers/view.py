@@ -46,7 +46,7 @@ def _no_grad(fn):
     return wrapper
 
 
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 # diffusers module names hooked in the UNet, in the order of the forward pass
 UNET_HOOK_PATTERNS = (
@@ -157,7 +157,7 @@ _BAD_MESSAGE = re.compile(r"unexpected keys|missing keys|not found|not used|unus
                           re.IGNORECASE)
 _LORA_TENSOR = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|lora_linear_layer\.down|"
                           r"lora_linear_layer\.up)\.weight$|_lora\.(down|up)\.weight$")
-_PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B)\.weight$")
+_PEFT_KEY = re.compile(r"^(unet|transformer|text_encoder|text_encoder_2|text_encoder_3)\.(.+)\.(lora_A|lora_B)\.weight$")
 
 
 def _norm_key(key: str) -> str:

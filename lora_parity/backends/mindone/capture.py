@@ -187,7 +187,7 @@ def check_lora_landed(pipe, path: Path, adapter: str = ADAPTER) -> list[str]:
     wanted = {k: t for k, t in tensors.items() if any(f".{x}." in k for x in _LORA_KEY)}
     found = {}
     tag = f".{adapter}.weight"
-    for comp in ("unet", "text_encoder", "text_encoder_2"):
+    for comp in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
         model = getattr(pipe, comp, None)
         if model is None:
             continue
@@ -228,6 +228,15 @@ def capture_mindone(req: SideRequest) -> SideResult:
     from lora_parity.sides.quiet import quiet_frameworks
 
     quiet_frameworks()
+    from lora_parity.backends.flow import capture_flow, is_flow_folder, mindone_lib
+
+    if is_flow_folder(req.pipeline_dir):  # SD3 / Flux: the transformer families' own capture
+        out = capture_flow(req, mindone_lib(), {"side": "ms", "backend": "mindone", "dtype": req.dtype,
+                                                "versions": versions(), "mindspore_settings": settings})
+        from lora_parity.sides.environment import mindspore_environment
+
+        out.meta["numerics_env"] = mindspore_environment(req, settings, backend="mindone", attention={})
+        return out
     dtype = _ms_dtype(req.dtype)
     result = SideResult(meta={"side": "ms", "backend": "mindone", "dtype": req.dtype, "versions": versions(),
                               "mindspore_settings": settings, "seconds": {}})

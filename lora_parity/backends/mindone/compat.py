@@ -338,6 +338,14 @@ def repeat_interleave(input, repeats, dim=None, *, output_size=None):
     return expanded.reshape(new_shape)
 
 
+def _tensor_repeat_interleave(self, repeats, dim=None, *, output_size=None):
+    """``Tensor.repeat_interleave`` (the method MindONE's rotary embeddings call) through
+    :func:`repeat_interleave`; per-element repeat counts keep the tensor's own method."""
+    if _int_repeats(repeats) is None:
+        return original("mindspore.Tensor.repeat_interleave")(self, repeats, dim, output_size=output_size)
+    return repeat_interleave(self, repeats, dim, output_size=output_size)
+
+
 def _einsum_from_sublists(args):
     """(op, sublist, op, sublist, ..., [out]) -> (equation, operands), as mint accepts."""
     def letters(sub):
@@ -425,6 +433,70 @@ def einsum(equation, *operands):
     return product
 
 
+def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False):
+    """``mint.nn.functional.embedding``: row ``input[...]`` of ``weight`` for every index.
+
+    ``padding_idx`` and ``scale_grad_by_freq`` only shape gradients, so a forward pass ignores them;
+    ``max_norm`` renormalises ``weight`` in place, which inference code never asks for (refused)."""
+    if max_norm is not None:
+        raise NotImplementedError("embedding: max_norm (in-place renormalisation) is not supported on CPU")
+    if input.dtype not in (ms.int32, ms.int64):
+        raise TypeError(f"embedding: indices must be int32 or int64, got {input.dtype}")
+    n = weight.shape[0]
+    if padding_idx is not None and not -n <= int(padding_idx) < n:
+        raise ValueError(f"embedding: padding_idx {padding_idx} out of range for {n} rows")
+    flat = input.reshape(-1)
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= n):
+        raise IndexError(f"embedding: an index is out of range for {n} rows")
+    return ops.gather(weight, flat, 0).reshape(tuple(input.shape) + tuple(weight.shape[1:]))
+
+
+def _embedding_construct(self, input):
+    """``mint.nn.Embedding.construct`` (``nn.EmbeddingExt``) through :func:`embedding`."""
+    return embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq)
+
+
+class FlashAttentionScore:
+    """``ops.operations.nn_ops.FlashAttentionScore`` (Ascend only) as plain attention, same contract.
+
+    MindONE's ``layers_compat.scaled_dot_product_attention`` (Flux's attention dispatch) always ends in
+    this kernel: it casts float32 query / key / value to float16 first and the output back (its math
+    branch is computed, then overwritten).  The stand-in keeps that contract: it takes the float16
+    inputs it is given, computes ``softmax(q k^T * scale, masked) v`` in float32 (as the kernel
+    accumulates) and returns the output in the inputs' dtype, at index 3 of the kernel's outputs.
+    ``attn_mask`` True means *discard* (MindSpore's convention).  Layouts BNSD and BSH (one head)."""
+
+    def __init__(self, head_num=1, keep_prob=1.0, scale_value=1.0, pre_tokens=2147483647, next_tokens=2147483647,
+                 inner_precise=0, input_layout="BSH", sparse_mode=0):
+        if input_layout not in ("BNSD", "BSH"):
+            raise NotImplementedError(f"FlashAttentionScore: layout {input_layout} is not supported on CPU")
+        if float(keep_prob) != 1.0:
+            raise NotImplementedError("FlashAttentionScore: dropout (keep_prob < 1) is not supported on CPU")
+        self.head_num, self.scale, self.layout = int(head_num), float(scale_value), input_layout
+
+    def __call__(self, query, key, value, real_shift=None, drop_mask=None, padding_mask=None, attn_mask=None,
+                 prefix=None):
+        if real_shift is not None or drop_mask is not None or padding_mask is not None or prefix is not None:
+            raise NotImplementedError("FlashAttentionScore: only query, key, value and attn_mask on CPU")
+        q, k, v = (t.astype(ms.float32) for t in (query, key, value))
+        if self.layout == "BSH":
+            if self.head_num != 1:
+                raise NotImplementedError("FlashAttentionScore: BSH with several heads is not supported on CPU")
+            q, k, v = (t.expand_dims(1) for t in (q, k, v))
+        scores = ops.matmul(q, k.swapaxes(-2, -1)) * self.scale
+        if attn_mask is not None:
+            discard = attn_mask.astype(ms.bool_)
+            while discard.ndim < scores.ndim:
+                discard = discard.expand_dims(0 if discard.ndim < 2 else 1)
+            scores = ops.masked_fill(scores, ops.broadcast_to(discard, scores.shape), float("-inf"))
+        scores = scores - ops.amax(scores, -1, keepdims=True)
+        weights = ops.exp(scores)
+        out = ops.matmul(weights / ops.sum(weights, -1, keepdim=True), v)
+        if self.layout == "BSH":
+            out = out.squeeze(1)
+        return (None, None, None, out.astype(query.dtype))
+
+
 # --------------------------------------------------------------------------- the table
 
 @dataclasses.dataclass(frozen=True)
@@ -471,10 +543,18 @@ CPU_COMPAT: tuple[CompatEntry, ...] = (
                 "positional grids in embeddings (the Euler scheduler itself uses numpy)"),
     CompatEntry("Baddbmm", ((_M + "baddbmm", baddbmm),),
                 "Attention.get_attention_scores when an attention mask is passed (SDXL passes none)"),
-    CompatEntry("RepeatInterleaveInt", ((_M + "repeat_interleave", repeat_interleave),),
-                "grouped key/value heads in attention processors"),
+    CompatEntry("RepeatInterleaveInt", ((_M + "repeat_interleave", repeat_interleave),
+                                        ("mindspore.Tensor.repeat_interleave", _tensor_repeat_interleave)),
+                "Flux: get_1d_rotary_pos_embed interleaves cos/sin with the Tensor method; grouped key/value "
+                "heads in attention processors"),
     CompatEntry("Einsum", ((_M + "einsum", einsum),),
                 "mint.einsum raises 'einsum only supports Ascend': Transformer2DModel unpatchify of patched inputs"),
+    CompatEntry("Embedding", ((_F + "embedding", embedding), (_M + "nn.Embedding.construct", _embedding_construct)),
+                "SD3 / Flux: T5's token embedding and relative-position bias (mint.nn.Embedding = nn.EmbeddingExt "
+                "calls ops.embedding inside construct, so construct is replaced)"),
+    CompatEntry("FlashAttentionScore", (("mindspore.ops.operations.nn_ops.FlashAttentionScore", FlashAttentionScore),),
+                "Flux: MindONE's attention dispatch (layers_compat.scaled_dot_product_attention) builds this kernel "
+                "on every call, with float16 inputs even in a float32 pipeline; the stand-in keeps that"),
 )
 
 # --------------------------------------------------------------------------- patching
