@@ -668,8 +668,12 @@ def tensors_for(lora: LoraSet, fmt: str, *, dotted: bool = False) -> tuple[dict[
     """The exact key -> tensor dict (and header metadata / .ckpt strings) a format stores."""
     km = lora.keymap
     spelling = ms_style(lora)
-    out = {k: t for p in lora.ordered()
-           for k, t, _ in pair_tensors(p, fmt, km.te_kohya, km.kohya_unet_style, ms_spelling=spelling, dotted=dotted)}
+    out: dict[str, Tensor] = {}
+    for p in lora.ordered():
+        for k, t, _ in pair_tensors(p, fmt, km.te_kohya, km.kohya_unet_style, ms_spelling=spelling, dotted=dotted):
+            if k in out:  # a key map naming two modules alike would silently lose one: never write that
+                raise LoraParityError(f"two modules would be written under one {fmt} name (key-map fault)", key=k)
+            out[k] = t
     meta: dict[str, str] = {}
     if fmt == "ms" and spelling == "ldm" and len(lora.ranks()) == 1:
         # as MindONE's EvalSaveCallback appends it (save_checkpoint writes a Python int as a 0-d Int64)
