@@ -206,13 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a LoRA between MindONE .ckpt and PEFT/kohya safetensors",
                        description="Convert a LoRA. A MindONE .ckpt becomes PEFT (default) or kohya "
                                    "safetensors; a PEFT or kohya file becomes a MindONE .ckpt. --format kohya "
-                                   "with a .ckpt output writes the names MindONE's sd-scripts port uses.")
+                                   "with a .ckpt output writes the names MindONE's sd-scripts port uses. SD3 / "
+                                   "Flux (no MindONE .ckpt: mindone.diffusers saves PEFT): PEFT <-> kohya.")
     c.add_argument("src", help="input LoRA (.ckpt, .safetensors; .bin/.pt read with weights_only)")
     c.add_argument("-o", "--output", help="output file (default: <src stem>_pt.safetensors or <src stem>_ms.ckpt "
-                                          "beside the source; .bin/.pt writes a torch pickle)")
+                                          "beside the source, SD3 / Flux kohya <src stem>_kohya.safetensors; "
+                                          ".bin/.pt writes a torch pickle)")
     c.add_argument("--format", choices=("peft", "kohya", "ms"),
-                   help="output format (default: peft for a MindONE input, ms for a PyTorch input)")
-    c.add_argument("--layout", help="sdxl-base, sdxl-refiner, sd15, sd21, a diffusers unet config.json or pipeline folder "
+                   help="output format (default: peft for a MindONE input, ms for a PyTorch input; SD3 / Flux: "
+                        "kohya for PEFT, peft for kohya)")
+    c.add_argument("--layout", help="sdxl-base, sdxl-refiner, sd15, sd21, sd3, flux, tiny-sd3, tiny-flux, a diffusers "
+                                    "unet / transformer config.json or pipeline folder "
                                     "(default: detected from the checkpoint's names and shapes)")
     c.add_argument("--alpha", type=float, help="LoRA alpha (MindONE .ckpt stores none; default: rank, scale 1)")
     c.add_argument("--lora-scale", type=float,

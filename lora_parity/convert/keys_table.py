@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_parity.convert.converter import load_lora
+from lora_parity.convert.converter import default_format, load_lora
 from lora_parity.convert.formats import ms_style, pair_tensors
 from lora_parity.convert.layout import load_layout
 
@@ -16,7 +16,7 @@ def keys_table(src: Path, *, layout: str | None = None, fmt: str | None = None,
     ``.alpha`` has no source tensor (alpha comes from ``--alpha`` or the rank).
     """
     lora = load_lora(src, layout=load_layout(layout) if layout else None, strict=strict)
-    dst_fmt = fmt or ("peft" if lora.source_format == "ms" else "ms")
+    dst_fmt = fmt or default_format(lora, lora.source_format == "ms")
     te, style, spelling = lora.keymap.te_kohya, lora.keymap.kohya_unet_style, ms_style(lora)
     rows = []
     for p in lora.ordered():
