@@ -463,3 +463,62 @@ def test_diffusers_loads_every_tensor_of_our_peft_and_kohya_files(tmp_path, fami
     pipe.load_lora_weights(str(tmp_path / "kohya.safetensors"))
     # kohya: alpha/rank folded into lora_A by diffusers' reader, PEFT scaling 1
     _check_landed(landed(pipe, family), klora, a_factor=alpha / rank, scaling=1.0)
+
+
+# ---------------------------------------------------------------- sd-scripts' Flux LoRA (BFL names), read only
+
+def test_sd_scripts_flux_bfl_names_read_exactly(tmp_path):
+    """A LoRA on BFL's fused Linears is the diffusers modules' LoRAs with one shared lora_down and lora_up
+    stacked by rows (final modulation: BFL (shift, scale) vs diffusers (scale, shift)); read back bitwise."""
+    layout = load_layout("tiny-flux")
+    h = layout.transformer.hidden_size
+    rng = np.random.default_rng(11)
+    rank, alpha = 2, 3.0
+
+    def t(*shape):
+        return Tensor.from_numpy(rng.standard_normal(shape).astype(np.float32))
+
+    groups = {  # BFL module -> diffusers modules (lora_up row order), from BFL's and diffusers' module code
+        "double_blocks_0_img_attn_qkv": [f"transformer_blocks.0.attn.to_{p}" for p in "qkv"],
+        "double_blocks_0_txt_attn_qkv": [f"transformer_blocks.0.attn.add_{p}_proj" for p in "qkv"],
+        "double_blocks_0_img_mod_lin": ["transformer_blocks.0.norm1.linear"],
+        "single_blocks_1_linear1": [f"single_transformer_blocks.1.attn.to_{p}" for p in "qkv"]
+                                   + ["single_transformer_blocks.1.proj_mlp"],
+        "single_blocks_1_linear2": ["single_transformer_blocks.1.proj_out"],
+        "img_in": ["x_embedder"],
+        "guidance_in_out_layer": ["time_text_embed.guidance_embedder.linear_2"],
+        "final_layer_adaLN_modulation_1": ["norm_out.linear"],
+    }
+    km = keymap_for(layout)
+    bfl_file, expect = {}, {}
+    for bfl, mods in groups.items():
+        entries = [km.by_diffusers[f"transformer.{m}"][0] for m in mods]
+        a = t(rank, entries[0].in_features)
+        ups = [t(e.out_features, rank) for e in entries]
+        for e, b in zip(entries, ups):
+            expect[e.diffusers[0]] = (a, b)
+        up = np.concatenate([b.data for b in ups], axis=0)
+        if bfl.startswith("final_layer"):
+            up = np.concatenate([up[h:], up[:h]], axis=0)  # BFL order: shift first
+        bfl_file[f"lora_unet_{bfl}.lora_down.weight"] = a
+        bfl_file[f"lora_unet_{bfl}.lora_up.weight"] = Tensor.from_numpy(up)
+        bfl_file[f"lora_unet_{bfl}.alpha"] = Tensor.from_numpy(np.array(alpha, dtype=np.float32).reshape(()))
+    write_safetensors(tmp_path / "bfl.safetensors", bfl_file, {"ss_network_module": "networks.lora_flux"})
+    code, out, err = run_cli(["convert", str(tmp_path / "bfl.safetensors"), "--layout", "tiny-flux",
+                              "--format", "peft", "-o", str(tmp_path / "peft.safetensors")])
+    assert code == 0, err
+    assert "sd-scripts' Flux (BFL) names" in out
+    lora = load_lora(tmp_path / "peft.safetensors", layout=layout)
+    got = {p.module.diffusers[0]: p for p in lora.ordered()}
+    assert set(got) == set(expect)
+    bad = [n for n, (a, b) in expect.items()
+           if not (got[n].A.bitwise_equal(a) and got[n].B.bitwise_equal(b) and got[n].alpha == alpha)]
+    assert not bad, bad
+    # a fused lora_up whose rows do not fit the modules is one line naming the key
+    bad_file = dict(bfl_file)
+    bad_file["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"] = t(3 * h + 1, rank)
+    write_safetensors(tmp_path / "bad.safetensors", bad_file)
+    code, _, err = run_cli(["convert", str(tmp_path / "bad.safetensors"), "--layout", "tiny-flux", "--format", "peft",
+                            "-o", str(tmp_path / "x.safetensors")])
+    assert code == 2 and "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in err
+    assert len(err.strip().splitlines()) == 1

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_parity.convert import ckpt_io
+from lora_parity.convert import bfl, ckpt_io
 from lora_parity.atomic import atomic_output
 from lora_parity.errors import CheckpointFormatError, LoraParityError
 from lora_parity.convert.keymap import UNET_DIFFUSERS, kohya_dotted_name, kohya_name
@@ -433,6 +433,8 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
         half = {"down": "A", "up": "B"}.get(half, half)
         h.modules.setdefault(mod, {})[half] = t
         h.keys.setdefault(mod, {})[half] = key
+    if fmt == "kohya" and bfl.is_bfl(h.modules):  # sd-scripts' Flux LoRA: BFL names, fused q/k/v
+        bfl.split_bfl(h)
     for mod in list(h.alpha_overrides):
         if mod not in h.modules:
             h.unknown.append(f"{mod}.alpha")
