@@ -307,6 +307,12 @@ def test_unet_only_steps_on_a_transformer_layout_raise_a_clear_error():
     with pytest.raises(LoraParityError, match=r"layout 'sd3' \(SD3\) has a diffusers transformer, no UNet"):
         layout.unet.addition_time_embed_dim
     assert hash(layout) == hash(load_layout("sd3"))  # still a cache key
+    from lora_parity.convert.fullweights import param_maps
+
+    with pytest.raises(LoraParityError, match="UNet families only"):
+        param_maps(layout)
+    with pytest.raises(LoraParityError, match="needs a UNet layout"):
+        ModelLayout("x", None, family="sdxl")
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

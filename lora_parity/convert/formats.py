@@ -746,7 +746,8 @@ def _adapter_metadata(lora: LoraSet) -> dict:
 def write(path: Path, lora: LoraSet, fmt: str) -> tuple[int, int]:
     """Atomically write ``lora`` as ``fmt``; the container follows the extension. Returns (bytes, tensors)."""
     suffix = path.suffix.lower()
-    check_writable(lora, fmt, dst=path) if lora.layout.is_transformer else None
+    if lora.layout.is_transformer:  # no MindONE .ckpt for SD3 / Flux, whoever calls
+        check_writable(lora, fmt, dst=path)
     tensors, meta = tensors_for(lora, fmt, dotted=fmt == "kohya" and suffix == ".ckpt")
     if fmt == "kohya" and suffix == ".ckpt":  # MindONE's sd-scripts port: dotted names, header as str records
         ckpt_io.write_ckpt(path, tensors, strings={k: v for k, v in meta.items() if k != OUR_METADATA_KEY})

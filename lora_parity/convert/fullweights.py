@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from lora_parity.errors import KeyMapError
+from lora_parity.errors import KeyMapError, LoraParityError
 from lora_parity.convert.keymap import ModuleEntry, keymap_for
 from lora_parity.convert.layout import ModelLayout
 
@@ -142,6 +142,9 @@ def vae_param_maps(vae: VaeLayout) -> list[ParamMap]:
 
 def param_maps(layout: ModelLayout, vae: VaeLayout | None = None) -> list[ParamMap]:
     """Every parameter of the model, SGM name <-> diffusers name(s) and rule."""
+    if layout.is_transformer:  # the key map of SD3 / Flux lists Linears only, and there is no SGM model of them
+        raise LoraParityError(f"layout '{layout.name}' ({layout.family.upper()}): whole-model SGM <-> diffusers "
+                              f"weights exist for the UNet families only (mindone.diffusers loads diffusers' files)")
     km = keymap_for(layout)
     maps = [p for e in km.entries for p in _module_params(e)] + _text_extras(layout)
     if vae is not None:
