@@ -92,9 +92,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             allow_env_drift=args.allow_env_drift),
             Path(args.ms_bundle), Path(args.pt_bundle), Path(args.pt_low_bundle) if args.pt_low_bundle else None)
         return _print_report(args, report)
-    if args.allow_env_drift:
-        raise LoraParityError("--allow-env-drift applies to --ms-bundle/--pt-bundle (one compare runs both sides "
-                              "in one environment)")
     report = run_compare(CompareOptions(
         pt_base=Path(args.pt_base) if args.pt_base else None, ms_base=Path(args.ms_base) if args.ms_base else None,
         base=args.base, variant=args.variant, cache=Path(args.cache) if args.cache else None,
@@ -109,7 +106,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         progress=args.steps is not None and not args.quiet, dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge,
         ms_backend=args.ms_backend, ms_python=args.ms_python, ema=args.ema, port_numerics=args.port_numerics,
         replay_only=args.replay_only, report_dir=Path(args.report) if args.report else None,
-        lora_scale=args.lora_scale))
+        lora_scale=args.lora_scale, allow_env_drift=args.allow_env_drift))
     return _print_report(args, report)
 
 
@@ -269,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for an fp16/bf16 MindSpore bundle: the diffusers capture in that dtype")
     m.add_argument("--allow-env-drift", action="store_true",
                    help="judge bundles whose numerical environments differ in ways that make an fp32 comparison "
-                        "meaningless (TF32/HF32 on, another scheduler or VAE upcast); recorded in report.json")
+                        "meaningless (TF32/HF32 on, another scheduler or VAE upcast), or a run whose MindSpore side "
+                        "computes attention in float16 while claiming fp32 (mindone's Flux); recorded in report.json")
     m.add_argument("--ms-lora", help="MindONE LoRA .ckpt (omit to compare the base models); for --ms-backend mindone "
                                      "also a PEFT .safetensors")
     m.add_argument("--pt-lora", help="PyTorch LoRA to compare against (default: convert --ms-lora)")

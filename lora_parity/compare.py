@@ -273,11 +273,10 @@ def replay_refs(pt: SideResult, configs_dir: Path, timesteps, backend: str) -> d
     from lora_parity.backends import get_backend
     from lora_parity.sides.request import REF
 
-    if is_flow_folder(Path(configs_dir)):  # SD3 / Flux: judged by chained errors (no replay yet)
-        return {}
     naming = get_backend(backend).naming
-    return {REF + a.sgm: pt.acts[a.diffusers] for a in alignment_for(Path(configs_dir), timesteps, naming)
-            if a.diffusers in pt.acts}
+    steps = (pt.meta.get("inputs") or {}).get("steps")  # SD3 / Flux: the transformer's points per step
+    return {REF + a.sgm: pt.acts[a.diffusers]
+            for a in alignment_for(Path(configs_dir), timesteps, naming, steps=steps) if a.diffusers in pt.acts}
 
 
 def run_compare(o: CompareOptions) -> ParityReport:
@@ -309,7 +308,10 @@ def run_compare(o: CompareOptions) -> ParityReport:
                                                                                     o.ms_backend)})
         ms = _side(o, "ms", side_request(o, base, "ms", lora=ms_lora, dtype=o.dtype, replay_only=o.replay_only,
                                          **ms_common))
+    allowed = check_reduced_fp32(ms, pt, pt_low, allow=o.allow_env_drift, where=base.pipeline_dir)
     report, images = judge(o, base.pipeline_dir, ms, pt, pt_low)
+    if allowed:
+        report.meta["env_drift_allowed"] = allowed
     report.meta.update({
         "prompt": prompt, "latents_shape": list(latents.shape),
         "base": o.base if o.base else {"pt_base": str(o.pt_base), "ms_base": str(o.ms_base)},
@@ -322,6 +324,26 @@ def run_compare(o: CompareOptions) -> ParityReport:
 
         write_report(Path(o.report_dir), report, images)
     return report
+
+
+def check_reduced_fp32(ms: SideResult, pt: SideResult, pt_low: SideResult | None, *, allow: bool,
+                       where: Path) -> list[str] | None:
+    """A run (both sides here, one environment) where a side computes with reduced float32 precision while
+    claiming fp32 (mindone's float16 attention, TF32 / HF32): printed, and refused unless ``allow``
+    (then returned, recorded in report.json).  Bundles get the whole environment check instead."""
+    from lora_parity.sides.environment import environment_drift
+
+    envs = {"mindspore": ms.meta.get("numerics_env") or {}, "pytorch": pt.meta.get("numerics_env") or {}}
+    if pt_low is not None:
+        envs["pytorch_low"] = pt_low.meta.get("numerics_env") or {}
+    refused = [d.text for d in environment_drift(envs, []) if d.refuse]
+    for text in refused:
+        print(f"environment: {text}" + ("" if allow else " [refused]"))
+    if refused and not allow:
+        raise LoraParityError(f"numerical environments make this comparison meaningless: {'; '.join(refused)} "
+                              f"(--dtype fp16 compares at the precision it computes; --allow-env-drift judges "
+                              f"anyway)", path=where)
+    return refused or None
 
 
 def judge(o: CompareOptions, configs_dir: Path, ms: SideResult, pt: SideResult,

@@ -55,10 +55,12 @@ class FlowLib:
     register_hook: Callable[[Any, Callable], Any]  # (module, hook(module, args, output)) -> handle
     is_tensor: Callable[[Any], bool]
     to_numpy: Callable[[Any], np.ndarray]         # float64
-    tensor: Callable[[np.ndarray, str], Any]      # numpy -> tensor of the run's dtype
+    tensor: Callable[..., Any]                    # (numpy, dtype name | None, like=tensor) -> tensor
     no_grad: Callable[[], Any]
     load_pipeline: Callable[[SideRequest, Any], Any]
     load_lora: Callable[[Any, Path], list]        # -> file keys that landed (raises if any did not)
+    framework: Callable[[], Any]                  # the replay Framework (adapters on / off)
+    reduced_attention: Callable[..., list] | None = None  # (dtype, **models) -> phrases (mindone)
 
 
 def point_name(component: str, module: str) -> str:
@@ -69,34 +71,57 @@ def point_name(component: str, module: str) -> str:
 
 
 @contextlib.contextmanager
-def hooked(lib: FlowLib, root, component: str, patterns) -> Iterator[dict[str, np.ndarray]]:
+def hooked(lib: FlowLib, root, component: str, patterns, ref: dict | None = None
+           ) -> Iterator[dict[str, np.ndarray]]:
     """Forward hooks on ``root``'s modules matching ``patterns``; tuple outputs of two streams give
-    ``name`` (image stream, the last) and ``name.context`` (text stream, the first)."""
+    ``name`` (image stream, the last) and ``name.context`` (text stream, the first).  A module that
+    runs again is recorded as ``name#1``, ``name#2`` ... (the denoising steps).
+
+    With ``ref`` (replay, see :mod:`lora_parity.backends.replay`): each recorded output is handed on as
+    the reference's value of the same name instead, so the next module starts from the reference's
+    inputs and what is recorded is what each module alone adds."""
     regexes = [re.compile(p) for p in patterns]
     out: dict[str, np.ndarray] = {}
+    calls: dict[str, int] = {}
     handles = []
 
-    def put(key, value):
-        name, k = key, 0
-        while name in out:
-            k += 1
-            name = f"{key}#{k}"
+    def put(name, value):
         out[name] = lib.to_numpy(value)
+        if ref is not None and name in ref and tuple(ref[name].shape) == tuple(value.shape):
+            return lib.tensor(np.asarray(ref[name], np.float32), None, like=value)
+        return None
 
     def make(key, two_streams: bool):
         def hook(_mod, _args, output):
-            if isinstance(output, dict):
-                output = list(output.values())
-            if isinstance(output, (tuple, list)):
-                tensors = [o for o in output if lib.is_tensor(o)]
-                if two_streams and len(output) == 2 and lib.is_tensor(output[1]):
-                    put(key, output[1])
-                    if output[0] is not None:
-                        put(key + ".context", output[0])
-                elif tensors:
-                    put(key, tensors[0])
-            elif lib.is_tensor(output):
-                put(key, output)
+            n = calls.get(key, 0)
+            calls[key] = n + 1
+            sfx = f"#{n}" if n else ""
+            if isinstance(output, (tuple, list)) and not isinstance(output, dict):
+                items = list(output)
+                if two_streams and len(items) == 2 and lib.is_tensor(items[1]):
+                    new1 = put(key + sfx, items[1])
+                    new0 = put(key + ".context" + sfx, items[0]) if items[0] is not None else None
+                    if new0 is None and new1 is None:
+                        return None
+                    return type(output)([items[0] if new0 is None else new0, items[1] if new1 is None else new1])
+                first = next((i for i, o in enumerate(items) if lib.is_tensor(o)), None)
+                if first is None:
+                    return None
+                new = put(key + sfx, items[first])
+                if new is None:
+                    return None
+                items[first] = new
+                return type(output)(items)
+            if lib.is_tensor(output):
+                return put(key + sfx, output)
+            if isinstance(output, dict):  # a ModelOutput: its first tensor
+                k0 = next((k for k, v in output.items() if lib.is_tensor(v)), None)
+                if k0 is not None:
+                    new = put(key + sfx, output[k0])
+                    if new is not None:
+                        output[k0] = new
+                        return output
+            return None
         return hook
 
     try:
@@ -117,81 +142,130 @@ def text_components(pipe) -> list[str]:
 
 
 def capture_flow(req: SideRequest, lib: FlowLib, meta: dict) -> SideResult:
-    """Run ``lib``'s SD3 / Flux pipeline for ``req``: layers, conditioning, steps, image."""
+    """Run ``lib``'s SD3 / Flux pipeline for ``req``: layers, conditioning, steps, image; then the replay."""
     reset_peak_rss()
     t_start = time.perf_counter()
     result = SideResult(meta={**meta, "seconds": {}})
     t0 = time.perf_counter()
-    pipe = lib.load_pipeline(req, lib.library)
-    flux = type(pipe).__name__ == "FluxPipeline"
-    result.meta["pipeline"] = type(pipe).__name__
-    landed = lib.load_lora(pipe, Path(req.lora)) if req.lora else []
+    run = _Run(req, lib, lib.load_pipeline(req, lib.library))
+    result.meta["pipeline"] = type(run.pipe).__name__
+    if lib.reduced_attention is not None:  # attention computed in float16 in a float32 run (recorded)
+        result.meta["reduced_attention"] = lib.reduced_attention(req.dtype, transformer=run.pipe.transformer)
+    landed = lib.load_lora(run.pipe, Path(req.lora)) if req.lora else []
     result.meta["lora_tensors_loaded"] = len(landed)
     result.meta["seconds"]["load"] = time.perf_counter() - t0
 
-    # ---- text encoders, through the pipeline's own encode_prompt
     t0 = time.perf_counter()
-    cfg_on = not flux and req.guidance > 1.0
-    seq = int(req.max_sequence_length or 256)
-    with contextlib.ExitStack() as stack:
-        got = [stack.enter_context(hooked(lib, getattr(pipe, c), c, TEXT_PATTERNS)) for c in text_components(pipe)]
-        with lib.no_grad():
-            if flux:
-                embeds, pooled, _ids = pipe.encode_prompt(req.prompt, prompt_2=None, max_sequence_length=seq)
-                gen = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-            else:
-                embeds, neg, pooled, npool = pipe.encode_prompt(
-                    req.prompt, None, None, do_classifier_free_guidance=cfg_on, max_sequence_length=seq)
-                gen = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-                if cfg_on:
-                    gen.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=npool)
-    if req.activations:
-        for g in got:
-            result.acts.update(g)
-        for k, v in gen.items():
-            result.acts[f"conditioning.{k}"] = lib.to_numpy(v)
+    text, gen = run.encode()
     result.meta["seconds"]["text_encoders"] = time.perf_counter() - t0
-
-    # ---- the pipeline's own denoising loop and decode, transformer and VAE hooked
     t0 = time.perf_counter()
-    latents = np.ascontiguousarray(req.arrays["latents"], dtype=np.float32)
-    factor = _vae_scale_factor(pipe)
-    h, w = latents.shape[-2] * factor, latents.shape[-1] * factor
-    x = lib.tensor(latents, req.dtype)
-    if flux:
-        b, c, lh, lw = latents.shape
-        x = pipe._pack_latents(x, b, c, lh, lw)
-    ends: list[float] = []
-
-    def on_step_end(_pipe, _i, _t, kwargs):
-        ends.append(time.perf_counter())
-        return kwargs
-
-    kwargs = dict(gen, latents=x, num_inference_steps=int(req.steps or 1), height=h, width=w,
-                  guidance_scale=float(req.guidance), output_type="np", callback_on_step_end=on_step_end)
-    with contextlib.ExitStack() as stack:
-        tr = stack.enter_context(hooked(lib, pipe.transformer, "transformer", TRANSFORMER_PATTERNS)) \
-            if req.activations else {}
-        with lib.no_grad():
-            image = pipe(**kwargs)[0]
-    result.acts.update(tr)
-    if req.activations:  # the decoder on the request's latents (as SDXL's): its own error, not the loop's
-        cfg = pipe.vae.config
-        z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        with hooked(lib, pipe.vae, "vae", VAE_PATTERNS) as vae, lib.no_grad():
-            pipe.vae.decode(lib.tensor(z.astype(np.float32), req.dtype), return_dict=False)
-        result.acts.update(vae)
-    if req.steps is not None:
-        result.images["image"] = np.asarray(image[0], dtype=np.float32)
-    result.meta["timesteps_run"] = [float(t) for t in np.asarray(lib.to_numpy(pipe.scheduler.timesteps)).ravel()]
+    tr, image, ends = run.denoise(gen, output_type="np" if req.steps is not None else "latent")
+    result.meta["seconds"]["transformer"] = time.perf_counter() - t0
     result.meta["seconds_per_step"] = ((ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else
                                        (ends[-1] - t0 if ends else float("nan")))
-    result.meta["seconds"]["transformer_and_vae"] = time.perf_counter() - t0
-    del pipe
+    result.meta["timesteps_run"] = [float(t) for t in np.asarray(lib.to_numpy(run.pipe.scheduler.timesteps)).ravel()]
+    if req.steps is not None:
+        result.images["image"] = np.asarray(image[0], dtype=np.float32)
+    if req.activations and not req.replay_only:
+        result.acts.update(text)
+        result.acts.update({f"conditioning.{k}": lib.to_numpy(v) for k, v in gen.items()})
+        result.acts.update(tr)
+        result.acts.update(run.decode())
+    if req.activations and req.replay:
+        t0 = time.perf_counter()
+        run.replay(result, gen)
+        result.meta["seconds"]["replay"] = time.perf_counter() - t0
+    del run
     free_memory()
     result.meta["seconds"]["total"] = time.perf_counter() - t_start
     result.meta["peak_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+class _Run:
+    """One side's pipeline and the passes over it: chained (recorded) and replayed (substituted)."""
+
+    def __init__(self, req: SideRequest, lib: FlowLib, pipe):
+        self.req, self.lib, self.pipe = req, lib, pipe
+        self.flux = type(pipe).__name__ == "FluxPipeline"
+        self.cfg_on = not self.flux and req.guidance > 1.0
+        self.latents = np.ascontiguousarray(req.arrays["latents"], dtype=np.float32)
+
+    def encode(self, ref: dict | None = None):
+        """The pipeline's own ``encode_prompt`` with every text encoder hooked: (layers, conditioning)."""
+        pipe, lib, req = self.pipe, self.lib, self.req
+        seq = int(req.max_sequence_length or 256)
+        with contextlib.ExitStack() as stack:
+            got = [stack.enter_context(hooked(lib, getattr(pipe, c), c, TEXT_PATTERNS, ref))
+                   for c in text_components(pipe)]
+            with lib.no_grad():
+                if self.flux:
+                    embeds, pooled, _ids = pipe.encode_prompt(req.prompt, prompt_2=None, max_sequence_length=seq)
+                    gen = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+                else:
+                    embeds, neg, pooled, npool = pipe.encode_prompt(
+                        req.prompt, None, None, do_classifier_free_guidance=self.cfg_on, max_sequence_length=seq)
+                    gen = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+                    if self.cfg_on:
+                        gen.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=npool)
+        return {k: v for g in got for k, v in g.items()}, gen
+
+    def denoise(self, gen: dict, *, output_type: str, ref: dict | None = None):
+        """The pipeline's own loop from the request's noise, the transformer hooked: (layers, output, step ends)."""
+        pipe, lib, req = self.pipe, self.lib, self.req
+        factor = _vae_scale_factor(pipe)
+        h, w = self.latents.shape[-2] * factor, self.latents.shape[-1] * factor
+        x = lib.tensor(self.latents, req.dtype)
+        if self.flux:
+            b, c, lh, lw = self.latents.shape
+            x = pipe._pack_latents(x, b, c, lh, lw)
+        ends: list[float] = []
+
+        def on_step_end(_pipe, _i, _t, kwargs):
+            ends.append(time.perf_counter())
+            return kwargs
+
+        kwargs = dict(gen, latents=x, num_inference_steps=int(req.steps or 1), height=h, width=w,
+                      guidance_scale=float(req.guidance), output_type=output_type, callback_on_step_end=on_step_end)
+        with hooked(lib, pipe.transformer, "transformer", TRANSFORMER_PATTERNS, ref) as tr, lib.no_grad():
+            image = pipe(**kwargs)[0]
+        return tr, image, ends
+
+    def decode(self, ref: dict | None = None) -> dict:
+        """The decoder on the request's latents (as SDXL's): its own error, not the loop's."""
+        pipe, lib = self.pipe, self.lib
+        cfg = pipe.vae.config
+        z = self.latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        with hooked(lib, pipe.vae, "vae", VAE_PATTERNS, ref) as vae, lib.no_grad():
+            pipe.vae.decode(lib.tensor(z.astype(np.float32), self.req.dtype), return_dict=False)
+        return vae
+
+    def replay(self, result: SideResult, gen: dict) -> None:
+        """Every aligned point again on the reference's values (``local/``), and without the LoRA
+        (``nolora/``, the LoRA's own effect): the request's references (the MindSpore side, on PyTorch's
+        fp32 run) or this side's own chained outputs (the reference side: its replay with the LoRA
+        reproduces its chained run; without it, the effect the other side is judged against)."""
+        from lora_parity.backends.replay import adapters_disabled
+        from lora_parity.parity.verdict import LOCAL, NOLORA
+
+        ref = self.req.refs() or {k: v for k, v in result.acts.items() if not k.startswith(("_", LOCAL, NOLORA))}
+        lib = self.lib
+        cond = {k: lib.tensor(np.asarray(ref[f"conditioning.{k}"], np.float32), None, like=v)
+                if f"conditioning.{k}" in ref else v for k, v in gen.items()}
+
+        def one_pass(with_vae: bool) -> dict:
+            text, _ = self.encode(ref)
+            tr, _, _ = self.denoise(cond, output_type="latent", ref=ref)
+            out = {**text, **tr}
+            if with_vae:
+                out.update(self.decode(ref))
+            return out
+
+        result.acts.update({LOCAL + k: v for k, v in one_pass(True).items()})
+        if self.req.lora:
+            roots = [getattr(self.pipe, c) for c in text_components(self.pipe)] + [self.pipe.transformer]
+            with adapters_disabled(lib.framework(), *roots):
+                result.acts.update({NOLORA + k: v for k, v in one_pass(False).items()})
 
 
 def _vae_scale_factor(pipe) -> int:
@@ -251,74 +325,3 @@ def load_components(req: SideRequest, library, models, dtype_kw: dict, check) ->
         check(folder / comp, info)
         out[comp] = model
     return out
-
-
-def torch_lib() -> FlowLib:
-    import diffusers
-    import torch
-    import transformers
-
-    from lora_parity.backends.diffusers.capture import check_loading_info
-    from lora_parity.backends.diffusers.view import load_lora_checked
-
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-    def load_pipeline(req, library):
-        cls = flow_pipeline_class(Path(req.pipeline_dir), library)
-        comps = load_components(req, library, transformers, {"torch_dtype": dtypes[req.dtype]}, check_loading_info)
-        for m in comps.values():
-            if isinstance(m, torch.nn.Module):
-                m.eval()
-        pipe = cls(**comps)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    return FlowLib(
-        name="diffusers", library=diffusers, modules=lambda root: root.named_modules(),
-        register_hook=lambda m, hook: m.register_forward_hook(hook),
-        is_tensor=lambda x: isinstance(x, torch.Tensor),
-        to_numpy=lambda t: t.detach().to("cpu", torch.float64).numpy() if isinstance(t, torch.Tensor) else np.asarray(t),
-        tensor=lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dtypes[dt]),
-        no_grad=torch.no_grad, load_pipeline=load_pipeline,
-        load_lora=lambda pipe, path: list(load_lora_checked(pipe, path).loaded))
-
-
-def mindone_lib() -> FlowLib:
-    import mindspore as ms
-    from mindone import diffusers as md
-    from mindone import transformers as mt
-
-    from lora_parity.backends.diffusers.capture import check_loading_info
-    from lora_parity.backends.mindone.capture import ADAPTER, _check_peft, check_lora_landed
-
-    dtypes = {"F32": ms.float32, "F16": ms.float16, "BF16": ms.bfloat16}
-
-    def load_pipeline(req, library):
-        cls = flow_pipeline_class(Path(req.pipeline_dir), library)
-        comps = load_components(req, library, mt, {"mindspore_dtype": dtypes[req.dtype]}, check_loading_info)
-        for m in comps.values():
-            if isinstance(m, ms.nn.Cell):
-                m.set_train(False)
-        pipe = cls(**comps)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def load_lora(pipe, path: Path) -> list:
-        _check_peft(path)
-        try:  # folder + weight_name: offline, mindone does not guess a file name
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
-        except Exception as exc:  # noqa: BLE001 - any refusal of mindone's loader is the file's problem
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise LoraParityError(f"mindone's load_lora_weights refused the LoRA: {type(exc).__name__}: {first}",
-                                  path=path) from None
-        return check_lora_landed(pipe, path)
-
-    def to_numpy(t):
-        return t.astype(ms.float32).asnumpy().astype(np.float64) if isinstance(t, ms.Tensor) else np.asarray(t)
-
-    return FlowLib(
-        name="mindone", library=md, modules=lambda root: root.cells_and_names(),
-        register_hook=lambda m, hook: m.register_forward_hook(hook),
-        is_tensor=lambda x: isinstance(x, ms.Tensor), to_numpy=to_numpy,
-        tensor=lambda a, dt: ms.Tensor(np.ascontiguousarray(a)).astype(dtypes[dt]),
-        no_grad=contextlib.nullcontext, load_pipeline=load_pipeline, load_lora=load_lora)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from lora_parity.bases.configs import (SDXL_TE1_CONFIG, SDXL_TE2_CONFIG, SDXL_VAE_FOLDER_CONFIG, TOKENIZER_2_PAD,
                                        clip_vocab, write_tokenizer)
+from lora_parity.convert.layout import FLUX_DEV_TRANSFORMER_CONFIG, SD3_MEDIUM_TRANSFORMER_CONFIG
+from lora_parity.convert.layout import T5_XXL_CONFIG as _T5_XXL
 from lora_parity.convert.tiny import (TINY_FLUX_TRANSFORMER_CONFIG, TINY_FLUX_VAE_CONFIG, TINY_IMAGE_SIZE,
                                       TINY_SD3_CLIP_CONFIG, TINY_SD3_CLIP_G_CONFIG, TINY_SD3_TRANSFORMER_CONFIG,
                                       TINY_SD3_VAE_CONFIG, TINY_T5_CONFIG, TINY_TE1_CONFIG)
@@ -29,23 +31,9 @@ FLOW_FAMILIES = ("sd3", "flux")
 PIPELINE_CLASSES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 TRANSFORMER_CLASSES = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
 
-# public configs of the released models
-SD3_MEDIUM_TRANSFORMER_CONFIG = {
-    "_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2, "in_channels": 16,
-    "num_layers": 24, "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
-}
-FLUX_DEV_TRANSFORMER_CONFIG = {
-    "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 19,
-    "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
-}
-T5_XXL_CONFIG = {
-    "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
-    "is_encoder_decoder": False, "use_cache": False, "tie_word_embeddings": False, "pad_token_id": 0,
-    "eos_token_id": 1, "decoder_start_token_id": 0, "layer_norm_epsilon": 1e-6,
-}
+# the released models' configs (public facts) live with the key map; the folder's T5 adds its token ids
+T5_XXL_CONFIG = {**_T5_XXL, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+                 "layer_norm_epsilon": 1e-6}
 _FLOW_VAE = {**SDXL_VAE_FOLDER_CONFIG, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
              "force_upcast": True}
 SD3_VAE_FOLDER_CONFIG = {**_FLOW_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
@@ -219,7 +207,7 @@ def write_t5_tokenizer(out_dir: Path, vocab_size: int, max_length: int = 512) ->
     build_t5_tokenizer(vocab_size).backend_tokenizer.save(str(out_dir / "tokenizer.json"))
     cfg = {"tokenizer_class": "T5TokenizerFast", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
            "extra_ids": 0, "model_max_length": int(max_length)}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, allow_nan=False) + "\n")
 
 
 def write_flow_skeleton(out_dir: Path, cfgs: FlowPipelineConfigs) -> None:

@@ -24,7 +24,8 @@ from lora_parity.parity.tolerances import LOW_PRECISION_FACTOR, point_gate
 LOCAL = "local/"  # the replayed outputs (lora_parity.backends.replay.LOCAL)
 NOLORA = "nolora/"
 # points whose value only concatenates other points' outputs: judged chained, not replayed
-NOT_REPLAYED = ("conditioner.context", "conditioning.prompt_embeds")
+NOT_REPLAYED = ("conditioner.context", "conditioning.prompt_embeds",
+                "conditioning.pooled_prompt_embeds")  # SD3 / Flux: concatenated or pooled encoder outputs
 
 
 def _budget(gate, own: LayerMetric, dtype: str) -> tuple:

@@ -184,7 +184,7 @@ def capture_pt(req: SideRequest) -> SideResult:
     from lora_parity.sides.environment import attention_kernels, torch_environment
 
     torch.manual_seed(0)
-    from lora_parity.backends.flow import capture_flow, is_flow_folder, torch_lib
+    from lora_parity.backends.flow import capture_flow, is_flow_folder
 
     if is_flow_folder(req.pipeline_dir):  # SD3 / Flux: the transformer families' own capture
         out = capture_flow(req, torch_lib(), {"side": "pt", "dtype": req.dtype, "versions": _versions()})
@@ -305,6 +305,39 @@ def capture_pt(req: SideRequest) -> SideResult:
     result.meta["numerics_env"] = torch_environment(req, attention=kernels, scheduler=loader.scheduler())
     tmp.cleanup()
     return result
+
+
+def torch_lib():
+    """diffusers' side of the SD3 / Flux capture (:mod:`lora_parity.backends.flow`)."""
+    import diffusers
+    import torch
+    import transformers
+
+    from lora_parity.backends.diffusers.view import load_lora_checked
+    from lora_parity.backends.flow import FlowLib, flow_pipeline_class, load_components
+    from lora_parity.backends.replay import torch_framework
+
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+    def load_pipeline(req, library):
+        cls = flow_pipeline_class(Path(req.pipeline_dir), library)
+        comps = load_components(req, library, transformers, {"torch_dtype": dtypes[req.dtype]}, check_loading_info)
+        for m in comps.values():
+            if isinstance(m, torch.nn.Module):
+                m.eval()
+        pipe = cls(**comps)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return FlowLib(
+        name="diffusers", library=diffusers, modules=lambda root: root.named_modules(),
+        register_hook=lambda m, hook: m.register_forward_hook(hook),
+        is_tensor=lambda x: isinstance(x, torch.Tensor),
+        to_numpy=lambda t: t.detach().to("cpu", torch.float64).numpy() if isinstance(t, torch.Tensor) else np.asarray(t),
+        tensor=lambda a, dt, like=None: torch.from_numpy(np.ascontiguousarray(a)).to(
+            like.dtype if like is not None else dtypes[dt]),
+        no_grad=torch.no_grad, load_pipeline=load_pipeline,
+        load_lora=lambda pipe, path: list(load_lora_checked(pipe, path).loaded), framework=torch_framework)
 
 
 def _aesthetic(req: SideRequest):

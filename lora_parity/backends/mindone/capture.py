@@ -202,8 +202,10 @@ def check_lora_landed(pipe, path: Path, adapter: str = ADAPTER) -> list[str]:
                               key=unused[0])
     for k, t in wanted.items():
         p = found[_norm(k)]
-        value = p.asnumpy().astype(np.float32)
-        if value.shape != tuple(t.shape) or not np.array_equal(value, t.to_float("float32").astype(value.dtype)):
+        held = p.asnumpy()  # in the run's dtype: the file's values rounded to it once
+        value = held.astype(np.float32)
+        want = t.to_float("float32").astype(held.dtype).astype(np.float32)
+        if value.shape != tuple(t.shape) or not np.array_equal(value, want):
             raise LoraParityError("mindone's model holds other values than the file", path=path, key=k)
     return sorted(wanted)
 
@@ -228,14 +230,16 @@ def capture_mindone(req: SideRequest) -> SideResult:
     from lora_parity.sides.quiet import quiet_frameworks
 
     quiet_frameworks()
-    from lora_parity.backends.flow import capture_flow, is_flow_folder, mindone_lib
+    from lora_parity.backends.flow import capture_flow, is_flow_folder
 
     if is_flow_folder(req.pipeline_dir):  # SD3 / Flux: the transformer families' own capture
         out = capture_flow(req, mindone_lib(), {"side": "ms", "backend": "mindone", "dtype": req.dtype,
                                                 "versions": versions(), "mindspore_settings": settings})
         from lora_parity.sides.environment import mindspore_environment
 
-        out.meta["numerics_env"] = mindspore_environment(req, settings, backend="mindone", attention={})
+        env = mindspore_environment(req, settings, backend="mindone", attention={})
+        env["reduced_fp32"] = list(env.get("reduced_fp32") or ()) + out.meta.pop("reduced_attention", [])
+        out.meta["numerics_env"] = env
         return out
     dtype = _ms_dtype(req.dtype)
     result = SideResult(meta={"side": "ms", "backend": "mindone", "dtype": req.dtype, "versions": versions(),
@@ -329,6 +333,51 @@ def capture_mindone(req: SideRequest) -> SideResult:
     result.meta["seconds"]["total"] = time.perf_counter() - t_start
     result.meta["peak_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+def mindone_lib():
+    """mindone.diffusers' side of the SD3 / Flux capture (:mod:`lora_parity.backends.flow`)."""
+    import mindspore as ms
+    from mindone import diffusers as md
+    from mindone import transformers as mt
+
+    from lora_parity.backends.flow import FlowLib, flow_pipeline_class, load_components
+    from lora_parity.backends.mindone.attention_precision import reduced_attention
+    from lora_parity.backends.replay import mindspore_framework
+
+    dtypes = {"F32": ms.float32, "F16": ms.float16, "BF16": ms.bfloat16}
+
+    def load_pipeline(req, library):
+        cls = flow_pipeline_class(Path(req.pipeline_dir), library)
+        comps = load_components(req, library, mt, {"mindspore_dtype": dtypes[req.dtype]}, check_loading_info)
+        for m in comps.values():
+            if isinstance(m, ms.nn.Cell):
+                m.set_train(False)
+        pipe = cls(**comps)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def load_lora(pipe, path: Path) -> list:
+        _check_peft(path)
+        try:  # folder + weight_name: offline, mindone does not guess a file name
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
+        except Exception as exc:  # noqa: BLE001 - any refusal of mindone's loader is the file's problem
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise LoraParityError(f"mindone's load_lora_weights refused the LoRA: {type(exc).__name__}: {first}",
+                                  path=path) from None
+        return check_lora_landed(pipe, path)
+
+    def to_numpy(t):
+        return t.astype(ms.float32).asnumpy().astype(np.float64) if isinstance(t, ms.Tensor) else np.asarray(t)
+
+    return FlowLib(
+        name="mindone", library=md, modules=lambda root: root.cells_and_names(),
+        register_hook=lambda m, hook: m.register_forward_hook(hook),
+        is_tensor=lambda x: isinstance(x, ms.Tensor), to_numpy=to_numpy,
+        tensor=lambda a, dt, like=None: ms.Tensor(np.ascontiguousarray(a)).astype(
+            like.dtype if like is not None else dtypes[dt]),
+        no_grad=contextlib.nullcontext, load_pipeline=load_pipeline, load_lora=load_lora,
+        framework=mindspore_framework, reduced_attention=reduced_attention)
 
 
 def _quiet_imports() -> None:
