@@ -1,9 +1,9 @@
 """The CPU stand-ins for MindONE's ``mindspore.mint`` ops (lora_parity.backends.mindone.compat).
 
 Runs with MindSpore alone (no mindone needed: the mint ops are MindSpore's own).  Each table
-entry's replacement is called through the patched ``mindspore.mint`` attribute and checked
-against a numpy reference written from the op's definition; where mint's own kernel runs on this
-machine it is compared too.  The patching itself: only on CPU, idempotent, reversible, and every
+entry's replacement is called through the patched attribute (``mindspore.mint``, a ``Tensor`` method,
+an ``nn_ops`` primitive) and checked against a numpy reference written from the op's definition; where
+mint's own kernel runs on this machine it is compared too.  The patching itself: only on CPU, idempotent, reversible, and every
 table entry names an attribute MindSpore has.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -20,13 +21,16 @@ ms = pytest.importorskip("mindspore")
 from mindspore import Tensor, mint  # noqa: E402
 
 from lora_parity.backends.mindone import compat  # noqa: E402
-from lora_parity.parity.tolerances import (OP_ACCUMULATED, OP_DEFINITION, OP_EXACT, OP_FP16, OP_GRID,  # noqa: E402
-                                          OP_GRID_RELATIVE, OP_ROUNDED_ONCE)
+from lora_parity.parity.tolerances import (OP_ACCUMULATED, OP_DEFINITION, OP_EXACT, OP_FP16,  # noqa: E402
+                                          OP_FP16_ROUNDED_ONCE, OP_GRID, OP_GRID_RELATIVE, OP_ROUNDED_ONCE)
 from lora_parity.backends.port import configure_cpu  # noqa: E402
 
 F = mint.nn.functional
 RNG = np.random.default_rng(1234)
 ALL_TARGETS = sorted(t for e in compat.CPU_COMPAT for t in e.targets)
+# Where MindONE reaches the ops this layer reroutes: mint's modules and cells, the Tensor methods MindONE calls,
+# and the Ascend primitive its attention dispatch builds.  A target anywhere else is a mistake in the table.
+TARGET_PREFIXES = ("mindspore.mint.", "mindspore.Tensor.", "mindspore.ops.operations.nn_ops.")
 
 
 @pytest.fixture(autouse=True)
@@ -83,12 +87,18 @@ def test_every_table_entry_names_an_existing_mindspore_attribute():
     for entry in compat.CPU_COMPAT:
         assert entry.why.strip() and entry.patches
         for target, replacement in entry.patches:
-            assert target.startswith("mindspore.mint.")
+            prefix = next((p for p in TARGET_PREFIXES if target.startswith(p)), None)
+            assert prefix is not None, f"{target}: outside the places MindONE's ops are bound"
             owner, name = compat._resolve(target)
             assert hasattr(owner, name), target
             assert callable(replacement)
             if name == "construct":
                 assert isinstance(owner, type) and issubclass(owner, ms.nn.Cell), target
+            if prefix == "mindspore.Tensor.":  # a Tensor method: rebound on the class itself
+                assert owner is ms.Tensor and target.count(".") == 2, target
+            if prefix == "mindspore.ops.operations.nn_ops.":  # a primitive class, replaced by a class
+                assert isinstance(owner, types.ModuleType) and issubclass(compat.original(target), ms.ops.Primitive)
+                assert isinstance(replacement, type), target
 
 
 @pytest.mark.parametrize("device", ["Ascend", "GPU", "ascend"])
@@ -119,12 +129,18 @@ def test_apply_is_idempotent_and_reversible():
                 assert compat.patched()[t] == entry.kernel
         assert mint.nn.functional.gelu is compat.gelu
         assert mint.nn.Conv2d.construct is compat._conv2d_construct
+        assert mint.nn.Embedding.construct is compat._embedding_construct
+        assert ms.ops.operations.nn_ops.FlashAttentionScore is compat.FlashAttentionScore
+        # Tensor.repeat_interleave is inherited (TensorPy): the patch sits in Tensor's own dict, the base is untouched
+        assert vars(Tensor)["repeat_interleave"] is compat._tensor_repeat_interleave
+        assert vars(Tensor.__mro__[1])["repeat_interleave"] is originals["mindspore.Tensor.repeat_interleave"]
     finally:
         restored = compat.remove_cpu_compat()
     assert restored == ALL_TARGETS
     assert compat.patched() == {}
     for t in ALL_TARGETS:
         assert getattr(*compat._resolve(t)) is originals[t]
+    assert "repeat_interleave" not in vars(Tensor)  # deleted again, not shadowed by a copy of the base's
 
 
 def test_package_import_loads_no_framework():
@@ -525,3 +541,211 @@ def test_einsum_forms_and_errors(cpu_compat):
         mint.einsum("ij,jk->ik", Tensor(a))
     with pytest.raises(ValueError):
         mint.einsum("ijk->i", Tensor(a))
+
+
+# --------------------------------------------------------------------------- Tensor.repeat_interleave
+
+@pytest.mark.parametrize("repeats,dim,output_size", [(2, None, None), (2, None, 48), (3, 0, None), (2, 1, 6),
+                                                     (4, -1, 16), (1, 2, None), (0, 1, 0), ("tensor", 1, 9)])
+def test_tensor_repeat_interleave(cpu_compat, repeats, dim, output_size):
+    """The method MindONE's rotary embeddings call (``freqs.cos().repeat_interleave(2, dim=1)``)."""
+    x = _f32(2, 3, 4)
+    r = 3 if repeats == "tensor" else repeats
+    ref = np.repeat(x, r, axis=dim)  # numpy's repeat is repeat_interleave's definition; flat when dim is None
+    reps = Tensor([3]) if repeats == "tensor" else repeats
+    kw = {} if output_size is None else {"output_size": output_size}
+    args = (Tensor(x), reps) if dim is None else (Tensor(x), reps, dim)
+    out = Tensor(x).repeat_interleave(*args[1:], **kw)
+    _check(out, ref, "mindspore.Tensor.repeat_interleave", args, kw, rtol=OP_EXACT.rtol, atol=OP_EXACT.atol,
+           dtype=ms.float32)
+
+
+def test_tensor_repeat_interleave_per_element_counts_and_errors(cpu_compat, monkeypatch):
+    x = np.arange(6, dtype=np.int64).reshape(2, 3)
+    out = Tensor(x).repeat_interleave(Tensor([1, 2]), 0)  # per-row counts: the method's own kernel (runs on CPU)
+    assert out.dtype == ms.int64 and (_np(out) == np.repeat(x, [1, 2], axis=0)).all()
+    with pytest.raises(ValueError, match="output_size"):
+        Tensor(x).repeat_interleave(2, 0, output_size=3)
+    with pytest.raises(ValueError, match="non-negative"):
+        Tensor(x).repeat_interleave(-1)
+    with pytest.raises(TypeError):
+        Tensor(x).repeat_interleave(True)
+    seen = []
+    monkeypatch.setattr(compat, "original", lambda target: (lambda *a, **k: seen.append((target, k)) or a[0]))
+    Tensor(x).repeat_interleave([1, 2], 0, output_size=3)
+    Tensor(x).repeat_interleave(Tensor([2, 1, 1]), dim=1)
+    assert seen == [("mindspore.Tensor.repeat_interleave", {"output_size": 3}),
+                    ("mindspore.Tensor.repeat_interleave", {})]  # only what the caller gave
+
+
+# --------------------------------------------------------------------------- embedding
+
+def _np_embedding(index, weight):
+    """Row gather from the definition: out[i...] = weight[index[i...]]."""
+    out = np.zeros(index.shape + weight.shape[1:], np.float64)
+    for pos in np.ndindex(*index.shape):
+        out[pos] = weight[index[pos]]
+    return out
+
+
+@pytest.mark.parametrize("index_dtype", ["int32", "int64"])
+@pytest.mark.parametrize("index_shape", [(), (5,), (2, 3), (2, 3, 4), (0,), (2, 0)])
+def test_embedding_functional(cpu_compat, index_shape, index_dtype):
+    w = _f32(7, 4)
+    idx = RNG.integers(0, 7, size=index_shape).astype(index_dtype)
+    if idx.size:
+        idx.reshape(-1)[:2] = [0, 6][:idx.size]  # both ends of the table
+    args = (Tensor(idx), Tensor(w))
+    _check(F.embedding(*args), _np_embedding(idx, w), "mindspore.mint.nn.functional.embedding", args,
+           rtol=OP_EXACT.rtol, atol=OP_EXACT.atol, dtype=ms.float32)
+    # padding_idx and scale_grad_by_freq shape gradients only: the forward rows are the weight's own
+    kw = {"padding_idx": 2, "scale_grad_by_freq": True}
+    _check(F.embedding(*args, **kw), _np_embedding(idx, w), "mindspore.mint.nn.functional.embedding", args, kw,
+           rtol=OP_EXACT.rtol, atol=OP_EXACT.atol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_embedding_cell(cpu_compat, dtype):
+    """``mint.nn.Embedding`` (T5's token embedding and relative-position bias) through its patched construct."""
+    cell = mint.nn.Embedding(9, 5, padding_idx=0, dtype=getattr(ms, dtype))
+    w = _f32(9, 5).astype(dtype)
+    cell.weight.set_data(Tensor(w))
+    idx = RNG.integers(0, 9, size=(2, 6)).astype(np.int64)
+    idx[0, 0] = 0
+    out = cell(Tensor(idx))
+    assert out.dtype == getattr(ms, dtype)
+    np.testing.assert_allclose(_np(out).astype(np.float64), _np_embedding(idx, w.astype(np.float64)),
+                               rtol=OP_EXACT.rtol, atol=OP_EXACT.atol)
+
+
+def test_embedding_refusals(cpu_compat):
+    w = Tensor(_f32(4, 3))
+    for bad in ([0, 4], [-1, 2]):  # out of range (negative included): refused, never a silent wrap or zero row
+        with pytest.raises(IndexError, match="out of range"):
+            F.embedding(Tensor(np.array(bad, np.int64)), w)
+    with pytest.raises(NotImplementedError, match="max_norm"):
+        F.embedding(Tensor(np.array([0, 1], np.int64)), w, max_norm=1.0)
+    with pytest.raises(NotImplementedError, match="max_norm"):
+        mint.nn.Embedding(4, 3, max_norm=1.0)(Tensor(np.array([0], np.int32)))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        F.embedding(Tensor(np.array([0.0, 1.0], np.float32)), w)
+    with pytest.raises(ValueError, match="padding_idx"):
+        F.embedding(Tensor(np.array([0], np.int64)), w, padding_idx=4)
+
+
+# --------------------------------------------------------------------------- FlashAttentionScore
+
+FAS = "mindspore.ops.operations.nn_ops.FlashAttentionScore"
+
+
+def _np_attention(q, k, v, scale, discard):
+    """softmax(q k^T * scale) v over the keys, in float64; ``discard`` True removes a key (MindSpore's mask)."""
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
+    if discard is not None:
+        scores = np.where(discard, -np.inf, scores)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.matmul(weights / weights.sum(-1, keepdims=True), v)
+
+
+def _discard_mask(shape, s2):
+    """A random boolean mask (True = discard) that keeps at least one key in every row."""
+    discard = RNG.random(shape) < 0.5
+    rows = np.arange(shape[-2])
+    discard[..., rows, rows % s2] = False
+    return discard
+
+
+def _check_attention(impl, dtype, layout, mask, scale, s1=6, s2=6):
+    """Call ``impl`` as MindONE's ``flash_attention_op`` calls the kernel and compare output 3 with
+    :func:`_np_attention`.  fp32: float32 accumulation against float64 (OP_ACCUMULATED).  fp16: the
+    float64 attention of the fp16-rounded inputs, rounded to fp16 -- the kernel's contract (inputs and
+    output fp16, float32 inside) leaves at most one fp16 ulp between them (OP_FP16_ROUNDED_ONCE)."""
+    b, n, d = 2, (3 if layout == "BNSD" else 1), 8
+    np_dtype = np.dtype(dtype)
+    q, k, v = (_f32(b, n, s, d, scale=2.0).astype(np_dtype) for s in (s1, s2, s2))
+    discard = None
+    if mask == "4d":
+        discard = _discard_mask((b, 1, s1, s2), s2)
+    elif mask == "2d":
+        discard = _discard_mask((s1, s2), s2)
+    ref = _np_attention(*(t.astype(np.float64) for t in (q, k, v)), scale, discard)
+    inputs = (q, k, v) if layout == "BNSD" else (q[:, 0], k[:, 0], v[:, 0])  # BSH with one head: H = D
+    if layout == "BSH":
+        ref = ref[:, 0]
+    op = impl(head_num=n, scale_value=scale, input_layout=layout)
+    outs = op(*(Tensor(t) for t in inputs), None, None, None, None if discard is None else Tensor(discard))
+    assert len(outs) == 4
+    got = outs[3]
+    assert got.dtype == getattr(ms, dtype) and tuple(got.shape) == ref.shape
+    tol = OP_FP16_ROUNDED_ONCE if dtype == "float16" else OP_ACCUMULATED
+    expected = ref.astype(np_dtype).astype(np.float64)
+    np.testing.assert_allclose(_np(got).astype(np.float64), expected, rtol=tol.rtol, atol=tol.atol)
+
+
+def _patched_fas(**kwargs):
+    return ms.ops.operations.nn_ops.FlashAttentionScore(**kwargs)  # resolved at call time, as MindONE does
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("layout,mask,s1,s2", [("BNSD", None, 6, 6), ("BNSD", "4d", 6, 6), ("BNSD", "4d", 5, 7),
+                                               ("BNSD", "2d", 4, 6), ("BSH", None, 6, 6), ("BSH", "4d", 5, 3),
+                                               ("BSH", "2d", 6, 6)])
+@pytest.mark.parametrize("scale", [8 ** -0.5, 0.125])
+def test_flash_attention_score(cpu_compat, dtype, layout, mask, s1, s2, scale):
+    assert ms.ops.operations.nn_ops.FlashAttentionScore is compat.FlashAttentionScore
+    _check_attention(_patched_fas, dtype, layout, mask, scale, s1, s2)
+
+
+def test_flash_attention_score_refusals(cpu_compat):
+    q = Tensor(_f32(1, 2, 4, 8).astype(np.float16))
+    with pytest.raises(NotImplementedError, match="layout"):
+        _patched_fas(head_num=2, input_layout="SBH")
+    with pytest.raises(NotImplementedError, match="dropout"):
+        _patched_fas(head_num=2, keep_prob=0.9, input_layout="BNSD")
+    with pytest.raises(NotImplementedError, match="several heads"):
+        _patched_fas(head_num=2, input_layout="BSH")(q[:, 0], q[:, 0], q[:, 0])
+    op = _patched_fas(head_num=2, input_layout="BNSD")
+    for name in ("real_shift", "drop_mask", "padding_mask", "prefix"):
+        with pytest.raises(NotImplementedError, match="only query, key, value and attn_mask"):
+            op(q, q, q, **{name: Tensor(np.zeros((1, 2, 4, 4), np.float16))})
+    with pytest.raises(ValueError, match="2-D or 4-D"):
+        op(q, q, q, attn_mask=Tensor(np.zeros((1, 4, 4), np.bool_)))
+
+
+# Realistic stand-in faults the check above must catch (each a wrong implementation handed to the same helper).
+class _MaskIgnored(compat.FlashAttentionScore):
+    def __call__(self, query, key, value, real_shift=None, drop_mask=None, padding_mask=None, attn_mask=None,
+                 prefix=None):
+        return super().__call__(query, key, value)
+
+
+class _MaskAsPyTorch(compat.FlashAttentionScore):  # True = keep: PyTorch's convention, MindSpore's inverted
+    def __call__(self, query, key, value, real_shift=None, drop_mask=None, padding_mask=None, attn_mask=None,
+                 prefix=None):
+        return super().__call__(query, key, value, attn_mask=None if attn_mask is None else ~attn_mask)
+
+
+class _ScaleIgnored(compat.FlashAttentionScore):  # the kernel's default scale_value (1.0) instead of the caller's
+    def __init__(self, **kwargs):
+        super().__init__(**{**kwargs, "scale_value": 1.0})
+
+
+class _SoftmaxOverQueries(compat.FlashAttentionScore):  # the softmax axis transposed (over queries, not keys)
+    def __call__(self, query, key, value, real_shift=None, drop_mask=None, padding_mask=None, attn_mask=None,
+                 prefix=None):
+        q, k, v = (t.astype(ms.float32) for t in (query, key, value))
+        scores = ms.ops.matmul(q, k.swapaxes(-2, -1)) * self.scale
+        if attn_mask is not None:
+            scores = ms.ops.masked_fill(scores, ms.ops.broadcast_to(attn_mask, scores.shape), float("-inf"))
+        return (None, None, None, ms.ops.matmul(ms.ops.softmax(scores, -2), v).astype(query.dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("fault,mask", [(_MaskIgnored, "4d"), (_MaskAsPyTorch, "4d"), (_ScaleIgnored, None),
+                                        (_SoftmaxOverQueries, None)])
+def test_flash_attention_check_catches_a_wrong_stand_in(dtype, fault, mask):
+    """The check is not vacuous: each fault fails it, at the looser fp16 tolerance too (self-attention shapes,
+    so a transposed softmax still has the right shape and is caught by value)."""
+    _check_attention(compat.FlashAttentionScore, dtype, "BNSD", mask, 0.125)  # the real one passes this case
+    with pytest.raises(AssertionError):
+        _check_attention(fault, dtype, "BNSD", mask, 0.125)

@@ -340,9 +340,13 @@ def repeat_interleave(input, repeats, dim=None, *, output_size=None):
 
 def _tensor_repeat_interleave(self, repeats, dim=None, *, output_size=None):
     """``Tensor.repeat_interleave`` (the method MindONE's rotary embeddings call) through
-    :func:`repeat_interleave`; per-element repeat counts keep the tensor's own method."""
+    :func:`repeat_interleave`; per-element repeat counts keep the tensor's own method, called with only the
+    arguments given: the method picks its kernel by signature, and an explicit ``output_size=None`` sends it to
+    ``RepeatInterleaveTensor`` (no CPU kernel) where the plain call has one."""
     if _int_repeats(repeats) is None:
-        return original("mindspore.Tensor.repeat_interleave")(self, repeats, dim, output_size=output_size)
+        args = (repeats,) if dim is None else (repeats, dim)
+        kwargs = {} if output_size is None else {"output_size": output_size}
+        return original("mindspore.Tensor.repeat_interleave")(self, *args, **kwargs)
     return repeat_interleave(self, repeats, dim, output_size=output_size)
 
 
@@ -464,7 +468,8 @@ class FlashAttentionScore:
     branch is computed, then overwritten).  The stand-in keeps that contract: it takes the float16
     inputs it is given, computes ``softmax(q k^T * scale, masked) v`` in float32 (as the kernel
     accumulates) and returns the output in the inputs' dtype, at index 3 of the kernel's outputs.
-    ``attn_mask`` True means *discard* (MindSpore's convention).  Layouts BNSD and BSH (one head)."""
+    ``attn_mask`` True means *discard* (MindSpore's convention), shaped (S1, S2), (B, 1, S1, S2) or
+    (B, N, S1, S2) as the kernel's.  Layouts BNSD and BSH (one head)."""
 
     def __init__(self, head_num=1, keep_prob=1.0, scale_value=1.0, pre_tokens=2147483647, next_tokens=2147483647,
                  inner_precise=0, input_layout="BSH", sparse_mode=0):
@@ -486,8 +491,10 @@ class FlashAttentionScore:
         scores = ops.matmul(q, k.swapaxes(-2, -1)) * self.scale
         if attn_mask is not None:
             discard = attn_mask.astype(ms.bool_)
-            while discard.ndim < scores.ndim:
-                discard = discard.expand_dims(0 if discard.ndim < 2 else 1)
+            if discard.ndim == 2:  # (S1, S2): one mask for every batch and head
+                discard = discard.reshape((1, 1) + tuple(discard.shape))
+            elif discard.ndim != 4:  # the kernel takes (S1, S2), (B, 1, S1, S2) or (B, N, S1, S2)
+                raise ValueError(f"FlashAttentionScore: attn_mask must be 2-D or 4-D, got shape {attn_mask.shape}")
             scores = ops.masked_fill(scores, ops.broadcast_to(discard, scores.shape), float("-inf"))
         scores = scores - ops.amax(scores, -1, keepdims=True)
         weights = ops.exp(scores)
