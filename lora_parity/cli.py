@@ -47,12 +47,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_fixture(args: argparse.Namespace) -> int:
-    _quiet_framework_loading()
-    from lora_parity.fixtures.bundle import write_fixture
+    from lora_parity.fixtures.families import check_family, write_family_fixture
 
-    paths = write_fixture(Path(args.dir), seed=args.seed)
-    print(f"wrote {paths.pt_base}/, {paths.ms_base.name}, {paths.ms_lora.name}, {paths.latents.name}, "
-          f"{paths.prompt.name} in {paths.root}")
+    check_family(args.family)  # a bad name fails before any framework loads
+    _quiet_framework_loading()
+    print(write_family_fixture(Path(args.dir), args.family, seed=args.seed, force=args.force).summary())
     return 0
 
 
@@ -241,11 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-strict", dest="strict", action="store_false", default=True)
     k.set_defaults(func=_cmd_keys)
 
-    f = sub.add_parser("fixture", help="write the built-in tiny SDXL (both layouts), a LoRA, latents and a prompt",
-                       description="Write DIR/pt_base/ (diffusers), DIR/ms_base.ckpt (SGM), DIR/ms_lora.ckpt, "
-                                   "DIR/latents.npy, DIR/prompt.txt. Generated, never downloaded.")
+    f = sub.add_parser("fixture", help="write a tiny pipeline and a LoRA of one family (default: the built-in "
+                                       "tiny SDXL, both layouts, latents and a prompt)",
+                       description="sdxl: DIR/pt_base/ (diffusers), DIR/ms_base.ckpt (SGM), DIR/ms_lora.ckpt, "
+                                   "DIR/latents.npy, DIR/prompt.txt. sd1, sd2, sd3, flux: DIR/pt_base/ (diffusers, "
+                                   "fp16 variant) and DIR/pytorch_lora_weights.safetensors (PEFT, the modules "
+                                   "mindone.diffusers' trainers target), plus DIR/ms_lora.ckpt (MindONE LDM) for "
+                                   "sd1 / sd2. Generated, never downloaded; written whole or not at all.")
     f.add_argument("dir", help="output folder")
+    f.add_argument("--family", default="sdxl", metavar="F", help="sdxl (default), sd1, sd2, sd3 or flux")
     f.add_argument("--seed", type=int, default=0, help="seed for weights, LoRA and latents")
+    f.add_argument("--force", action="store_true", help="replace outputs already in DIR")
     f.set_defaults(func=_cmd_fixture)
 
     m = sub.add_parser("compare", help="run MindSpore and PyTorch on the same inputs and compare every layer",
@@ -288,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model is in memory at a time)")
     m.add_argument("--report", help="write report.json (and images) into this folder")
     m.add_argument("--steps", type=int, help="also generate images with N denoising steps and compare them")
-    m.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance for --steps (default 5)")
+    m.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance for --steps (default 5; Flux 3.5, its pipeline's default)")
     m.add_argument("--image-mae", type=float,
                    help="override the full-image MAE bound (0-255; default per dtype and device from the table)")
     m.add_argument("--image-max-error", type=int, help="override the full-image max-error bound (0-255)")
@@ -336,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--timestep", type=float, default=500.0, help="UNet timestep (default 500)")
     cap.add_argument("--timesteps", help="several UNet timesteps, e.g. 999,500,1")
     cap.add_argument("--steps", type=int, help="also generate an image with N denoising steps")
-    cap.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance for --steps (default 5)")
+    cap.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance for --steps (default 5; Flux 3.5, its pipeline's default)")
     cap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     cap.add_argument("--ms-device", default="CPU", choices=("CPU", "Ascend", "GPU"), help="MindSpore device")
     cap.add_argument("--pt-device", default="cpu", help="torch device for diffusers")

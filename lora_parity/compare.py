@@ -46,7 +46,7 @@ class CompareOptions:
     dtype: str = "F32"
     merge: bool = False  # fold the LoRA into the MindSpore weights instead of running it unmerged
     steps: int | None = None  # denoising steps for the full-image comparison (None: layers only)
-    guidance: float = 5.0
+    guidance: float | None = None  # None: default_guidance(the base)
     progress: bool = False  # a bar per denoising step on both sides
     image_mae: float | None = None  # override of the image gate's MAE bound (tolerances.image_gate)
     image_max_error: int | None = None  # override of the image gate's max-error bound
@@ -147,7 +147,8 @@ def side_request(o: CompareOptions, base: _Base, side: str, **kw) -> SideRequest
     return SideRequest(
         side=side, pipeline_dir=str(base.pipeline_dir), variant=base.variant, base_spec=base.base_spec,
         ms_ckpt=str(base.ms_ckpt) if base.ms_ckpt else None, cache=str(o.cache) if o.cache else None,
-        alpha=o.alpha, ema=o.ema, guidance=o.guidance, merge=o.merge, graph=o.ms_graph, progress=o.progress,
+        alpha=o.alpha, ema=o.ema, guidance=o.guidance if o.guidance is not None else default_guidance(base.pipeline_dir),
+        merge=o.merge, graph=o.ms_graph, progress=o.progress,
         aesthetic=[o.aesthetic_score, o.negative_aesthetic_score] if base.is_refiner else None,
         device=o.ms_device if side == "ms" else o.pt_device,
         backend=o.ms_backend if side == "ms" else "diffusers",
@@ -202,6 +203,16 @@ def flow_family(pipeline_dir: Path) -> str | None:
     return {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(name)
 
 
+#: classifier-free guidance when none is given: SDXL's 5; Flux-dev's pipeline default 3.5 (a distilled guidance
+#: *embedding*: its sinusoid's argument is guidance x 1000, see docs/comparing.md)
+DEFAULT_GUIDANCE = 5.0
+FLUX_DEFAULT_GUIDANCE = 3.5
+
+
+def default_guidance(pipeline_dir: Path) -> float:
+    return FLUX_DEFAULT_GUIDANCE if flow_family(pipeline_dir) == "flux" else DEFAULT_GUIDANCE
+
+
 def flow_max_sequence_length(pipeline_dir: Path) -> int:
     """T5 tokens encoded: the pipeline's own default (SD3 256, Flux 512), capped by the T5 tokenizer's
     ``model_max_length`` (the tiny folders' 16)."""
@@ -212,11 +223,13 @@ def flow_max_sequence_length(pipeline_dir: Path) -> int:
 
 
 def check_family(base: "_Base", backend: str) -> None:
-    """The port is an SGM (SDXL) model: an SD 1.x / 2.x base runs on diffusers and mindone.diffusers only."""
-    family = flow_family(base.pipeline_dir) or layout_from_pipeline_dir(base.pipeline_dir).family
-    if backend == PORT and family != "sdxl":
-        raise LoraParityError(f"a {family} base: the port runs SDXL (MindONE's gm); run mindone.diffusers on it "
-                              f"(compare --ms-backend mindone, capture / infer --backend mindone)", path=base.pipeline_dir)
+    """The port is MindONE's UNet models (SDXL's ``gm``, SD 1.x / 2.x's LDM): an SD3 / Flux base (a transformer)
+    runs on diffusers and mindone.diffusers only."""
+    family = flow_family(base.pipeline_dir)
+    if backend == PORT and family:
+        raise LoraParityError(f"a {family} base: the port runs MindONE's UNet models (SDXL, SD 1.x / 2.x), not a "
+                              f"transformer; run mindone.diffusers on it (compare --ms-backend mindone, capture / "
+                              f"infer --backend mindone)", path=base.pipeline_dir)
 
 
 def check_backend(o: CompareOptions) -> None:

@@ -53,7 +53,8 @@ def lora_modules(req: SideRequest) -> list[str]:
         from lora_parity.convert.safetensors_io import read_safetensors
 
         tensors, _ = read_safetensors(path)
-        return sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k or ".lora_B." in k})
+        return sorted({k.rsplit(".lora_", 1)[0].replace(".text_model.", ".")  # as the aligned points name them
+                       for k in tensors if ".lora_A." in k or ".lora_B." in k})
     # the EMA choice selects within a MindONE checkpoint; a side given a converted PEFT / kohya file already
     # holds the chosen set (compare converted it with the same choice)
     lora = load_lora(path, layout=layout_from_pipeline_dir(Path(req.pipeline_dir)), alpha=req.alpha,
