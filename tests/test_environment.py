@@ -205,9 +205,23 @@ def test_device_difference_alone_is_printed_and_judged(configs, tmp_path, ms_env
     assert code == 0 and "environment: device: mindspore 'ascend' vs pytorch 'cpu'" in out, out + err
 
 
-def test_allow_env_drift_needs_bundles():
-    code, _, err = run_cli(["compare", "--base", "random:tiny", "--allow-env-drift"])
-    assert code == 2 and "--allow-env-drift applies to --ms-bundle/--pt-bundle" in err
+def test_a_direct_compare_refuses_reduced_fp32_unless_allowed(tmp_path, capsys):
+    """One compare runs both sides in one environment, but a side may still compute below fp32 while
+    claiming it (mindone's float16 attention in Flux): refused with the reason, judged with
+    ``--allow-env-drift`` (the lines are returned for report.json)."""
+    from lora_parity.compare import check_reduced_fp32
+    from lora_parity.errors import LoraParityError
+    from lora_parity.sides.request import SideResult
+
+    phrase = "transformer: attention on float16-cast inputs"
+    ms = SideResult(meta={"numerics_env": {"dtype": "F32", "reduced_fp32": [phrase]}})
+    pt = SideResult(meta={"numerics_env": {"dtype": "F32", "reduced_fp32": []}})
+    with pytest.raises(LoraParityError, match="float16-cast.*--allow-env-drift"):
+        check_reduced_fp32(ms, pt, None, allow=False, where=tmp_path)
+    allowed = check_reduced_fp32(ms, pt, None, allow=True, where=tmp_path)
+    assert allowed and phrase in allowed[0] and "while claiming fp32" in allowed[0]
+    assert check_reduced_fp32(pt, pt, None, allow=False, where=tmp_path) is None  # nothing to refuse
+    assert "[refused]" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- the real captures record it
