@@ -152,7 +152,8 @@ def side_request(o: CompareOptions, base: _Base, side: str, **kw) -> SideRequest
         aesthetic=[o.aesthetic_score, o.negative_aesthetic_score] if base.is_refiner else None,
         device=o.ms_device if side == "ms" else o.pt_device,
         backend=o.ms_backend if side == "ms" else "diffusers",
-        port_numerics=o.port_numerics if side == "ms" and o.ms_backend == PORT else None, **kw)
+        port_numerics=o.port_numerics if side == "ms" and o.ms_backend == PORT else None,
+        lora_scale=o.lora_scale if side == "ms" and o.ms_backend == PORT else None, **kw)
 
 
 def _side(o: CompareOptions, name: str, req: SideRequest) -> SideResult:

@@ -62,11 +62,28 @@ def _module_params(e: ModuleEntry, sgm_norm=("gamma", "beta")) -> list[ParamMap]
     return out
 
 
+def _ldm_fused_params(e: ModuleEntry) -> list[ParamMap]:
+    """MindONE's LDM text encoder (SD 1.x / 2.x) fuses q/k/v into a Dense, ``attn.attn.in_proj.weight`` /
+    ``.bias`` (``ms_names_v1.txt``), where OpenCLIP has ``in_proj_weight``: the same rows, q then k then v."""
+    return [ParamMap(f"{e.sgm}.weight", tuple(f"{d}.weight" for d in e.diffusers), "concat"),
+            ParamMap(f"{e.sgm}.bias", tuple(f"{d}.bias" for d in e.diffusers), "concat")]
+
+
+def _entry_params(e: ModuleEntry, layout: ModelLayout) -> list[ParamMap]:
+    ldm = tuple(te.sgm_prefix for te in layout.text_encoders if te.style == "ldm")
+    if e.fused and ldm and e.sgm.startswith(ldm):
+        return _ldm_fused_params(e)
+    return _module_params(e)
+
+
 def _text_extras(layout: ModelLayout) -> list[ParamMap]:
     out = []
     for te in layout.text_encoders:
         d, s = te.diffusers_prefix + "text_model.embeddings.", te.sgm_prefix
-        if te.style == "hf":
+        if te.style == "ldm":  # MindONE's LDM TextEncoder: a bare embedding_table, no text_projection
+            out += [ParamMap(f"{s}embedding_table", (f"{d}token_embedding.weight",)),
+                    ParamMap(f"{s}positional_embedding", (f"{d}position_embedding.weight",))]
+        elif te.style == "hf":
             out += [ParamMap(f"{s}text_model.embeddings.token_embedding.embedding_table", (f"{d}token_embedding.weight",)),
                     ParamMap(f"{s}text_model.embeddings.position_embedding.embedding_table",
                              (f"{d}position_embedding.weight",))]
@@ -146,7 +163,7 @@ def param_maps(layout: ModelLayout, vae: VaeLayout | None = None) -> list[ParamM
         raise LoraParityError(f"layout '{layout.name}' ({layout.family.upper()}): whole-model SGM <-> diffusers "
                               f"weights exist for the UNet families only (mindone.diffusers loads diffusers' files)")
     km = keymap_for(layout)
-    maps = [p for e in km.entries for p in _module_params(e)] + _text_extras(layout)
+    maps = [p for e in km.entries for p in _entry_params(e, layout)] + _text_extras(layout)
     if vae is not None:
         maps += vae_param_maps(vae)
     return maps

@@ -33,6 +33,7 @@ class SideRequest:
     cache: str | None = None
     lora: str | None = None  # pt: a PyTorch LoRA file; ms: a MindONE .ckpt
     alpha: float | None = None
+    lora_scale: float | None = None  # the port on a MindONE SD 1.x / 2.x .ckpt: its --lora_scale (not in the file)
     ema: bool | None = None  # MindONE file with both sets: the "ema." copies (True) or the trained ones (False)
     prompt: str = ""
     timesteps: list[float] = field(default_factory=lambda: [500.0])

@@ -122,8 +122,13 @@ class _InDtype:
     def __call__(self, x, t, context, y):
         import mindspore as ms
 
-        out = self.unet(x.astype(self.dtype), t, context.astype(self.dtype), y.astype(self.dtype))
+        out = self.unet(x.astype(self.dtype), t, context.astype(self.dtype), _cast(y, self.dtype))
         return out.astype(ms.float32)
+
+
+def _cast(y, dtype):
+    """The SDXL vector in ``dtype``; SD 1.x / 2.x have none (None)."""
+    return None if y is None else y.astype(dtype)
 
 
 def _lora_tensors(req: SideRequest, layout):
@@ -132,7 +137,7 @@ def _lora_tensors(req: SideRequest, layout):
     from lora_parity.convert.converter import load_lora
     from lora_parity.convert.formats import tensors_for
 
-    lora = load_lora(Path(req.lora), layout=layout, alpha=req.alpha, ema=req.ema)
+    lora = load_lora(Path(req.lora), layout=layout, alpha=req.alpha, ema=req.ema, lora_scale=req.lora_scale)
     if lora.source_format != "ms":
         raise LoraParityError("--ms-lora must be a MindONE LoRA (.ckpt)", path=req.lora)
     tensors = {k: t.to_float("float32") for k, t in tensors_for(lora, "ms")[0].items()}
@@ -142,14 +147,15 @@ def _lora_tensors(req: SideRequest, layout):
 def _te_configs(pdir: Path, layout) -> list[dict | None]:
     out = []
     for te in layout.text_encoders:
-        sub = "text_encoder" if te.style == "hf" else "text_encoder_2"
+        sub = "text_encoder" if te.style in ("hf", "ldm") else "text_encoder_2"
         f = pdir / sub / "config.json"
         out.append(json.loads(f.read_text()) if f.is_file() else None)
     return out
 
 
 def capture_ms(req: SideRequest) -> SideResult:
-    """Run the MindSpore port for ``req``; activations by SGM names."""
+    """Run the MindSpore port for ``req``; activations by SGM names (SDXL: ``gm``'s; SD 1.x / 2.x: MindONE's
+    LDM names, the same UNet blocks and the ``cond_stage_model.transformer.`` text encoder)."""
     import mindspore as ms
     from mindspore import Tensor, ops
 
@@ -184,6 +190,7 @@ def capture_ms(req: SideRequest) -> SideResult:
                               "versions": {"mindspore": ms.__version__}, "seconds": {}})
     latents = req.arrays["latents"]
     refiner = req.aesthetic is not None
+    sdxl = layout.family == "sdxl"  # SD 1.x / 2.x (MindONE's LDM): the context only, no vector y
     dim = layout.unet.addition_time_embed_dim
     orig, crop, target = (tuple(int(v) for v in p) for p in req.size_cond)
     cfg_on = req.steps is not None and req.guidance > 1.0
@@ -211,6 +218,8 @@ def capture_ms(req: SideRequest) -> SideResult:
             hidden.append(h)
         pooled_seen.setdefault("first", pooled)
         context = ops.concat(hidden, axis=-1) if len(hidden) > 1 else hidden[0]
+        if not sdxl:
+            return context, None
         extra = {"aesthetic_score": score} if refiner else {}
         return context, sdxl_vector(pooled, orig, crop, target, dim, **extra)
 
@@ -219,18 +228,24 @@ def capture_ms(req: SideRequest) -> SideResult:
     if req.activations and not req.replay_only:
         result.acts.update(acts)
         result.acts["conditioner.context"] = context.asnumpy()
-        result.acts["conditioner.vector"] = y.asnumpy()
+        if y is not None:
+            result.acts["conditioner.vector"] = y.asnumpy()
     if replay is not None:
         def text_pass():
             out = {}
             with replay_activations(replay.ref, *encoders) as out:
                 _, v = condition(ids, req.aesthetic[0] if refiner else None)
-            out["conditioner.vector"] = v.asnumpy()  # the context only concatenates replayed outputs: chained
+            if v is not None:  # the context only concatenates replayed outputs: chained
+                out["conditioner.vector"] = v.asnumpy()
             return out
         replay.run(result, encoders, text_pass)
     negative = None
     if cfg_on and refiner:
         negative = condition([req.arrays["negative_input_ids_2"]], req.aesthetic[1])
+    elif cfg_on and not sdxl:  # StableDiffusionPipeline encodes the negative prompt "" (no zeroed branch)
+        from lora_parity.sides.tokens import token_ids
+
+        negative = condition([token_ids(pdir, "")["input_ids"]], None)
     del encoders
     free_memory()
     result.meta["seconds"]["text_encoders"] = time.perf_counter() - t0
@@ -238,13 +253,13 @@ def capture_ms(req: SideRequest) -> SideResult:
 
     # ---- phase 2: UNet forwards (one per timestep), then the denoising loop
     t0 = time.perf_counter()
-    unet = loader.fill(UNetModel(layout.unet))
+    unet = loader.fill(UNetModel(layout.unet, family=layout.family))
     x = Tensor(latents, x_dtype)
     forward_s = []
     for t in (req.timesteps if req.activations and not req.replay_only else ()):
         with capture_activations(unet) as acts:
             t1 = time.perf_counter()
-            unet(x, Tensor(np.full((latents.shape[0],), t, np.float32)), context.astype(x_dtype), y.astype(x_dtype))
+            unet(x, Tensor(np.full((latents.shape[0],), t, np.float32)), context.astype(x_dtype), _cast(y, x_dtype))
             forward_s.append(time.perf_counter() - t1)
         suffix = timestep_suffix(t, req.timesteps)
         result.acts.update({k + suffix: v for k, v in acts.items()})
@@ -268,7 +283,7 @@ def capture_ms(req: SideRequest) -> SideResult:
                 with replay_activations(ref, unet) as acts:
                     unet(x, Tensor(np.full((latents.shape[0],), t, np.float32)),
                          replay.tensor(ref, "conditioner.context", context).astype(x_dtype),
-                         replay.tensor(ref, "conditioner.vector", y).astype(x_dtype))
+                         _cast(replay.tensor(ref, "conditioner.vector", y) if sdxl else None, x_dtype))
                 out.update({k + suffix: v for k, v in acts.items()})
             return out
         replay.run(result, [unet], unet_pass)

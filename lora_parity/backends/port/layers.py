@@ -33,6 +33,10 @@ def _param(shape, name: str, fill: str = "zeros", dtype=ms.float32) -> Parameter
     return Parameter(initializer(fill, tuple(int(s) for s in shape), dtype), name=name)
 
 
+#: a LoRA's (down, up) matrix names per MindONE writer: ``gm`` (SDXL) and the LDM code (SD 1.x / 2.x)
+LORA_SPELLINGS = {"gm": ("lora_A", "lora_B"), "ldm": ("lora_down", "lora_up")}
+
+
 # --------------------------------------------------------------------------- activation capture
 
 class Recordable(nn.Cell):
@@ -52,6 +56,9 @@ class Recordable(nn.Cell):
         self.recorder: dict | None = None
         self.replay: dict | None = None  # name -> the reference's output, handed on instead of ours (replay)
         self.use_graph = False  # see graph.compile_for_graph
+        # what a LoRA's two matrices are called in this component's checkpoint names: gm's lora_A / lora_B,
+        # or MindONE's LDM (SD 1.x / 2.x) LoRADenseLayer lora_down / lora_up (see lora.inject_lora)
+        self.lora_spelling = LORA_SPELLINGS["gm"]
 
     def __call__(self, *args, **kwargs):
         # graph mode (opt-in) for plain calls; recording needs PyNative (it reads every block)
@@ -64,8 +71,12 @@ class Recordable(nn.Cell):
         self.restamp_names()
 
     def restamp_names(self) -> None:
-        """Set every ``Parameter.name`` to ``sgm_prefix`` + its attribute path."""
+        """Set every ``Parameter.name`` to ``sgm_prefix`` + its attribute path (a LoRA's ``lora_A`` /
+        ``lora_B`` children spelt as :attr:`lora_spelling`, the checkpoint's names)."""
+        down, up = self.lora_spelling
         for name, param in nn.Cell.parameters_and_names(self):
+            if down != "lora_A":
+                name = name.replace(".lora_A.", f".{down}.").replace(".lora_B.", f".{up}.")
             param.name = self.sgm_prefix + name
 
     def parameters_and_names(self, name_prefix: str = "", expand: bool = True):

@@ -3,7 +3,9 @@
 A MindONE LoRA checkpoint names ``<layer>.lora_A.weight`` (r, in) and
 ``<layer>.lora_B.weight`` (out, r) next to the untouched ``<layer>.weight``; the layer
 computes ``base(x) + scale * (x A^T) B^T`` with ``scale = alpha / r`` (alpha defaults
-to r, i.e. scale 1).  :func:`inject_lora` adds exactly those child cells to the
+to r, i.e. scale 1).  MindONE's SD 1.x / 2.x ``LoRADenseLayer`` files spell them ``lora_down`` / ``lora_up``
+and compute the same ``linear(x) + lora_up(lora_down(x)) * scale`` (``--lora_scale``, read as alpha / r); the
+port's LDM components name their parameters that way (``Recordable.lora_spelling``).  :func:`inject_lora` adds exactly those child cells to the
 :class:`~.layers.Linear` layers named in a LoRA dict, names them, and loads the
 values with :func:`mindspore.load_param_into_net`.  :func:`merge_lora` folds
 ``W += scale * B @ A`` (and :func:`unmerge_lora` undoes it).
@@ -41,7 +43,19 @@ from lora_parity.backends.port import numerics as _nx
 from lora_parity.backends.port.layers import Conv2d, Linear, Recordable
 from lora_parity.backends.port.text import MultiheadAttention, _LoRAPair
 
-_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight")
+_WHICH = {"lora_A": "A", "lora_B": "B", "lora_down": "A", "lora_up": "B"}
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """``<layer>.lora_A.weight`` / ``<layer>.lora_down.weight`` (MindONE's LDM spelling) -> (layer, "A" | "B")."""
+    layer, half, _ = key.rsplit(".", 2)
+    return layer, _WHICH[half]
+
+
+def _spelt(net: Recordable, layer: str, which: str) -> str:
+    """The checkpoint name of a layer's LoRA matrix in ``net`` (``lora_A`` / ``lora_down`` ...)."""
+    return f"{layer}.{net.lora_spelling[0 if which == 'A' else 1]}.weight"
 
 
 @dataclass
@@ -81,8 +95,9 @@ def inject_lora(net: Recordable, lora_params: dict, alpha: float | dict | None =
                 strict: bool = True) -> LoraInjection:
     """Wrap the layers of ``net`` named in ``lora_params`` and load their A/B matrices.
 
-    ``lora_params``: SGM name -> array, keys ``<layer>.lora_A.weight`` / ``<layer>.lora_B.weight``
-    (numpy, MindSpore or torch tensors).  ``alpha``: one value for all layers, a dict
+    ``lora_params``: SGM name -> array, keys ``<layer>.lora_A.weight`` / ``<layer>.lora_B.weight``, or
+    MindONE's LDM ``lora_down`` / ``lora_up`` (numpy, MindSpore or torch tensors); the parameters are
+    named as ``net.lora_spelling`` says.  ``alpha``: one value for all layers, a dict
     layer name -> alpha, or None (alpha = r, scale 1, as MindONE).  Keys outside
     ``net.sgm_prefix`` are skipped (see the returned :class:`LoraInjection`), so one dict can
     be injected into the UNet and both text encoders in turn.  With ``strict``, keys
@@ -98,7 +113,7 @@ def inject_lora(net: Recordable, lora_params: dict, alpha: float | dict | None =
                 raise LoraParityError(f"not a lora_A/lora_B weight: {key}")
             result.skipped_keys.append(key)
             continue
-        layer, which = key[: -len(".lora_A.weight")], key[-len("A.weight"):][0]
+        layer, which = _split_key(key)
         layers.setdefault(layer, {})[which] = _as_numpy(value)
 
     loads: list[tuple[nn.Cell, str, np.ndarray]] = []
@@ -108,7 +123,7 @@ def inject_lora(net: Recordable, lora_params: dict, alpha: float | dict | None =
             if strict:
                 why = "no such layer" if cell is None else "needs both lora_A and lora_B"
                 raise LoraParityError(f"cannot inject LoRA into {layer}: {why}")
-            result.skipped_keys.extend(f"{layer}.lora_{w}.weight" for w in ab)
+            result.skipped_keys.extend(_spelt(net, layer, w) for w in ab)
             continue
         a, b = ab["A"], ab["B"]
         r = a.shape[0]
@@ -132,8 +147,8 @@ def inject_lora(net: Recordable, lora_params: dict, alpha: float | dict | None =
         holder = _attach(cell, fan_in, fan_out, r, scale)
         result.wrapped.append(layer)
         result.scales[layer] = scale
-        loads.append((holder.lora_A, f"{layer}.lora_A.weight", a))
-        loads.append((holder.lora_B, f"{layer}.lora_B.weight", b))
+        loads.append((holder.lora_A, _spelt(net, layer, "A"), a))
+        loads.append((holder.lora_B, _spelt(net, layer, "B"), b))
 
     net.restamp_names()
     for child, name, arr in loads:

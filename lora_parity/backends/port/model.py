@@ -91,7 +91,7 @@ class SDXLComponents:
         return self.time_id_count == REFINER_TIME_IDS
 
     def conditioning(self, ids_per_encoder, original_size, crop_coords_top_left, target_size=None, *,
-                     aesthetic_score: float | None = None) -> tuple[Tensor, Tensor]:
+                     aesthetic_score: float | None = None) -> tuple[Tensor, Tensor | None]:
         """SGM conditioner: ``context`` = penultimate states concatenated on features; ``y`` vector
         = [pooled projected output of the last (OpenCLIP) encoder, size/crop/target sinusoids]
         (refiner: size/crop/aesthetic-score sinusoids; ``aesthetic_score`` is then required and
@@ -105,6 +105,8 @@ class SDXLComponents:
             hidden.append(h)
             pooled = p
         context = ops.concat(hidden, axis=-1) if len(hidden) > 1 else hidden[0]
+        if self.unet.family != "sdxl":  # SD 1.x / 2.x: the LDM text encoder's final-normed states, no vector
+            return context, None
         y = sdxl_vector(pooled, original_size, crop_coords_top_left, target_size,
                         self.unet.layout.addition_time_embed_dim, aesthetic_score=aesthetic_score,
                         adm_in_channels=self.unet.layout.adm_in_channels)
@@ -159,7 +161,7 @@ def build_sdxl(layout: ModelLayout, te_configs: tuple[dict | None, ...] | None =
     with _nx.use_numerics(_nx.resolve(numerics)):
         encoders = tuple(build_text_encoder(te, cfg) for te, cfg in zip(layout.text_encoders, te_configs))
         vae = VAEDecoder.from_diffusers_config(vae_config) if vae_config is not None else None
-        comps = SDXLComponents(UNetModel(layout.unet), encoders, vae)
+        comps = SDXLComponents(UNetModel(layout.unet, family=layout.family), encoders, vae)
     if graph:
         for cell in comps.cells():
             compile_for_graph(cell)

@@ -104,6 +104,8 @@ def denoise(unet, noise: np.ndarray, context: Tensor, y: Tensor, schedule: Euler
             first_step: int = 0, n_time_ids: int = 6) -> tuple[Tensor, float]:
     """The denoising loop; returns (final latents, seconds per step).
 
+    ``y`` None: an SD 1.x / 2.x UNet (no vector conditioning); ``negative`` is then required for
+    guidance, ``(context of "", None)``, as ``StableDiffusionPipeline`` encodes the empty negative prompt.
     ``negative``: the unconditional ``(context_u, y_u)`` for classifier-free guidance, as the
     caller built it (:func:`condition`); None keeps the base pipeline's
     ``force_zeros_for_empty_prompt`` branch (:func:`unconditional`, with ``n_time_ids``).
@@ -118,8 +120,12 @@ def denoise(unet, noise: np.ndarray, context: Tensor, y: Tensor, schedule: Euler
         raise ValueError(f"first_step {first_step} outside a {n}-step schedule")
     if noise.shape[0] != context.shape[0]:  # one prompt, several noise samples (num_images_per_prompt)
         reps = noise.shape[0] // context.shape[0]
-        context, y = ops.tile(context, (reps, 1, 1)), ops.tile(y, (reps, 1))
-    if cfg:
+        context, y = ops.tile(context, (reps, 1, 1)), None if y is None else ops.tile(y, (reps, 1))
+    if cfg and y is None:  # SD 1.x / 2.x: the context is the whole conditioning; the caller encodes ""
+        if negative is None:
+            raise ValueError("an SD 1.x / 2.x UNet (no vector y) needs the negative prompt's context for guidance")
+        context = ops.concat([_tile_to(negative[0], context.shape[0]), context], axis=0)
+    elif cfg:
         if negative is None:
             ctx_u, y_u = unconditional(context, y, time_embed_dim, n_time_ids)
         else:

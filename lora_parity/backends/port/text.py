@@ -308,7 +308,8 @@ class OpenCLIPTextEncoder(Recordable):
 
 
 def build_text_encoder(layout: TextEncoderLayout, hf_config: dict | None = None, **kwargs) -> Recordable:
-    """The cell for ``layout.style``; activation and LayerNorm eps from a HF ``CLIPTextConfig`` dict."""
+    """The cell for ``layout.style`` (``hf``, ``openclip``, ``ldm``); activation and LayerNorm eps from a HF
+    ``CLIPTextConfig`` dict."""
     if hf_config is not None:
         kwargs.setdefault("hidden_act", hf_config.get("hidden_act"))
         kwargs.setdefault("layer_norm_eps", float(hf_config.get("layer_norm_eps", 1e-5)))
@@ -316,4 +317,10 @@ def build_text_encoder(layout: TextEncoderLayout, hf_config: dict | None = None,
         return HFCLIPTextEncoder(layout, **kwargs)
     if layout.style == "openclip":
         return OpenCLIPTextEncoder(layout, **kwargs)
+    if layout.style == "ldm":  # MindONE's SD 1.x / 2.x TextEncoder; HF pools at the config's eos token
+        from lora_parity.backends.port.ldm_text import LDMTextEncoder
+
+        if hf_config is not None:
+            kwargs.setdefault("eos_token_id", hf_config.get("eos_token_id"))
+        return LDMTextEncoder(layout, **kwargs)
     raise ValueError(f"unknown text encoder style {layout.style!r}")

@@ -25,7 +25,7 @@ from mindspore import Tensor, nn, ops
 
 from lora_parity.convert.layout import UNetLayout
 from lora_parity.backends.port import numerics as _nx
-from lora_parity.backends.port.layers import (GroupNorm, Identity, LayerNorm, Linear, Recordable, SiLU, attention, gelu,
+from lora_parity.backends.port.layers import (LORA_SPELLINGS, GroupNorm, Identity, LayerNorm, Linear, Recordable, SiLU, attention, gelu,
                      Upsample, make_conv)
 
 SGM_UNET_PREFIX = "model.diffusion_model."
@@ -216,11 +216,15 @@ class Downsample(nn.Cell):
 
 
 class CrossAttention(nn.Cell):
+    """``ldm``: MindONE's SD 1.x / 2.x ``Attention`` multiplies the scores by ``dim_head ** -0.5`` (``gm``
+    divides by ``sqrt(d)``), so the ``attention_scale`` point has nothing to change there."""
+
     NUMERICS_POINTS = ("attention_scale", "compute_dtype")
 
-    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, ldm: bool = False):
         super().__init__()
         _nx.stamp(self, self.NUMERICS_POINTS)
+        self.ldm = bool(ldm)
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
@@ -232,8 +236,9 @@ class CrossAttention(nn.Cell):
     def construct(self, x, context=None):
         ctx = x if context is None else context
         # gm: scaled_dot_product_attention, softmax(q @ k^T / sqrt(d)) in the input dtype
-        out = attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads, None,
-                        "div" if self.mindone_attention_scale else "mul", not self.mindone_compute_dtype)
+        scale = "div" if self.mindone_attention_scale and not self.ldm else "mul"
+        out = attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads, None, scale,
+                        not self.mindone_compute_dtype)
         return self.to_out(out)
 
 
@@ -264,11 +269,12 @@ class FeedForward(nn.Cell):
 
 
 class BasicTransformerBlock(nn.Cell):
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, ln_eps: float = 1e-5):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, ln_eps: float = 1e-5,
+                 ldm: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.attn1 = CrossAttention(dim, None, heads, dim_head, ldm)
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, ldm)
         self.norm1 = LayerNorm(dim, ln_eps)
         self.norm2 = LayerNorm(dim, ln_eps)
         self.norm3 = LayerNorm(dim, ln_eps)
@@ -281,35 +287,51 @@ class BasicTransformerBlock(nn.Cell):
 
 
 class SpatialTransformer(nn.Cell):
-    """SGM ``SpatialTransformer`` with ``use_linear=True`` (SDXL)."""
+    """SGM / LDM ``SpatialTransformer``: ``linear`` (SDXL, SD 2.x: ``use_linear``) projects tokens with a
+    Dense; otherwise (SD 1.x) ``proj_in`` / ``proj_out`` are 1x1 convolutions on the image, before the
+    flattening and after the unflattening, as LDM orders them."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
-                 groups: int, norm_eps: float = 1e-6, ln_eps: float = 1e-5):
+                 groups: int, norm_eps: float = 1e-6, ln_eps: float = 1e-5, *, linear: bool = True,
+                 ldm: bool = False):
         super().__init__()
         inner = heads * dim_head
+        self.linear = bool(linear)
         self.norm = GroupNorm(groups, channels, norm_eps)
-        self.proj_in = Linear(channels, inner)
+        self.proj_in = Linear(channels, inner) if linear else make_conv(channels, inner, 1, padding=0)
         self.transformer_blocks = nn.CellList([
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, ln_eps) for _ in range(depth)])
-        self.proj_out = Linear(inner, channels)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, ln_eps, ldm) for _ in range(depth)])
+        self.proj_out = Linear(inner, channels) if linear else make_conv(inner, channels, 1, padding=0)
 
     def construct(self, x, context):
         b, c, h, w = x.shape
         x_in = x
         x = self.norm(x)
-        x = x.reshape(b, c, h * w).transpose(0, 2, 1)
-        x = self.proj_in(x)
+        if not self.linear:
+            x = self.proj_in(x)
+        inner = x.shape[1]
+        x = x.reshape(b, inner, h * w).transpose(0, 2, 1)
+        if self.linear:
+            x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
-        x = self.proj_out(x)
-        x = x.transpose(0, 2, 1).reshape(b, c, h, w)
+        if self.linear:
+            x = self.proj_out(x)
+        x = x.transpose(0, 2, 1).reshape(b, x.shape[-1], h, w)
+        if not self.linear:
+            x = self.proj_out(x)
         return x + x_in
 
 
 # --------------------------------------------------------------------------- the UNet
 
 class UNetModel(Recordable):
-    """SGM ``UNetModel`` (SDXL flavour) built from a :class:`~lora_parity.convert.layout.UNetLayout`.
+    """SGM ``UNetModel`` built from a :class:`~lora_parity.convert.layout.UNetLayout`: SDXL, or with
+    ``family`` "sd1" / "sd2" MindONE's LDM ``UNetModel`` (``examples/stable_diffusion_v2``: no ``label_emb``,
+    ``y`` None) -- the same blocks and names, differing where LDM's configs and code do: SD 1.x has a fixed
+    head count at every level (``num_heads: 8``; diffusers' ``attention_head_dim`` 8, i.e. the layout's
+    last-level channels / ``num_head_channels``) and 1x1-conv projections; SD 2.x has ``num_head_channels: 64``
+    and linear projections (``layout.linear_projection``); LDM's attention multiplies the scores by the scale.
 
     ``unet(x, timesteps, context, y)``: x (B, C, H, W) latents, timesteps (B,),
     context (B, L, context_dim) = concatenated TE penultimate states, y (B, adm_in_channels)
@@ -322,9 +344,14 @@ class UNetModel(Recordable):
 
     def __init__(self, layout: UNetLayout, sgm_prefix: str = SGM_UNET_PREFIX, *,
                  resblock_eps: float = 1e-5, transformer_norm_eps: float = 1e-6,
-                 layer_norm_eps: float = 1e-5):
+                 layer_norm_eps: float = 1e-5, family: str = "sdxl"):
         super().__init__(sgm_prefix)
+        if family not in ("sdxl", "sd1", "sd2"):
+            raise ValueError(f"the port's UNet runs SDXL, SD 1.x and SD 2.x, not {family!r}")
+        if family != "sdxl" and layout.adm_in_channels is not None:
+            raise ValueError(f"an {family} UNet has no label_emb (adm_in_channels {layout.adm_in_channels})")
         self.layout = layout
+        self.family = family
         _nx.stamp(self, self.NUMERICS_POINTS)
         mc = layout.model_channels
         ted = layout.time_embed_dim
@@ -332,10 +359,13 @@ class UNetModel(Recordable):
         nhc = layout.num_head_channels
         nrb = layout.layers_per_block
 
+        fixed_heads = layout.heads(None) if family == "sd1" else None  # LDM v1: num_heads, not head size
+
         def st(ch: int, depth: int) -> SpatialTransformer:
-            heads = max(1, ch // nhc)
+            heads = fixed_heads or max(1, ch // nhc)
             return SpatialTransformer(ch, heads, ch // heads, depth, layout.context_dim, groups,
-                                      transformer_norm_eps, layer_norm_eps)
+                                      transformer_norm_eps, layer_norm_eps, linear=layout.linear_projection or family == "sdxl",
+                                      ldm=family != "sdxl")
 
         def rb(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, ted, cout, groups, resblock_eps)
@@ -382,6 +412,8 @@ class UNetModel(Recordable):
         self.output_blocks = nn.CellList(blocks)
         self.out = nn.SequentialCell([GroupNorm(groups, ch, resblock_eps), SiLU(),
                                       make_conv(mc, layout.out_channels, 3)])
+        if family != "sdxl":
+            self.lora_spelling = LORA_SPELLINGS["ldm"]
         self._finish()
 
     def construct(self, x, timesteps, context, y=None):
