@@ -122,3 +122,25 @@ def test_dropped_text_encoder_lora_fails_naming_the_text_encoder(sd, tmp_path):
     first = report["first_diverging_layer"]
     assert first["component"] == "text_encoder", first
     assert first["sgm"].startswith("cond_stage_model.transformer.transformer_layer.resblocks."), first
+
+
+@pytest.mark.parametrize("preset, heads", [("sd15", {320: 8, 640: 8, 1280: 8}), ("sd21", {320: 5, 640: 10, 1280: 20})])
+def test_real_size_layouts_build_with_the_full_weight_names(preset, heads):
+    """At real size (lazy weights, nothing allocated): every port parameter is one the full-weight map fills
+    from a diffusers folder, in the key map's shape, and the heads are LDM's (SD 1.5 ``num_heads: 8`` at every
+    level; SD 2.1 ``num_head_channels: 64``)."""
+    from lora_parity.backends.port.model import build_sdxl
+    from lora_parity.backends.port.unet import CrossAttention
+    from lora_parity.convert.fullweights import param_maps
+    from lora_parity.convert.keymap import keymap_for
+    from lora_parity.convert.layout import PRESETS
+
+    layout = PRESETS[preset]
+    comps = build_sdxl(layout, vae_config=None, configure_runtime=False)
+    shapes = comps.param_shapes()
+    assert set(shapes) == {m.sgm for m in param_maps(layout)}
+    for e in keymap_for(layout).entries:
+        name = f"{e.sgm}.gamma" if e.kind == "norm" else f"{e.sgm}.weight"
+        assert shapes[name] == e.weight_shape(), name
+    seen = {c.to_q.in_features: c.heads for _, c in comps.unet.cells_and_names() if isinstance(c, CrossAttention)}
+    assert seen == heads

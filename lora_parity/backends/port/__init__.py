@@ -1,4 +1,8 @@
-"""SDXL in MindSpore cells, in the SGM / MindONE checkpoint layout (PyNative mode).
+"""SDXL (and SD 1.x / 2.x) in MindSpore cells, in the SGM / MindONE checkpoint layout (PyNative mode).
+
+SD 1.x / 2.x run as MindONE's LDM code does (``examples/stable_diffusion_v2``): :class:`UNetModel` with
+``family="sd1"`` / ``"sd2"`` (no ``label_emb``) and :class:`LDMTextEncoder` (``cond_stage_model.transformer.``,
+fused ``attn.attn.in_proj``), their LoRA named ``lora_down`` / ``lora_up`` as MindONE's ``LoRADenseLayer``.
 
 Every component's ``Parameter.name`` -- and ``parameters_and_names()`` -- is the full
 MindONE checkpoint name (MindSpore spellings: ``gamma``/``beta`` for norms,
@@ -33,6 +37,7 @@ from lora_parity.backends.port.numerics import (NUMERICS, POINTS, Numerics, curr
 from lora_parity.backends.port.model import SDXLComponents, build_sdxl, cast_params, load_params, param_shapes
 from lora_parity.backends.port.runtime import configure_cpu
 from lora_parity.backends.port.text import HFCLIPTextEncoder, OpenCLIPTextEncoder, build_text_encoder
+from lora_parity.backends.port.ldm_text import LDMTextEncoder
 from lora_parity.backends.port.unet import (SGM_UNET_PREFIX, ConcatTimestepEmbedderND, UNetModel, sdxl_vector,
                    timestep_embedding)
 from lora_parity.backends.port.vae import SGM_VAE_PREFIX, VAEDecoder
@@ -42,7 +47,7 @@ __all__ = [
     "compile_for_graph", "run_graph", "structure_key", "uses_graph",
     "LoraInjection", "inject_lora", "lora_state", "lora_targets", "merge_lora", "unmerge_lora",
     "SDXLComponents", "build_sdxl", "cast_params", "load_params", "param_shapes", "configure_cpu",
-    "HFCLIPTextEncoder", "OpenCLIPTextEncoder", "build_text_encoder",
+    "HFCLIPTextEncoder", "OpenCLIPTextEncoder", "LDMTextEncoder", "build_text_encoder",
     "SGM_UNET_PREFIX", "ConcatTimestepEmbedderND", "UNetModel", "sdxl_vector", "timestep_embedding",
     "SGM_VAE_PREFIX", "VAEDecoder",
     "NUMERICS", "POINTS", "Numerics", "apply_numerics", "current", "current_numerics", "set_numerics",
