@@ -134,7 +134,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         timestep=args.timestep, steps=args.steps, guidance=args.guidance, ms_graph=args.ms_graph,
         ms_device=args.ms_device, pt_device=args.pt_device, progress=args.steps is not None and not args.quiet,
         dtype=DTYPE_ALIASES[args.dtype], merge=args.ms_merge, ms_python=args.ms_python, ema=args.ema,
-        port_numerics=args.port_numerics, replay_only=args.replay_only),
+        port_numerics=args.port_numerics, replay_only=args.replay_only, lora_scale=args.lora_scale),
         args.backend, Path(args.output), force=args.force, replay_from=Path(args.replay_from) if args.replay_from else None)
     print(f"bundle: {out}")
     return 0
@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--latents", help=".npy latents (default: built-in seed 0)")
     cap.add_argument("--prompt", help="prompt text (default: the built-in prompt)")
     cap.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
+    cap.add_argument("--lora-scale", type=float,
+                     help="a MindONE SD 1.x / 2.x LoRA .ckpt (lora_down / lora_up): the --lora_scale it runs with "
+                          "(default 1)")
     cap.add_argument("--timestep", type=float, default=500.0, help="UNet timestep (default 500)")
     cap.add_argument("--timesteps", help="several UNet timesteps, e.g. 999,500,1")
     cap.add_argument("--steps", type=int, help="also generate an image with N denoising steps")

@@ -153,7 +153,9 @@ def side_request(o: CompareOptions, base: _Base, side: str, **kw) -> SideRequest
         device=o.ms_device if side == "ms" else o.pt_device,
         backend=o.ms_backend if side == "ms" else "diffusers",
         port_numerics=o.port_numerics if side == "ms" and o.ms_backend == PORT else None,
-        lora_scale=o.lora_scale if side == "ms" and o.ms_backend == PORT else None, **kw)
+        lora_scale=o.lora_scale if side == "ms" and o.ms_backend == PORT else None,
+        max_sequence_length=flow_max_sequence_length(base.pipeline_dir) if flow_family(base.pipeline_dir) else None,
+        **kw)
 
 
 def _side(o: CompareOptions, name: str, req: SideRequest) -> SideResult:
@@ -307,8 +309,6 @@ def run_compare(o: CompareOptions) -> ParityReport:
     timesteps = [float(t) for t in (o.timesteps or (o.timestep,))]
     common = dict(prompt=prompt, timesteps=timesteps, size_cond=size_cond, steps=o.steps,
                   arrays={"latents": latents}, noise_source=latents_source(o.latents))
-    if flow_family(base.pipeline_dir):
-        common["max_sequence_length"] = flow_max_sequence_length(base.pipeline_dir)
     with tempfile.TemporaryDirectory(prefix="lora-parity-") as tmp:
         pt_lora, ms_lora = _lora_for(o, base, Path(tmp))
         pt = _side(o, "pt", side_request(o, base, "pt", lora=pt_lora, dtype="F32", **common))
@@ -556,7 +556,7 @@ def run_capture(o: CompareOptions, backend: str, out: Path, *, force: bool = Fal
             fmt = o.pt_format if be.name == "diffusers" else "peft"
             conv = Path(tmp) / f"converted_{fmt}.safetensors"
             convert(ConvertOptions(src=lora, dst=conv, layout=str(base.pipeline_dir), alpha=o.alpha, fmt=fmt,
-                                   ema=o.ema))
+                                   ema=o.ema, lora_scale=o.lora_scale))
             lora = conv
         o_side = o if be.side == "ms" else CompareOptions(**{**o.__dict__, "ms_backend": PORT})
         req = side_request(o_side, base, be.side, lora=str(lora) if lora else None, dtype=o.dtype, prompt=prompt,

@@ -36,7 +36,8 @@ FORMAT = "lora-parity-bundle"
 VERSION = 1
 MANIFEST = "bundle.json"
 CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                "text_encoder_2/config.json", "scheduler/scheduler_config.json")
+                "text_encoder_2/config.json", "scheduler/scheduler_config.json",
+                "transformer/config.json", "text_encoder_3/config.json")  # SD3 / Flux
 # request fields two captures must share to be compared (arrays: the latents, compared by hash)
 SAME_INPUTS = ("prompt", "timesteps", "size_cond", "aesthetic", "steps", "guidance")
 
