@@ -5,6 +5,7 @@ option's value given space-separated, a bad path as one usage error, only the su
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,9 +41,10 @@ def _entry_point_installed() -> bool:
     return any(ep.value == "lora_parity.suite.plugin" for ep in entry_points(group="pytest11"))
 
 
-def run_pytest(tmp: Path, *args: str, cwd: Path | None = None,
-               env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict, float]:
-    """pytest in a child process (in ``cwd``, default ``tmp``); (process, test name -> (outcome, message), seconds)."""
+def run_pytest(tmp: Path, *args: str, cwd: Path | None = None, env: dict | None = None,
+               props: dict | None = None) -> tuple[subprocess.CompletedProcess, dict, float]:
+    """pytest in a child process (in ``cwd``, default ``tmp``); (process, test name -> (outcome, message), seconds).
+    ``props``, if given, is filled with test name -> {JUnit property: value} (values as the XML holds them)."""
     junit = tmp / f"junit_{time.monotonic_ns()}.xml"
     extra = [] if _entry_point_installed() else ["-p", "lora_parity.suite.plugin"]  # not pip-installed here
     t0 = time.perf_counter()
@@ -60,6 +62,8 @@ def run_pytest(tmp: Path, *args: str, cwd: Path | None = None,
                     outcome, message = {"failure": "failed"}.get(tag, tag), node.get("message") or ""
                     break
             outcomes[case.get("name")] = (outcome, message)
+            if props is not None:
+                props[case.get("name")] = {pr.get("name"): pr.get("value") for pr in case.iter("property")}
     return proc, outcomes, seconds
 
 
@@ -265,6 +269,191 @@ def test_tiny_sd_lora_with_a_base_runs_on_mindone(tmp_path):
     assert outcome == "skipped" and "the port runs SDXL only" in message, outcomes
 
 
+# ---------------------------------------------------------------- SD3 and Flux
+
+#: what mindone.diffusers' trainers adapt by default (train_dreambooth_lora_sd3.py: to_k/q/v/to_out.0; _flux.py
+#: without --lora_layers: both streams' attention, the double blocks' feed-forwards, hence also the single blocks'
+#: attn.to_q/k/v), written here independently of the suite's own table, plus CLIP-L attention (--train_text_encoder)
+FLOW_DEFAULT = {
+    "sd3": re.compile(r"^transformer\.transformer_blocks\.\d+\.attn\.(?:to_[qkv]|to_out\.0)$"),
+    "flux": re.compile(r"^transformer\.(?:single_)?transformer_blocks\.\d+\.(?:attn\.(?:to_[qkv]|to_out\.0|"
+                       r"add_[qkv]_proj|to_add_out)|ff(?:_context)?\.net\.(?:0\.proj|2))$"),
+}
+#: SD3-medium: 24 joint blocks x 4; FLUX.1-dev: 19 double blocks x 12 + 38 single blocks x 3
+FLOW_DEFAULT_COUNT = {"sd3": 96, "flux": 342}
+#: the named checks that do not exist for the family, and the words their skip reason says
+FLOW_NOT_APPLICABLE = {
+    "sd3": {"test_round_trip_ms_peft_ms_bitwise": "no .ckpt LoRA format for sd3",
+            "test_diffusers_kohya_path_same_modules": "diffusers reads no kohya SD3 file"},
+    "flux": {"test_round_trip_ms_peft_ms_bitwise": "no .ckpt LoRA format for flux"},
+}
+CLIP_L_ATTENTION = re.compile(r"^text_encoder\.text_model\.encoder\.layers\.\d+\.self_attn\.")
+
+
+def flow_lora(family: str, *, rank: int = 4, alpha: float = 8.0, seed: int = 11):
+    """A real-size SD3-medium / FLUX.1-dev LoRA on the trainer's default modules plus CLIP-L attention, float16 as
+    mixed-precision training saves it, alpha != rank (scale 2), lora_B non-zero: a trained LoRA."""
+    import dataclasses
+
+    from lora_parity.convert.keymap import keymap_for
+    from lora_parity.fixtures.synthetic import make_lora
+
+    layout = PRESETS[family]
+    names = [e.sgm for e in keymap_for(layout).lora_entries()
+             if FLOW_DEFAULT[family].match(e.sgm) or CLIP_L_ATTENTION.match(e.sgm)]
+    lora = make_lora(layout, rank=rank, alpha=alpha, modules=names, dtype="F16", seed=seed, b_std=0.05)
+    return dataclasses.replace(lora, source_format="peft")
+
+
+def write_flow_peft(path: Path, lora) -> Path:
+    """The PEFT safetensors mindone.diffusers' ``save_lora_weights`` writes: ``transformer.`` / ``text_encoder.``
+    + module + ``.lora_A.weight`` / ``.lora_B.weight``, alpha in ``lora_adapter_metadata``."""
+    from lora_parity.convert.safetensors_io import write_safetensors
+
+    write_safetensors(path, *formats.tensors_for(lora, "peft"))
+    return path
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def flow_peft(request, tmp_path_factory):
+    family = request.param
+    lora = flow_lora(family)
+    path = write_flow_peft(tmp_path_factory.mktemp(f"user_{family}") / "pytorch_lora_weights.safetensors", lora)
+    return family, path, lora
+
+
+def _assert_flow_run(family, proc, outcomes, props, *, n_modules: int):
+    """Every named check that exists for the family passed; each one that does not is skipped naming the family."""
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    na = FLOW_NOT_APPLICABLE[family]
+    assert set(NAMED) <= set(outcomes), sorted(set(NAMED) - set(outcomes))
+    for name in NAMED:
+        outcome, message = outcomes[name]
+        if name in na:
+            assert outcome == "skipped" and na[name] in message and family in message, (name, outcome, message)
+        else:
+            assert outcome == "passed", (name, outcome, message, proc.stdout[-3000:])
+    assert props["test_layout_detected"]["family"] == family
+    assert props["test_layout_detected"]["layout"] == family
+    cov = props["test_coverage_vs_mindone_training"]
+    assert cov["coverage.mindone_default"] == cov["coverage.mindone_default_covered"] == str(FLOW_DEFAULT_COUNT[family])
+    assert props["test_diffusers_loads_peft_on_real_size_pipeline"]["diffusers_modules"] == str(n_modules)
+    assert props["test_round_trip_ms_kohya_ms_bitwise"]["tensors_compared"] == str(2 * n_modules)
+    assert props["test_rank_and_alpha"]["scales"] == "[2.0]"
+    assert f"layout '{family}' (detected" in proc.stdout and f"family {family}" in proc.stdout
+
+
+@conversion
+def test_every_named_test_runs_on_a_real_size_flow_peft_lora(tmp_path, flow_peft, record_property):
+    """An SD3 / Flux PEFT file as mindone.diffusers saves it: the family is detected and recorded, every check that
+    exists for it passes (diffusers' own loader on a real-size hollow SD3 / Flux pipeline included), the coverage
+    is judged against that family's trainer defaults, and the checks that do not exist for it say so by family."""
+    family, path, lora = flow_peft
+    props: dict = {}
+    proc, outcomes, seconds = run_pytest(tmp_path, "--pyargs", "lora_parity", "-m", "conversion",
+                                         "--lora-ckpt", str(path), props=props)
+    record_property("seconds", round(seconds, 1))
+    _assert_flow_run(family, proc, outcomes, props, n_modules=len(lora.pairs))
+    what = {"sd3": "transformer attention to_q/k/v/to_out.0",
+            "flux": "double blocks' attention + feed-forwards, single blocks' attention"}[family]
+    assert f"MindONE's default ({what}): {FLOW_DEFAULT_COUNT[family]}/{FLOW_DEFAULT_COUNT[family]}" in proc.stdout
+    if family == "flux":  # diffusers' Flux kohya reader: the double blocks' feed-forwards (19 x 4) it cannot map
+        kohya = props["test_diffusers_kohya_path_same_modules"]
+        assert kohya["kohya_not_read_by_diffusers"] == "76"
+        assert kohya["diffusers_modules"] == str(len(lora.pairs) - 76)
+        assert "76 not read by diffusers' flux kohya reader" in proc.stdout and "LoraCheckScopeWarning" in proc.stdout
+
+
+@conversion
+def test_every_named_test_runs_on_a_kohya_flux_lora(tmp_path, record_property):
+    """The same LoRA in ComfyUI's kohya names (``lora_transformer_``, written by the converter): detected as Flux
+    from its names and shapes; PEFT -> kohya -> PEFT round-trips through its PEFT conversion and every tensor of
+    the file went in unchanged; diffusers' own kohya reader takes the part it maps."""
+    from lora_parity.convert.converter import ConvertOptions, convert
+
+    lora = flow_lora("flux", seed=12)
+    peft = write_flow_peft(tmp_path / "peft.safetensors", lora)
+    kohya = tmp_path / "my_flux_lora_kohya.safetensors"
+    convert(ConvertOptions(src=peft, dst=kohya, fmt="kohya"))
+    props: dict = {}
+    proc, outcomes, seconds = run_pytest(tmp_path, "--pyargs", "lora_parity", "-m", "conversion",
+                                         "--lora-ckpt", str(kohya), props=props)
+    record_property("seconds", round(seconds, 1))
+    _assert_flow_run("flux", proc, outcomes, props, n_modules=len(lora.pairs))
+    assert props["test_file_parses"]["lora_format"] == "kohya"
+    assert props["test_round_trip_ms_kohya_ms_bitwise"]["compared_with_file_keys"] == str(3 * len(lora.pairs))
+
+
+def _flow_tensors(lora) -> dict:
+    return formats.tensors_for(lora, "peft")
+
+
+def _write(d: Path, name: str, tensors: dict, meta: dict) -> Path:
+    from lora_parity.convert.safetensors_io import write_safetensors
+
+    write_safetensors(d / name, tensors, meta)
+    return d / name
+
+
+def _flow_module_that_does_not_exist(lora, d: Path) -> Path:
+    """A block SD3-medium does not have (SD3.5-large's 38 blocks): a LoRA mixed from another model."""
+    t, meta = _flow_tensors(lora)
+    for half, shape in (("A", (4, 1536)), ("B", (1536, 4))):
+        t[f"transformer.transformer_blocks.24.attn.to_q.lora_{half}.weight"] = Tensor.from_numpy(
+            np.full(shape, 0.01, np.float32), "F16")
+    return _write(d, "extra_block.safetensors", t, meta)
+
+
+def _flow_truncated(lora, d: Path) -> Path:
+    raw = write_flow_peft(d / "whole.safetensors", lora).read_bytes()
+    (d / "truncated.safetensors").write_bytes(raw[: len(raw) * 2 // 3])  # a copy that stopped inside a tensor
+    return d / "truncated.safetensors"
+
+
+def _flow_rank_mismatch(lora, d: Path) -> Path:
+    """One module's lora_B at rank 8 beside its rank-4 lora_A (a file assembled from two runs)."""
+    t, meta = _flow_tensors(lora)
+    key = "transformer.transformer_blocks.5.attn.to_v.lora_B.weight"
+    t[key] = Tensor.from_numpy(np.full((1536, 8), 0.01, np.float32), "F16")
+    return _write(d, "rank_mismatch.safetensors", t, meta)
+
+
+def _flow_untrained(lora, d: Path) -> Path:
+    """Saved before the first step: PEFT initialises every lora_B to zero."""
+    t, meta = _flow_tensors(lora)
+    t = {k: Tensor.from_numpy(np.zeros(v.shape, np.float32), "F16") if ".lora_B." in k else v for k, v in t.items()}
+    return _write(d, "untrained.safetensors", t, meta)
+
+
+FLOW_FAULTS = {
+    "module_that_does_not_exist": (_flow_module_that_does_not_exist, "test_every_key_maps",
+                                   "transformer.transformer_blocks.24.attn.to_q.lora_A.weight"),
+    "truncated_inside_a_tensor": (_flow_truncated, "test_file_parses", "truncated"),
+    "rank_mismatch_between_a_and_b": (_flow_rank_mismatch, "test_tensors_fit_the_layout",
+                                      "transformer.transformer_blocks.5.attn.to_v.lora_B.weight"),
+    "lora_b_all_zero": (_flow_untrained, "test_lora_b_is_trained", "every lora_B is all zeros"),
+}
+
+
+@conversion
+@pytest.mark.parametrize("fault", list(FLOW_FAULTS))
+def test_a_faulty_sd3_file_fails_the_named_test_about_it(tmp_path, fault):
+    """Faults the conversion layer must catch without a base, in an SD3 PEFT file: exactly the named test about
+    each fails, naming the key where there is one; what could not run says why, naming that test (or, for the
+    checks SD3 has not, its family)."""
+    make, culprit, words = FLOW_FAULTS[fault]
+    path = make(flow_lora("sd3", seed=13), tmp_path)
+    proc, outcomes, _ = run_pytest(tmp_path, "--pyargs", "lora_parity", "-m", "conversion", "--lora-ckpt", str(path))
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    failed = {n: m for n, (o, m) in outcomes.items() if o in ("failed", "error")}
+    assert list(failed) == [culprit], f"failed: {sorted(failed)}\n{proc.stdout[-3000:]}"
+    assert words in failed[culprit], failed[culprit]
+    assert str(path) in failed[culprit] or culprit == "test_lora_b_is_trained", failed[culprit]
+    for name, (outcome, message) in outcomes.items():
+        if outcome == "skipped":
+            assert culprit in message or FLOW_NOT_APPLICABLE["sd3"].get(name, "?") in message, (name, message)
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -319,6 +508,37 @@ def test_the_repository_runs_without_the_entry_point(tmp_path):
 
 
 # ---------------------------------------------------------------- with a base model
+
+
+@pytest.mark.parity
+@pytest.mark.image
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_tiny_flow_lora_with_a_base_runs_on_mindone(tmp_path, family):
+    """``--base random:tiny-sd3`` / ``random:tiny-flux`` with a PEFT LoRA of that model: the shipped parity/image test
+    runs compare on mindone.diffusers (Flux at fp16, mindone's attention precision: the JUnit ``dtype`` property)
+    and passes; ``--ms-backend port`` says by family why it cannot."""
+    import dataclasses
+
+    from lora_parity.convert.keymap import keymap_for
+    from lora_parity.convert.layout import load_layout
+    from lora_parity.fixtures.synthetic import make_lora
+
+    layout = load_layout(f"tiny-{family}")
+    names = [e.sgm for e in keymap_for(layout).lora_entries()
+             if FLOW_DEFAULT[family].match(e.sgm) or CLIP_L_ATTENTION.match(e.sgm)]
+    lora = dataclasses.replace(make_lora(layout, rank=4, alpha=8.0, modules=names, seed=5), source_format="peft")
+    path = write_flow_peft(tmp_path / "tiny_flow_lora.safetensors", lora)
+    args = ["--pyargs", "lora_parity", "-m", "parity or image", "--lora-ckpt", str(path), "--lora-layout",
+            f"tiny-{family}", "--base", f"random:tiny-{family}"]
+    env = {"LORA_PARITY_CACHE": str(tmp_path / "cache")}
+    props: dict = {}
+    proc, outcomes, _ = run_pytest(tmp_path, *args, env=env, props=props)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert outcomes["test_parity_and_image_on_your_base"][0] == "passed", outcomes
+    assert props["test_parity_and_image_on_your_base"]["dtype"] == {"sd3": "F32", "flux": "F16"}[family]
+    proc, outcomes, _ = run_pytest(tmp_path, *args, "--ms-backend", "port", env=env)
+    outcome, message = outcomes["test_parity_and_image_on_your_base"]
+    assert outcome == "skipped" and f"your LoRA is for {family}: the port runs SDXL only" in message, outcomes
 
 
 @pytest.mark.parity
