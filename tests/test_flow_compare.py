@@ -154,3 +154,18 @@ def test_bundles_captured_apart_are_judged_alike(flow, tmp_path):
     assert code == 0, (out + err)[-3000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["meta"]["judged"]["replayed"] and report["image"]["passed"]
+
+
+def test_intermediate_training_checkpoint_gives_the_trainers_own_transformer_lora(flow, tmp_path):
+    """``checkpoint-N/pytorch_model.ckpt`` (the whole PEFT-wrapped transformer, saved by MindSpore mid-run):
+    the LoRA extracted from it equals the transformer part of the trainer's final file, tensor for tensor."""
+    from lora_parity.convert.converter import ConvertOptions, convert
+
+    family, _, _, pipe_dir, lora = flow
+    out = tmp_path / "extracted.safetensors"
+    report = convert(ConvertOptions(src=lora.parent / "checkpoint-100" / "pytorch_model.ckpt", dst=out,
+                                    layout=str(pipe_dir)))
+    assert report.dst_format == "peft" and any("PEFT-wrapped transformer" in n for n in report.notes)
+    ours, _ = read_safetensors(out)
+    theirs = {k: v for k, v in read_safetensors(lora)[0].items() if k.startswith("transformer.")}
+    assert ours and set(ours) == set(theirs) and all(ours[k].bitwise_equal(theirs[k]) for k in ours)

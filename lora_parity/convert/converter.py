@@ -124,8 +124,8 @@ def load_lora(src: Path, *, layout: ModelLayout | None = None, alpha: float | No
 def default_format(lora: LoraSet, src_is_ms: bool) -> str:
     """PEFT for a MindSpore-side file, a MindONE .ckpt for a PyTorch one; SD3 / Flux have no MindONE .ckpt
     (mindone.diffusers saves PEFT), so their PEFT and kohya files convert into each other."""
-    if lora.layout.is_transformer:
-        return "kohya" if lora.source_format == "peft" else "peft"
+    if lora.layout.is_transformer:  # a wrapped training checkpoint: the PEFT file its trainer would save
+        return "kohya" if lora.source_format == "peft" and not src_is_ms else "peft"
     return "peft" if src_is_ms else "ms"
 
 

@@ -95,8 +95,13 @@ _KOHYA_RE = re.compile(r"^(?P<mod>lora_(?:unet|transformer|te1|te2|te3|te)_.+?)\
 # ``checkpoint-N/pytorch_model.ckpt`` with ``ms.save_checkpoint(unet, ...)`` after ``unet.add_adapter(LoraConfig)``:
 # every UNet parameter under its diffusers path, adapted layers as ``<module>.base_layer.weight`` next to
 # ``<module>.lora_A.<adapter>.weight`` / ``lora_B``; no alpha (the trainers use lora_alpha = rank)
-_WRAPPED_RE = re.compile(r"^(?P<mod>(?:down_blocks|mid_block|up_blocks|conv_in|conv_out|time_embedding|add_embedding)"
+_WRAPPED_RE = re.compile(r"^(?P<mod>(?:down_blocks|mid_block|up_blocks|conv_in|conv_out|time_embedding|add_embedding"
+                         r"|transformer_blocks|single_transformer_blocks|pos_embed|x_embedder|context_embedder"
+                         r"|time_text_embed|norm_out|proj_out)"
                          r"(?:\..+?)?)\.lora_(?P<half>[AB])\.(?P<adapter>[A-Za-z0-9_\-]+)\.weight$")
+#: the top-level modules of an SD3 / Flux transformer (a wrapped checkpoint of the transformer, not a UNet)
+_TRANSFORMER_ROOTS = ("transformer_blocks", "single_transformer_blocks", "pos_embed", "x_embedder", "context_embedder",
+                      "time_text_embed", "norm_out", "proj_out")
 # MindONE's port of sd-scripts (examples/kohya_sd_scripts) saves ``LoRANetwork.save_weights`` to a .ckpt as
 # prefix + "." + the module's dotted path (``lora_unet.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_down.weight``,
 # ``lora_te1.text_model.encoder.layers.0.self_attn.q_proj.alpha``): its parameters_and_names() names
@@ -392,6 +397,7 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
     if fmt == "kohya":  # training record and model spec ride along (as strings in a .ckpt)
         h.metadata = {k: v for k, v in metadata.items() if k.startswith(KOHYA_META_PREFIXES)}
     adapters: dict[str, int] = {}
+    wrapped_comp = "unet"
     if fmt == "peft":
         adapters = Counter(m.group("adapter") for m in map(_WRAPPED_RE.match, tensors) if m)
         if len(adapters) > 1:
@@ -403,7 +409,9 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
         if m is None and adapters:
             w = _WRAPPED_RE.match(key)
             if w is not None:
-                mod = f"unet.{w.group('mod')}"
+                comp = "transformer" if w.group("mod").startswith(_TRANSFORMER_ROOTS) else "unet"
+                wrapped_comp = comp
+                mod = f"{comp}.{w.group('mod')}"
                 h.modules.setdefault(mod, {})[w.group("half")] = t
                 h.keys.setdefault(mod, {})[w.group("half")] = key
                 continue
@@ -448,8 +456,9 @@ def parse(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], fmt:
     if adapters:
         h.source_kind = WRAPPED_MODEL
         (name, n), = adapters.items()
-        h.notes.append(f"the LoRA of adapter '{name}' from a whole PEFT-wrapped UNet checkpoint ({n} tensors; "
-                       f"{len(based)} UNet weights left out); it stores no alpha: alpha = rank, as mindone's "
+        what = "UNet" if wrapped_comp == "unet" else "transformer"
+        h.notes.append(f"the LoRA of adapter '{name}' from a whole PEFT-wrapped {what} checkpoint ({n} tensors; "
+                       f"{len(based)} {what} weights left out); it stores no alpha: alpha = rank, as mindone's "
                        f"trainers set lora_alpha (pass --alpha if yours differed)")
     return h
 

@@ -7,7 +7,8 @@
 ``ff.net.2``, ``ff_context.net.0.proj``, ``ff_context.net.2``).  With ``--train_text_encoder`` the CLIP
 encoders (SD3: CLIP-L and CLIP-G; Flux: CLIP-L) get ``q_proj, k_proj, v_proj, out_proj``.  Saved by the
 pipeline's ``save_lora_weights(transformer_lora_layers=..., text_encoder_lora_layers=...)`` from
-``get_peft_model_state_dict``.  lora_B gets random values (a trained LoRA; gaussian init leaves it zero).
+``get_peft_model_state_dict``; before that, ``ms.save_checkpoint(transformer)`` as the intermediate
+``checkpoint-100/pytorch_model.ckpt`` a run leaves behind.  lora_B gets random values (a trained LoRA; gaussian init leaves it zero).
 On CPU the transformer's construction needs the compat layer (mint.arange), applied first.
 
 usage: python save_trained_flow_lora.py sd3|flux PIPELINE_DIR OUT_DIR RANK [VARIANT]
@@ -53,6 +54,9 @@ for model in [transformer, *encoders.values()]:
         if ".lora_B." in name:
             p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.05))
 out_dir.mkdir(parents=True, exist_ok=True)
+# an intermediate checkpoint as the trainers write it (accelerate-style checkpoint-N/): the whole wrapped model
+(out_dir / "checkpoint-100").mkdir(exist_ok=True)
+ms.save_checkpoint(transformer, str(out_dir / "checkpoint-100" / "pytorch_model.ckpt"))
 layers = {"transformer_lora_layers": get_peft_model_state_dict(transformer),
           "text_encoder_lora_layers": get_peft_model_state_dict(encoders["text_encoder"])}
 if family == "sd3":
