@@ -32,10 +32,19 @@ $(MINDONE_STAMP): pyproject.toml constraints-mindone.txt
 demo: setup
 	$(VENV)/bin/lora-parity demo
 
-# the JUnit file keeps each test's layer and metrics: `make bench` prints the suite's time per layer from it
+# Two runs: every layer but fullsize and benchmark on all cores (pytest-xdist; --dist loadfile keeps a test file
+# on one worker, so its module fixtures -- generated bases, captures, trained LoRAs -- are built once), then the
+# full-size layer (10-12 GB per capture: never beside anything else) and the benchmarks (timed alone) serially.
+# The JUnit files keep each test's layer and metrics: `make bench` / .ci/run print the time per layer from them.
+JOBS ?= auto
 test: setup
 	mkdir -p reports
-	$(PY) -m pytest --junitxml=reports/junit.xml $(PYTEST_ARGS)
+	rm -f reports/junit.xml reports/junit-serial.xml
+	status=0; \
+	$(PY) -m pytest -n $(JOBS) --maxprocesses 4 --dist loadfile -m "not fullsize and not benchmark" \
+		--junitxml=reports/junit.xml $(PYTEST_ARGS) || status=$$?; \
+	$(PY) -m pytest -m "fullsize or benchmark" --junitxml=reports/junit-serial.xml $(PYTEST_ARGS) || status=$$?; \
+	exit $$status
 
 test-conversion: setup
 	$(PY) -m pytest -m conversion
@@ -43,7 +52,7 @@ test-conversion: setup
 bench: setup
 	$(PY) -m pytest -m benchmark --benchmark-only --benchmark-enable --benchmark-columns=min,median,mean,max,rounds
 	$(PY) scripts/bench_fullsize_unet.py
-	@if [ -f reports/junit.xml ]; then $(PY) scripts/suite_times.py reports/junit.xml; \
+	@if [ -f reports/junit.xml ]; then $(PY) scripts/suite_times.py reports/junit*.xml; \
 	else echo "no reports/junit.xml: run make test first for the suite's time per layer"; fi
 
 # mutation score of compare: ~40 realistic faults planted one at a time on the tiny SDXL, on both MindSpore
