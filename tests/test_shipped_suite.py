@@ -395,54 +395,67 @@ def _write(d: Path, name: str, tensors: dict, meta: dict) -> Path:
     return d / name
 
 
-def _flow_module_that_does_not_exist(lora, d: Path) -> Path:
-    """A block SD3-medium does not have (SD3.5-large's 38 blocks): a LoRA mixed from another model."""
+#: per family: (a module the real-size model does not have, a module whose lora_B gets rank 8, the hidden size)
+FAULT_MODULES = {
+    # SD3-medium has joint blocks 0-23 (SD3.5-large has 38): a LoRA mixed from another model
+    "sd3": ("transformer.transformer_blocks.24.attn.to_q", "transformer.transformer_blocks.5.attn.to_v", 1536),
+    # FLUX.1-dev has single blocks 0-37
+    "flux": ("transformer.single_transformer_blocks.38.attn.to_q", "transformer.single_transformer_blocks.7.attn.to_k",
+             3072),
+}
+
+
+def _flow_module_that_does_not_exist(family, lora, d: Path) -> Path:
     t, meta = _flow_tensors(lora)
-    for half, shape in (("A", (4, 1536)), ("B", (1536, 4))):
-        t[f"transformer.transformer_blocks.24.attn.to_q.lora_{half}.weight"] = Tensor.from_numpy(
-            np.full(shape, 0.01, np.float32), "F16")
+    module, _, hidden = FAULT_MODULES[family]
+    for half, shape in (("A", (4, hidden)), ("B", (hidden, 4))):
+        t[f"{module}.lora_{half}.weight"] = Tensor.from_numpy(np.full(shape, 0.01, np.float32), "F16")
     return _write(d, "extra_block.safetensors", t, meta)
 
 
-def _flow_truncated(lora, d: Path) -> Path:
+def _flow_truncated(family, lora, d: Path) -> Path:
     raw = write_flow_peft(d / "whole.safetensors", lora).read_bytes()
     (d / "truncated.safetensors").write_bytes(raw[: len(raw) * 2 // 3])  # a copy that stopped inside a tensor
     return d / "truncated.safetensors"
 
 
-def _flow_rank_mismatch(lora, d: Path) -> Path:
+def _flow_rank_mismatch(family, lora, d: Path) -> Path:
     """One module's lora_B at rank 8 beside its rank-4 lora_A (a file assembled from two runs)."""
     t, meta = _flow_tensors(lora)
-    key = "transformer.transformer_blocks.5.attn.to_v.lora_B.weight"
-    t[key] = Tensor.from_numpy(np.full((1536, 8), 0.01, np.float32), "F16")
+    _, module, hidden = FAULT_MODULES[family]
+    t[f"{module}.lora_B.weight"] = Tensor.from_numpy(np.full((hidden, 8), 0.01, np.float32), "F16")
     return _write(d, "rank_mismatch.safetensors", t, meta)
 
 
-def _flow_untrained(lora, d: Path) -> Path:
+def _flow_untrained(family, lora, d: Path) -> Path:
     """Saved before the first step: PEFT initialises every lora_B to zero."""
     t, meta = _flow_tensors(lora)
     t = {k: Tensor.from_numpy(np.zeros(v.shape, np.float32), "F16") if ".lora_B." in k else v for k, v in t.items()}
     return _write(d, "untrained.safetensors", t, meta)
 
 
+#: fault -> (maker, the named test that must fail, words its message must hold: {family} / {extra} / {ranked})
 FLOW_FAULTS = {
-    "module_that_does_not_exist": (_flow_module_that_does_not_exist, "test_every_key_maps",
-                                   "transformer.transformer_blocks.24.attn.to_q.lora_A.weight"),
+    "module_that_does_not_exist": (_flow_module_that_does_not_exist, "test_every_key_maps", "{extra}.lora_A.weight"),
     "truncated_inside_a_tensor": (_flow_truncated, "test_file_parses", "truncated"),
-    "rank_mismatch_between_a_and_b": (_flow_rank_mismatch, "test_tensors_fit_the_layout",
-                                      "transformer.transformer_blocks.5.attn.to_v.lora_B.weight"),
+    "rank_mismatch_between_a_and_b": (_flow_rank_mismatch, "test_tensors_fit_the_layout", "{ranked}.lora_B.weight"),
     "lora_b_all_zero": (_flow_untrained, "test_lora_b_is_trained", "every lora_B is all zeros"),
 }
 
 
 @conversion
-@pytest.mark.parametrize("fault", list(FLOW_FAULTS))
-def test_a_faulty_sd3_file_fails_the_named_test_about_it(tmp_path, fault):
-    """Faults the conversion layer must catch without a base, in an SD3 PEFT file: exactly the named test about
-    each fails, naming the key where there is one; what could not run says why, naming that test (or, for the
-    checks SD3 has not, its family)."""
+@pytest.mark.parametrize("fault,family", [(f, "sd3") for f in FLOW_FAULTS]
+                         # Flux: the faults found before diffusers is loaded (the untrained file costs a full run)
+                         + [(f, "flux") for f in FLOW_FAULTS if f != "lora_b_all_zero"])
+def test_a_faulty_flow_file_fails_the_named_test_about_it(tmp_path, fault, family):
+    """Faults the conversion layer must catch without a base, in an SD3 / Flux PEFT file: exactly the named test
+    about each fails, naming the file and the key where there is one; what could not run says why, naming that
+    test (or, for a check the family has not, the family).  (A q/k swap inside one block is shape-compatible and
+    needs a base: tests/test_flow_compare.py.)"""
     make, culprit, words = FLOW_FAULTS[fault]
-    path = make(flow_lora("sd3", seed=13), tmp_path)
+    extra, ranked, _ = FAULT_MODULES[family]
+    words = words.format(extra=extra, ranked=ranked)
+    path = make(family, flow_lora(family, seed=13), tmp_path)
     proc, outcomes, _ = run_pytest(tmp_path, "--pyargs", "lora_parity", "-m", "conversion", "--lora-ckpt", str(path))
     assert proc.returncode == 1, proc.stdout[-3000:]
     failed = {n: m for n, (o, m) in outcomes.items() if o in ("failed", "error")}
@@ -451,7 +464,7 @@ def test_a_faulty_sd3_file_fails_the_named_test_about_it(tmp_path, fault):
     assert str(path) in failed[culprit] or culprit == "test_lora_b_is_trained", failed[culprit]
     for name, (outcome, message) in outcomes.items():
         if outcome == "skipped":
-            assert culprit in message or FLOW_NOT_APPLICABLE["sd3"].get(name, "?") in message, (name, message)
+            assert culprit in message or FLOW_NOT_APPLICABLE[family].get(name, "?") in message, (name, message)
 
 
 # ---------------------------------------------------------------- command line
@@ -510,33 +523,45 @@ def test_the_repository_runs_without_the_entry_point(tmp_path):
 # ---------------------------------------------------------------- with a base model
 
 
+TRAINER_SCRIPT = ROOT / "tests" / "mindone_scripts" / "save_trained_flow_lora.py"
+
+
 @pytest.mark.parity
 @pytest.mark.image
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_tiny_flow_lora_with_a_base_runs_on_mindone(tmp_path, family):
-    """``--base random:tiny-sd3`` / ``random:tiny-flux`` with a PEFT LoRA of that model: the shipped parity/image test
-    runs compare on mindone.diffusers (Flux at fp16, mindone's attention precision: the JUnit ``dtype`` property)
-    and passes; ``--ms-backend port`` says by family why it cannot."""
-    import dataclasses
+def test_a_mindone_trained_flow_lora_with_a_base_runs_every_layer(tmp_path, family):
+    """A LoRA saved by mindone.diffusers' own trainer code (``add_adapter`` with the SD3 / Flux trainer's default
+    targets and on CLIP, ``save_lora_weights``: tests/mindone_scripts/save_trained_flow_lora.py) on
+    ``random:tiny-sd3`` / ``random:tiny-flux``, checked with ``--lora-layout tiny-... --base random:tiny-...`` in
+    one run: every conversion check that exists for the family passes (the others are skipped naming it) and the
+    parity/image test runs compare on mindone.diffusers and passes, Flux at fp16 (mindone's attention precision:
+    the JUnit ``dtype`` property); ``--ms-backend port`` says by family why it cannot."""
+    from lora_parity.backends import get_backend
+    from lora_parity.bases import resolve_base
 
-    from lora_parity.convert.keymap import keymap_for
-    from lora_parity.convert.layout import load_layout
-    from lora_parity.fixtures.synthetic import make_lora
-
-    layout = load_layout(f"tiny-{family}")
-    names = [e.sgm for e in keymap_for(layout).lora_entries()
-             if FLOW_DEFAULT[family].match(e.sgm) or CLIP_L_ATTENTION.match(e.sgm)]
-    lora = dataclasses.replace(make_lora(layout, rank=4, alpha=8.0, modules=names, seed=5), source_format="peft")
-    path = write_flow_peft(tmp_path / "tiny_flow_lora.safetensors", lora)
-    args = ["--pyargs", "lora_parity", "-m", "parity or image", "--lora-ckpt", str(path), "--lora-layout",
-            f"tiny-{family}", "--base", f"random:tiny-{family}"]
-    env = {"LORA_PARITY_CACHE": str(tmp_path / "cache")}
+    be = get_backend("mindone")
+    ok, why = be.is_available()
+    if not ok:  # CI (LORA_PARITY_NO_SKIPS) turns this skip into a failure: there the backend must be present
+        pytest.skip(f"--ms-backend mindone: {why}")
+    cache = tmp_path / "cache"
+    base = resolve_base(f"random:tiny-{family}", cache=cache)
+    made = subprocess.run([be.interpreter(), str(TRAINER_SCRIPT), family, str(base.pipeline_dir), str(tmp_path / "lora"),
+                           "4", base.variant or ""], capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-3000:]
+    path = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    args = ["--pyargs", "lora_parity", "-m", "conversion or parity or image", "--lora-ckpt", str(path),
+            "--lora-layout", f"tiny-{family}", "--base", f"random:tiny-{family}"]
+    env = {"LORA_PARITY_CACHE": str(cache)}
     props: dict = {}
     proc, outcomes, _ = run_pytest(tmp_path, *args, env=env, props=props)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert outcomes["test_parity_and_image_on_your_base"][0] == "passed", outcomes
+    na = FLOW_NOT_APPLICABLE[family]
+    for name in (*NAMED, "test_parity_and_image_on_your_base"):
+        outcome, message = outcomes[name]
+        assert outcome == ("skipped" if name in na else "passed"), (name, outcome, message)
+    assert props["test_layout_detected"]["family"] == family
     assert props["test_parity_and_image_on_your_base"]["dtype"] == {"sd3": "F32", "flux": "F16"}[family]
-    proc, outcomes, _ = run_pytest(tmp_path, *args, "--ms-backend", "port", env=env)
+    proc, outcomes, _ = run_pytest(tmp_path, *args[:3], "parity or image", *args[4:], "--ms-backend", "port", env=env)
     outcome, message = outcomes["test_parity_and_image_on_your_base"]
     assert outcome == "skipped" and f"your LoRA is for {family}: the port runs SDXL only" in message, outcomes
 

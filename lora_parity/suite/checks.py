@@ -242,8 +242,8 @@ class UserLora:
         total = len(sub.modules)
         if ok < self.NEARLY_FITS * total or (len(ranked) > 1 and ranked[1][1] == ok):
             raise exc
-        return PRESETS[best], (f"layout '{best}' (detected: {ok} of {total} modules fit it by name and shape, "
-                               f"the others do not fit any built-in size)")
+        return PRESETS[best], (f"layout '{best}' (detected: {ok} of {total} modules fit it by name and shape; "
+                               f"test_tensors_fit_the_layout names the others)")
 
     def resolved(self) -> LoraSet:
         """Names, shapes, ranks and dtypes checked against the layout; unmapped keys collected, not fatal."""

@@ -72,8 +72,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "lora_parity) checks it without base weights or an NPU; with --base also the "
                      "parity and image layers")
     g.addoption("--lora-layout", action="store", default=None, metavar="SPEC",
-                help="the LoRA's model layout for --lora-ckpt: sdxl-base, sdxl-refiner, sd15, sd21, tiny, a diffusers unet "
-                     "config.json or pipeline folder (default: detected from names and shapes)")
+                help="the LoRA's model layout for --lora-ckpt: sdxl-base, sdxl-refiner, sd15, sd21, sd3, flux, tiny, "
+                     "tiny-sd3, tiny-flux, a diffusers unet / transformer config.json or pipeline folder (default: "
+                     "detected from names and shapes, and the family recorded)")
     g.addoption("--lora-alpha", action="store", type=float, default=None, metavar="A",
                 help="the lora_alpha --lora-ckpt was trained with (a MindONE .ckpt stores none; default: rank)")
     g.addoption("--lora-scale", action="store", type=float, default=None, metavar="S",
@@ -83,8 +84,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="a MindONE file holding both LoRA sets: check the EMA copies or the trained ones")
     g.addoption("--base", "--sdxl-base", dest="base", action="store", default=None, metavar="SPEC",
                 help="the base model for the ascend layer and, with --lora-ckpt, the shipped parity/image test: a "
-                     "diffusers folder, an official single-file checkpoint or random:NAME (as compare --base); "
-                     "--sdxl-base is the older name")
+                     "diffusers folder (SDXL, SD 1.x / 2.x, SD3, Flux), an official single-file checkpoint or "
+                     "random:NAME (random:sdxl-base, random:sd15, random:sd3, random:flux, random:tiny-flux, ...: "
+                     "as compare --base); --sdxl-base is the older name")
     g.addoption("--parity-size", action="store", type=int, default=None, metavar="PX",
                 help="image size for the --lora-ckpt + --sdxl-base parity test (default: compare's, 1024 at "
                      "real size; 256 is enough on a CPU)")

@@ -58,8 +58,9 @@ def _need(user: UserLora, *stages: str):
 
 
 def _fail(message: str) -> None:
-    """A failed check: its message, without the test's traceback (the message names file and key)."""
-    pytest.fail(message, pytrace=False)
+    """A failed check: its message, without the test's traceback (the message names file and key), and without
+    the error it was caught from (called inside ``except``, pytest would print the same line twice)."""
+    raise pytest.fail.Exception(message, pytrace=False) from None
 
 
 def _say(summary: list[str], line: str) -> None:
