@@ -191,7 +191,9 @@ def _replayed_again(o: CompareOptions, req: SideRequest, kept: SideResult) -> Si
     from lora_parity.parity.verdict import LOCAL, NOLORA
 
     python = get_backend(req.backend_name).interpreter(o.ms_python)
-    fresh = run_side(_replace(req, replay_only=True, steps=None), isolate=o.isolate or python != sys.executable,
+    # SD3 / Flux replay every denoising step of the pipeline's loop: the step count stays (no image: replay-only)
+    steps = req.steps if flow_family(Path(req.pipeline_dir)) else None
+    fresh = run_side(_replace(req, replay_only=True, steps=steps), isolate=o.isolate or python != sys.executable,
                      python=python)
     acts = {k: v for k, v in kept.acts.items() if not k.startswith((LOCAL, NOLORA))}
     acts.update({k: v for k, v in fresh.acts.items() if k.startswith((LOCAL, NOLORA))})

@@ -169,3 +169,28 @@ def test_intermediate_training_checkpoint_gives_the_trainers_own_transformer_lor
     ours, _ = read_safetensors(out)
     theirs = {k: v for k, v in read_safetensors(lora)[0].items() if k.startswith("transformer.")}
     assert ours and set(ours) == set(theirs) and all(ours[k].bitwise_equal(theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("flow", ["sd3"], indirect=True)
+def test_a_pt_side_fault_reuses_the_kept_mindone_capture(flow, tmp_path):
+    """A fault on the PyTorch side re-runs that side and only the replay of the kept MindSpore capture (its
+    chained outputs do not depend on PyTorch's): still named at its block, every denoising step replayed."""
+    from lora_parity.compare import CompareOptions, run_compare
+
+    _, spec, cache, _, lora = flow
+    common = dict(base=spec, cache=cache, ms_backend="mindone", steps=2, ms_lora=lora)
+    assert run_compare(CompareOptions(keep_captures=tmp_path / "kept", **common)).passed
+
+    def swap(t):
+        block = "transformer.transformer_blocks.1.attn."
+        for half in ("lora_A", "lora_B"):
+            q, k = f"{block}to_q.{half}.weight", f"{block}to_k.{half}.weight"
+            t[q], t[k] = t[k], t[q]
+        return t
+
+    report = run_compare(CompareOptions(pt_lora=_pt_side(flow, tmp_path, swap),
+                                        reuse_captures={"ms": tmp_path / "kept" / "ms"}, **common)).to_dict()
+    assert not report["passed"]
+    assert report["first_diverging_layer"]["diffusers"] == "transformer.transformer_blocks.1"
+    replayed = {r["diffusers"] for r in report["layers"] if r["kind"] == "local" and r["component"] == "transformer"}
+    assert "transformer.transformer_blocks.1#1" in replayed  # the second step replayed too

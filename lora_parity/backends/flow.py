@@ -158,14 +158,16 @@ def capture_flow(req: SideRequest, lib: FlowLib, meta: dict) -> SideResult:
     t0 = time.perf_counter()
     text, gen = run.encode()
     result.meta["seconds"]["text_encoders"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tr, image, ends = run.denoise(gen, output_type="np" if req.steps is not None else "latent")
-    result.meta["seconds"]["transformer"] = time.perf_counter() - t0
-    result.meta["seconds_per_step"] = ((ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else
-                                       (ends[-1] - t0 if ends else float("nan")))
-    result.meta["timesteps_run"] = [float(t) for t in np.asarray(lib.to_numpy(run.pipe.scheduler.timesteps)).ravel()]
-    if req.steps is not None:
-        result.images["image"] = np.asarray(image[0], dtype=np.float32)
+    if not req.replay_only:  # replay-only (a kept capture replayed on new references): no chained pass, no image
+        t0 = time.perf_counter()
+        tr, image, ends = run.denoise(gen, output_type="np" if req.steps is not None else "latent")
+        result.meta["seconds"]["transformer"] = time.perf_counter() - t0
+        result.meta["seconds_per_step"] = ((ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else
+                                           (ends[-1] - t0 if ends else float("nan")))
+        result.meta["timesteps_run"] = [float(t) for t in
+                                        np.asarray(lib.to_numpy(run.pipe.scheduler.timesteps)).ravel()]
+        if req.steps is not None:
+            result.images["image"] = np.asarray(image[0], dtype=np.float32)
     if req.activations and not req.replay_only:
         result.acts.update(text)
         result.acts.update({f"conditioning.{k}": lib.to_numpy(v) for k, v in gen.items()})
