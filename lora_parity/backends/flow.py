@@ -14,7 +14,11 @@ What is recorded, each point named alike on both sides:
 * the transformer's embedders and every block (a joint / double block gives the image stream under
   its name and the text stream as ``<name>.context``), the output norm and projection, for every
   denoising step of the pipeline's own loop (``#1``, ``#2`` ... for the later steps);
-* the VAE decoder's blocks while the pipeline decodes, and the image.
+* the VAE decoder's blocks on the request's latents (as SDXL's: the decoder's own error, not the loop's),
+  and the image the pipeline decodes.
+
+Then the replay (``_Run.replay``): the same passes with every point handed the reference's value, and once
+more with the adapters off (the LoRA's own effect).
 
 The initial noise is the request's (unpacked ``(1, 16, h, w)``; Flux's pipeline takes it packed,
 by its own ``_pack_latents``), the scheduler the folder's FlowMatch Euler, so both sides start alike.
