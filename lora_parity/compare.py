@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_parity.parity.align import alignment_for, is_flow_folder, unet_alignment  # noqa: F401  (alignment_for: re-exported)
+from lora_parity.parity.align import alignment_for, flow_family, is_flow_folder, unet_alignment  # noqa: F401  (alignment_for: re-exported)
 from lora_parity.errors import LoraParityError
 from lora_parity.convert.layout import layout_from_pipeline_dir
 from lora_parity.parity.metrics import ParityReport
@@ -199,13 +199,6 @@ def _replayed_again(o: CompareOptions, req: SideRequest, kept: SideResult) -> Si
     acts.update({k: v for k, v in fresh.acts.items() if k.startswith((LOCAL, NOLORA))})
     meta = dict(kept.meta, replay_refs=fresh.meta.get("replay_refs"), replayed_again=True)
     return SideResult(acts, kept.images, meta)
-
-
-def flow_family(pipeline_dir: Path) -> str | None:
-    """"sd3" / "flux" for an SD3 / Flux folder, else None."""
-    index = Path(pipeline_dir) / "model_index.json"
-    name = _json(index).get("_class_name") if index.is_file() else None
-    return {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(name)
 
 
 #: classifier-free guidance when none is given: SDXL's 5; Flux-dev's pipeline default 3.5 (a distilled guidance

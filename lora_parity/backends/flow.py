@@ -38,7 +38,6 @@ from lora_parity.errors import LoraParityError
 from lora_parity.sides.memory import free_memory, peak_rss_bytes, reset_peak_rss
 from lora_parity.sides.request import SideRequest, SideResult
 
-FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 #: point-name patterns per component (diffusers module names, ``text_model.`` dropped)
 TEXT_PATTERNS = (r"(text_model\.)?embeddings", r"(text_model\.)?encoder\.layers\.\d+", r"(text_model\.)?final_layer_norm",
                  r"shared", r"encoder\.embed_tokens", r"encoder\.block\.\d+", r"encoder\.final_layer_norm")
@@ -281,22 +280,20 @@ def _vae_scale_factor(pipe) -> int:
 def flow_pipeline_class(pipeline_dir: Path, library) -> type:
     import json
 
+    from lora_parity.parity.align import FLOW_PIPELINE_FAMILIES
+
     index = json.loads((Path(pipeline_dir) / "model_index.json").read_text())
     name = index.get("_class_name")
-    if name not in FLOW_PIPELINES:
-        raise LoraParityError(f"pipeline class {name!r} is not SD3 / Flux ({', '.join(FLOW_PIPELINES)})",
+    if name not in FLOW_PIPELINE_FAMILIES:
+        raise LoraParityError(f"pipeline class {name!r} is not SD3 / Flux ({', '.join(FLOW_PIPELINE_FAMILIES)})",
                               path=Path(pipeline_dir) / "model_index.json")
     return getattr(library, name)
 
 
 def is_flow_folder(pipeline_dir: str | Path) -> bool:
-    import json
+    from lora_parity.parity.align import is_flow_folder as by_index
 
-    index = Path(pipeline_dir) / "model_index.json"
-    try:
-        return json.loads(index.read_text()).get("_class_name") in FLOW_PIPELINES
-    except (OSError, ValueError):
-        return False
+    return by_index(pipeline_dir)
 
 
 def load_components(req: SideRequest, library, models, dtype_kw: dict, check) -> dict:
@@ -331,3 +328,15 @@ def load_components(req: SideRequest, library, models, dtype_kw: dict, check) ->
         check(folder / comp, info)
         out[comp] = model
     return out
+
+
+def build_pipeline(req: SideRequest, library, models, dtype_kw: dict, check, inference_mode) -> Any:
+    """The folder's SD3 / Flux pipeline of ``library`` over freshly loaded, checked components, each put in
+    inference mode (``inference_mode(component)``: torch's eval / MindSpore's set_train(False))."""
+    cls = flow_pipeline_class(Path(req.pipeline_dir), library)
+    comps = load_components(req, library, models, dtype_kw, check)
+    for m in comps.values():
+        inference_mode(m)
+    pipe = cls(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

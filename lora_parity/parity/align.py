@@ -120,12 +120,21 @@ def flow_alignment(configs_dir: Path, steps: int) -> list[Aligned]:
     return out
 
 
-def is_flow_folder(configs_dir: Path) -> bool:
+#: pipeline class -> family of the transformer (flow-matching) models
+FLOW_PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+
+def flow_family(pipeline_dir: str | Path) -> str | None:
+    """"sd3" / "flux" for an SD3 / Flux folder (its model_index.json's pipeline class), else None."""
     try:
-        return json.loads((Path(configs_dir) / "model_index.json").read_text()).get("_class_name") in (
-            "StableDiffusion3Pipeline", "FluxPipeline")
+        index = json.loads((Path(pipeline_dir) / "model_index.json").read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return FLOW_PIPELINE_FAMILIES.get(index.get("_class_name")) if isinstance(index, dict) else None
+
+
+def is_flow_folder(pipeline_dir: str | Path) -> bool:
+    return flow_family(pipeline_dir) is not None
 
 
 def alignment_for(configs_dir: Path, timesteps, naming: str, steps: int | None = None) -> list[Aligned]:

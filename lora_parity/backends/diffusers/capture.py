@@ -314,20 +314,14 @@ def torch_lib():
     import transformers
 
     from lora_parity.backends.diffusers.view import load_lora_checked
-    from lora_parity.backends.flow import FlowLib, flow_pipeline_class, load_components
+    from lora_parity.backends.flow import FlowLib, build_pipeline
     from lora_parity.backends.replay import torch_framework
 
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
     def load_pipeline(req, library):
-        cls = flow_pipeline_class(Path(req.pipeline_dir), library)
-        comps = load_components(req, library, transformers, {"torch_dtype": dtypes[req.dtype]}, check_loading_info)
-        for m in comps.values():
-            if isinstance(m, torch.nn.Module):
-                m.eval()
-        pipe = cls(**comps)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return build_pipeline(req, library, transformers, {"torch_dtype": dtypes[req.dtype]}, check_loading_info,
+                              lambda m: m.eval() if isinstance(m, torch.nn.Module) else None)
 
     return FlowLib(
         name="diffusers", library=diffusers, modules=lambda root: root.named_modules(),

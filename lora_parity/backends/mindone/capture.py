@@ -341,21 +341,15 @@ def mindone_lib():
     from mindone import diffusers as md
     from mindone import transformers as mt
 
-    from lora_parity.backends.flow import FlowLib, flow_pipeline_class, load_components
+    from lora_parity.backends.flow import FlowLib, build_pipeline
     from lora_parity.backends.mindone.attention_precision import reduced_attention
     from lora_parity.backends.replay import mindspore_framework
 
     dtypes = {"F32": ms.float32, "F16": ms.float16, "BF16": ms.bfloat16}
 
     def load_pipeline(req, library):
-        cls = flow_pipeline_class(Path(req.pipeline_dir), library)
-        comps = load_components(req, library, mt, {"mindspore_dtype": dtypes[req.dtype]}, check_loading_info)
-        for m in comps.values():
-            if isinstance(m, ms.nn.Cell):
-                m.set_train(False)
-        pipe = cls(**comps)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return build_pipeline(req, library, mt, {"mindspore_dtype": dtypes[req.dtype]}, check_loading_info,
+                              lambda m: m.set_train(False) if isinstance(m, ms.nn.Cell) else None)
 
     def load_lora(pipe, path: Path) -> list:
         _check_peft(path)
