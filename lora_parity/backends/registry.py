@@ -55,6 +55,30 @@ class Backend(Protocol):
         """Run ``req`` in this process (the child that :func:`lora_parity.sides.run.run_side` starts)."""
         ...
 
+    def preload(self) -> None:
+        """Import what :meth:`capture` needs and run nothing: the warm server each side is forked from
+        (:mod:`lora_parity.sides.forkserver`) calls it once."""
+        ...
+
+
+def _import_all(modules: tuple[str, ...], attributes: dict[str, tuple[str, ...]] = {}) -> None:  # noqa: B006
+    """Import ``modules`` and touch ``attributes`` of lazily loading packages (diffusers' pipelines)."""
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
+    for name, attrs in attributes.items():
+        mod = importlib.import_module(name)
+        for attr in attrs:
+            getattr(mod, attr)
+
+
+#: the pipelines and models a capture may build (diffusers and mindone.diffusers load them lazily)
+_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionPipeline",
+              "StableDiffusion3Pipeline", "FluxPipeline", "UNet2DConditionModel", "AutoencoderKL",
+              "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
+_TEXT_MODELS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "CLIPTokenizer")
+
 
 def _has_modules(python: str, modules: tuple[str, ...]) -> tuple[bool, str]:
     """Whether ``python`` can import ``modules`` (found, not imported: cheap)."""
@@ -107,6 +131,14 @@ class DiffusersBackend:
         quiet_frameworks()  # before diffusers is imported
         return capture_pt(req)
 
+    def preload(self) -> None:
+        from lora_parity.sides.quiet import quiet_frameworks
+
+        quiet_frameworks()
+        _import_all(("torch", "peft", "lora_parity.backends.diffusers.capture", "lora_parity.backends.flow",
+                     "lora_parity.backends.replay"),
+                    {"diffusers": _PIPELINES, "transformers": _TEXT_MODELS})
+
 
 @dataclass(frozen=True)
 class PortBackend:
@@ -130,6 +162,13 @@ class PortBackend:
         from lora_parity.backends.port.capture import capture_ms
 
         return capture_ms(req)
+
+    def preload(self) -> None:
+        from lora_parity.sides.quiet import quiet_environment
+
+        quiet_environment()
+        _import_all(("mindspore", "lora_parity.backends.port.capture", "lora_parity.backends.replay"),
+                    {"transformers": ("CLIPTokenizer",)})
 
 
 @dataclass(frozen=True)
@@ -166,6 +205,17 @@ class MindoneBackend:
         from lora_parity.backends.mindone.capture import capture_mindone
 
         return capture_mindone(req)
+
+    def preload(self) -> None:
+        from lora_parity.backends.mindone.capture import _quiet_imports
+        from lora_parity.sides.quiet import quiet_environment
+
+        quiet_environment()
+        _quiet_imports()
+        _import_all(("mindspore", "lora_parity.backends.mindone.compat", "lora_parity.backends.flow",
+                     "lora_parity.backends.replay"),
+                    {"mindone.diffusers": _PIPELINES, "mindone.transformers": _TEXT_MODELS[:3],
+                     "transformers": ("CLIPTokenizer",)})
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (DiffusersBackend(), PortBackend(), MindoneBackend())}

@@ -9,7 +9,6 @@ safetensors, no pickle); a user error in the child comes back as the same one-li
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -72,21 +71,23 @@ def run_side(req: SideRequest, *, isolate: bool = True, python: str | None = Non
     """
     if not isolate:
         return capture(req)
+    from lora_parity.sides import forkserver
+
+    python = python or sys.executable
     with tempfile.TemporaryDirectory(prefix=f"lora-parity-{req.side}-") as tmp:
         request, result = Path(tmp) / "request", Path(tmp) / "result"
         req.save(request)
-        path_dir = Path(tmp) / "path"
-        path_dir.mkdir()
-        (path_dir / "lora_parity").symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(path_dir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [python or sys.executable, "-m", "lora_parity.sides", str(request), str(result)]
-        proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL)
+        argv = [str(request), str(result)]
+        code = forkserver.run_forked(python, req.backend_name, argv) if forkserver.use_fork_server() else None
+        if code is None:  # a fresh interpreter: no fork server here, or it could not run the side
+            env = forkserver.child_env(forkserver.package_path_dir(Path(tmp)))
+            code = subprocess.run([python, "-m", forkserver.SIDE_MODULE, *argv], env=env,
+                                  stdin=subprocess.DEVNULL).returncode
         err = result / ERROR_FILE
-        if proc.returncode != 0:
+        if code != 0:
             if err.is_file():
                 raise LoraParityError(err.read_text().strip())
-            raise LoraParityError(f"the {_label(req)} side stopped with exit code {proc.returncode} "
+            raise LoraParityError(f"the {_label(req)} side stopped with exit code {code} "
                                   f"(its messages are above)")
         return SideResult.load(result)
 
