@@ -39,6 +39,10 @@ def use_device(device: str) -> dict:
             raise LoraParityError(f"MindSpore already runs on {current} in this process; "
                                   f"start a new process for --ms-device {device}") from None
     settings = {"device_target": device, "mode": "PyNative", "mindspore": ms.__version__}
+    from lora_parity.sides.threads import limit_mindspore_threads
+
+    if device == "CPU" and (threads := limit_mindspore_threads()) is not None:
+        settings["cpu_threads"] = threads
     if device == "Ascend":
         ms.set_context(ascend_config={"precision_mode": ASCEND_PRECISION_MODE})
         settings["precision_mode"] = ASCEND_PRECISION_MODE

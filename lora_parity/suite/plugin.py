@@ -192,11 +192,27 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     config.stash[_SUMMARY] = []
+    _share_cores_between_workers()
     if config.getini(DEV_SUITE_INI):
         _load_hypothesis_profile(config)
     if config.getoption("help", False) or config.getoption("version", False):
         return
     _check_options(config)
+
+
+def _share_cores_between_workers() -> None:
+    """In a pytest-xdist worker, give each worker's frameworks its share of the cores (what the user set wins).
+
+    Every worker starts its own sides, and torch / MindSpore would each spread over all cores: with 2 workers
+    on 2 cores, measured 114 s for ten compares in two processes against 77 s with one thread each."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers < 2:
+        return
+    from lora_parity.sides.threads import THREADS_ENV, cores
+
+    share = str(max(1, cores() // workers))
+    os.environ.setdefault(THREADS_ENV, share)  # the sides (lora_parity.sides.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", share)  # frameworks the tests run in this process
 
 
 def _load_hypothesis_profile(config: pytest.Config) -> None:

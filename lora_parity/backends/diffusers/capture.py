@@ -184,6 +184,9 @@ def capture_pt(req: SideRequest) -> SideResult:
     from lora_parity.sides.environment import attention_kernels, torch_environment
 
     torch.manual_seed(0)
+    from lora_parity.sides.threads import limit_torch_threads
+
+    limit_torch_threads()
     from lora_parity.backends.flow import capture_flow, is_flow_folder
 
     if is_flow_folder(req.pipeline_dir):  # SD3 / Flux: the transformer families' own capture
