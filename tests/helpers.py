@@ -7,22 +7,17 @@ from pathlib import Path
 
 
 def meta_unet(config: dict):
-    """diffusers' UNet built on the meta device: real module tree, no memory."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    """diffusers' UNet built on the meta device: real module tree, no memory (one per config and process)."""
+    from lora_parity.bases.configs import meta_model
 
-    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        return UNet2DConditionModel(**cfg)
+    return meta_model("unet", config)
 
 
 def meta_text_encoder(config: dict, *, projection: bool):
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """transformers' CLIP text model (with projection: SDXL's second encoder) on the meta device."""
+    from lora_parity.bases.configs import meta_model
 
-    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    with torch.device("meta"):
-        return cls(CLIPTextConfig(**config))
+    return meta_model("text_encoder_2" if projection else "text_encoder", config)
 
 
 def torch_modules(model, prefix: str, kinds=("Linear", "Conv2d", "GroupNorm", "LayerNorm")) -> dict:
