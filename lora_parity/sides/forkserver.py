@@ -79,9 +79,10 @@ class ForkServer:
             theirs.close()
         self.sock = ours
 
-    def run(self, argv: list[str], env: dict[str, str]) -> int | None:
+    def run(self, argv: list[str], env: dict[str, str], module: str = "") -> int | None:
         """The side's exit code, or None when the server is gone (the caller starts the side afresh)."""
-        job = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env}, allow_nan=False).encode()
+        job = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env, "module": module or SIDE_MODULE},
+                         allow_nan=False).encode()
         try:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -113,9 +114,9 @@ def _key(python: str, backend: str, env: dict[str, str]) -> tuple:
     return python, backend, tuple(sorted((k, v) for k, v in env.items() if k not in VOLATILE_ENV))
 
 
-def run_forked(python: str, backend: str, argv: list[str]) -> int | None:
-    """Run ``python -m lora_parity.sides *argv`` (:data:`SIDE_MODULE`) as a fork of the warm server for ``backend``; its exit code,
-    or None when no server could run it (then nothing ran: start the side as a fresh process)."""
+def run_forked(python: str, backend: str, argv: list[str], module: str = SIDE_MODULE) -> int | None:
+    """Run ``python -m MODULE *argv`` (a side: :data:`SIDE_MODULE`) as a fork of the warm server for ``backend``;
+    its exit code, or None when no server could run it (then nothing ran: start the side as a fresh process)."""
     env = dict(os.environ)
     key = _key(python, backend, env)
     if key in _failed:
@@ -129,7 +130,7 @@ def run_forked(python: str, backend: str, argv: list[str]) -> int | None:
         except OSError:
             _failed.add(key)
             return None
-    code = server.run(argv, env)
+    code = server.run(argv, env, module)
     if code is None:
         server.close()
         _failed.add(key)
@@ -201,10 +202,12 @@ def _child(job: dict, fds: list[int]) -> None:
         sys.argv = [sys.argv[0], *job["argv"]]
         import runpy
 
-        runpy.run_module(SIDE_MODULE, run_name="__main__", alter_sys=True)  # as ``python -m`` runs it
+        runpy.run_module(job["module"], run_name="__main__", alter_sys=True)  # as ``python -m`` runs it
         code = 0
-    except SystemExit as exc:
+    except SystemExit as exc:  # as the interpreter exits: an int is the code, None 0, anything else printed, 1
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
     except BaseException:  # what a fresh interpreter would print for an uncaught exception
         import traceback
 

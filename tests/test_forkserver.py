@@ -1,0 +1,100 @@
+"""A side started as a fork of a warm server (``lora_parity/sides/forkserver.py``) behaves as a fresh
+interpreter does: same output bytes, exit code, working folder and arguments, the same one-line error from a
+failing side; servers are reused only for the same interpreter, backend and environment (a planted fault's
+``PYTHONPATH`` / variables get a server of their own), and ``LORA_PARITY_SIDE_START=spawn`` turns them off."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lora_parity.errors import LoraParityError
+from lora_parity.sides import forkserver
+from lora_parity.sides.request import SideRequest
+from lora_parity.sides.run import run_side
+from lora_parity.sides.threads import THREADS_ENV, thread_limit
+
+BACKEND = "port"  # the lightest warm server (MindSpore's imports)
+# python -m json.tool: a module whose output, errors and exit codes (0 / 1 / 2) are fixed by the standard library
+JOBS = (["--sort-keys", "in.json"], ["bad.json"], ["missing.json"])
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    (tmp_path / "in.json").write_text('{"b": 1, "a": [2]}')
+    (tmp_path / "bad.json").write_text("{bad")
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    forkserver.close_all()
+
+
+@pytest.mark.parametrize("argv", JOBS, ids=("ok", "exception", "usage_error"))
+def test_a_forked_job_is_byte_for_byte_a_fresh_interpreter(folder, capfd, argv):
+    code = forkserver.run_forked(sys.executable, BACKEND, argv, module="json.tool")
+    forked = capfd.readouterr()
+    fresh = subprocess.run([sys.executable, "-m", "json.tool", *argv], capture_output=True, text=True)
+    assert code == fresh.returncode
+    assert (forked.out, forked.err) == (fresh.stdout, fresh.stderr)
+
+
+def test_servers_are_reused_per_environment_and_restarted_when_gone(folder, monkeypatch, capfd):
+    forkserver.close_all()
+    argv = ["--sort-keys", "in.json"]
+    assert forkserver.run_forked(sys.executable, BACKEND, argv, module="json.tool") == 0
+    (first,) = forkserver._servers.values()
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "another test")  # volatile: same server
+    assert forkserver.run_forked(sys.executable, BACKEND, argv, module="json.tool") == 0
+    assert list(forkserver._servers.values()) == [first]
+    monkeypatch.setenv("LORA_PARITY_TEST_FAULT", "some_fault")  # what a side may read at import: a new server
+    assert forkserver.run_forked(sys.executable, BACKEND, argv, module="json.tool") == 0
+    assert len(forkserver._servers) == 2
+    monkeypatch.delenv("LORA_PARITY_TEST_FAULT")
+    first.proc.kill()
+    first.proc.wait()
+    assert forkserver.run_forked(sys.executable, BACKEND, argv, module="json.tool") == 0  # a new server
+    assert first not in forkserver._servers.values()
+    capfd.readouterr()
+
+
+def test_a_failing_side_gives_the_same_one_line_error_forked_or_fresh(tmp_path, monkeypatch):
+    req = SideRequest(side="ms", pipeline_dir=str(tmp_path / "no_such_pipeline"), backend=BACKEND,
+                      arrays={"latents": __import__("numpy").zeros((1, 4, 8, 8), "float32")})
+    with pytest.raises(LoraParityError) as forked:
+        run_side(req)
+    monkeypatch.setenv(forkserver.START_ENV, "spawn")
+    assert not forkserver.use_fork_server()
+    with pytest.raises(LoraParityError) as fresh:
+        run_side(req)
+    assert str(forked.value) == str(fresh.value)
+    assert "\n" not in str(forked.value)
+    forkserver.close_all()
+
+
+@pytest.mark.parametrize("value, ok", [("2", 2), ("", None), ("two", "whole number"), ("0", "at least 1")])
+def test_the_thread_cap_is_a_whole_number_or_one_clear_error(monkeypatch, value, ok):
+    monkeypatch.setenv(THREADS_ENV, value)
+    if ok is None or isinstance(ok, int):
+        assert thread_limit() == ok
+        return
+    with pytest.raises(LoraParityError, match=ok) as exc:
+        thread_limit()
+    assert THREADS_ENV in str(exc.value)
+
+
+@pytest.mark.parametrize("workers, user_set, want", [("2", None, "share"), ("2", "3", "3"), ("", None, None)])
+def test_xdist_workers_share_the_cores(monkeypatch, workers, user_set, want):
+    """Under pytest-xdist the plugin caps each worker's sides at cores / workers; a cap the user set stays,
+    and a plain pytest run imposes none."""
+    from lora_parity.sides.threads import cores
+    from lora_parity.suite import plugin
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", workers)
+    for var in (THREADS_ENV, "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    if user_set:
+        monkeypatch.setenv(THREADS_ENV, user_set)
+    plugin._share_cores_between_workers()
+    expected = str(max(1, cores() // 2)) if want == "share" else want
+    assert os.environ.get(THREADS_ENV) == expected
