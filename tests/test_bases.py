@@ -55,7 +55,7 @@ def _same_tensors(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.conversion
-def test_random_tiny_is_complete_deterministic_and_reused(tiny_base, cache, tmp_path):
+def test_random_tiny_is_complete_deterministic_and_reused(tiny_base, cache, tmp_path, monkeypatch):
     b = tiny_base
     name = b.layout_name
     assert (b.kind, b.variant, b.default_image_size) == ("random", "fp16", TINY_IMAGE_SIZE)
@@ -65,9 +65,11 @@ def test_random_tiny_is_complete_deterministic_and_reused(tiny_base, cache, tmp_
     weights = [f for f in files if f.endswith(".safetensors")]
     assert weights and all(f.endswith(".fp16.safetensors") for f in weights)
     assert ("text_encoder/model.fp16.safetensors" in files) == (not b.is_refiner)
-    # same bytes from another cache; a different seed changes the weights
-    other = resolve_base(f"random:{name}:0", cache=tmp_path / "c2")
-    assert _files(other.pipeline_dir) == files
+    # same bytes from another cache, drawn on one thread or on five; a different seed changes the weights
+    for threads, folder in (("1", "c2"), ("5", "c3")):
+        monkeypatch.setenv("LORA_PARITY_THREADS", threads)
+        other = resolve_base(f"random:{name}:0", cache=tmp_path / folder)
+        assert _files(other.pipeline_dir) == files, threads
     seeded = resolve_base(f"random:{name}:1", cache=tmp_path / "c2")
     assert seeded.pipeline_dir != other.pipeline_dir
     assert _files(seeded.pipeline_dir)[weights[0]] != files[weights[0]]
