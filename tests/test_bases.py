@@ -501,3 +501,27 @@ def test_sharded_writer_loads_shard_by_shard_in_diffusers(tiny_base, tmp_path):
     assert set(state) == set(tensors)
     for k, t in tensors.items():
         assert state[k].numpy().tobytes() == t.data.tobytes(), k
+
+
+@pytest.mark.conversion
+def test_lazy_reads_are_bitwise_views_and_a_shrunk_file_names_the_key(tmp_path):
+    """Tensors are read as views of the mapped file: bitwise, read-only (a caller cannot write into the
+    file); a file cut short after its header was read is a one-line error naming the file and key."""
+    from lora_parity.bases.sources import LazySafetensors, write_safetensors_streaming
+    from lora_parity.errors import CheckpointFormatError
+
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((3, 5)).astype(np.float16), "b": rng.standard_normal((7,)).astype(np.float32)}
+    path = tmp_path / "w.safetensors"
+    write_safetensors_streaming(path, [("a", "F16", (3, 5)), ("b", "F32", (7,))], arrays.values())
+    st = LazySafetensors(path)
+    for k, want in arrays.items():
+        got = st.read(k).data
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes() and got.shape == want.shape, k
+        assert not got.flags.writeable
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 4)
+    with pytest.raises(CheckpointFormatError) as exc:
+        st.read("b")
+    assert exc.value.path == str(path) and exc.value.key == "b", str(exc.value)
+    assert "\n" not in str(exc.value)

@@ -2,7 +2,7 @@
 
 A full SDXL is ~7 GB in fp16 and this machine class has 24 GB shared, so nothing
 here holds a whole model: a safetensors file is opened for its header only, and
-each tensor is read by ``seek`` + ``read`` when asked for (memory ~ one tensor;
+each tensor is mapped when asked for and unmapped when its array goes (memory ~ one tensor;
 for OpenCLIP's fused ``in_proj`` its three q/k/v parts).  The writer puts the
 header first and then the tensors one by one, for the same reason.
 
@@ -14,6 +14,8 @@ in-memory converter, applied one parameter at a time.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import re
 import struct
 from pathlib import Path
@@ -58,14 +60,20 @@ class LazySafetensors:
         return self.entries[key][0]
 
     def read(self, key: str) -> Tensor:
-        """The raw tensor (file dtype, bitwise), read with one seek + read (no mapping stays resident)."""
+        """The raw tensor (file dtype, bitwise): a read-only view of the file's pages, mapped while the
+        returned array lives.  Why not ``read``: it copies every byte into fresh memory first (measured,
+        the full-size UNet's 5 GB: 11.6 s of a 34 s load), and the float32 cast that follows reads the
+        pages once anyway."""
         dtype, shape, begin, end = self.entries[key]
         with open(self.path, "rb") as fh:
-            fh.seek(self._base + begin)
-            raw = fh.read(end - begin)
-        if len(raw) != end - begin:
-            raise CheckpointFormatError("file shrank while reading", path=self.path, key=key)
-        return Tensor(dtype, np.frombuffer(raw, dtype=storage_dtype(dtype)).reshape(shape))
+            size = os.fstat(fh.fileno()).st_size
+            if size < self._base + end:
+                raise CheckpointFormatError(f"file is {size} bytes, its header needs {self._base + end}",
+                                            path=self.path, key=key)
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        count = (end - begin) // np.dtype(storage_dtype(dtype)).itemsize
+        return Tensor(dtype, np.frombuffer(mapped, dtype=storage_dtype(dtype), count=count,
+                                           offset=self._base + begin).reshape(shape))
 
 
 def write_safetensors_streaming(path: Path, entries: Iterable[tuple[str, str, tuple[int, ...]]],
