@@ -98,3 +98,26 @@ def test_xdist_workers_share_the_cores(monkeypatch, workers, user_set, want):
     plugin._share_cores_between_workers()
     expected = str(max(1, cores() // 2)) if want == "share" else want
     assert os.environ.get(THREADS_ENV) == expected
+
+
+@pytest.mark.parametrize("allowed, workers, worker, user_set, bound", [
+    ({0, 1}, "2", "gw0", None, [0]), ({0, 1}, "2", "gw1", None, [1]), ({4, 5, 6, 7}, "2", "gw1", None, [6, 7]),
+    ({0, 1}, "4", "gw3", None, None),  # more workers than cores: they must share
+    ({0, 1}, "2", "gw1", "2", None),   # the user's own thread setting: left alone
+    ({0, 1}, "", "", None, None)])     # not under xdist
+def test_xdist_workers_are_bound_to_their_own_cores(monkeypatch, allowed, workers, worker, user_set, bound):
+    """Each worker (and so every side it starts) runs on cores of its own, so MindSpore's busy-waiting threads
+    only take time from their own worker."""
+    from lora_parity.suite import plugin
+
+    calls = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allowed))
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: calls.append((pid, list(cpus))))
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", workers)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    for var in (THREADS_ENV, "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    if user_set:
+        monkeypatch.setenv(THREADS_ENV, user_set)
+    plugin._share_cores_between_workers()
+    assert calls == ([(0, bound)] if bound else [])

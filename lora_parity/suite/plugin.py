@@ -201,18 +201,39 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _share_cores_between_workers() -> None:
-    """In a pytest-xdist worker, give each worker's frameworks its share of the cores (what the user set wins).
+    """In a pytest-xdist worker, give each worker its own share of the cores (what the user set wins).
 
     Every worker starts its own sides, and torch / MindSpore would each spread over all cores: with 2 workers
-    on 2 cores, measured 114 s for ten compares in two processes against 77 s with one thread each."""
+    on 2 cores, measured 114 s for ten compares in two processes against 77 s with one thread each.  The cap
+    alone is not enough for MindSpore: whatever its thread count, its actor and kernel threads busy-wait
+    (``sched_yield``) between PyNative ops, about 0.8 of a core each (measured, per-thread CPU time), so every
+    MindSpore side took both cores from both workers.  Each worker (and every process it starts) is therefore
+    also bound to its own cores (``sched_setaffinity``), where the waiting threads only take the time their
+    own process leaves: a full-size VAE decode measured 7.2 s on 2 cores using 1.8 of them, 9.5 s bound to one."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
     if workers < 2:
         return
     from lora_parity.sides.threads import THREADS_ENV, cores
 
-    share = str(max(1, cores() // workers))
-    os.environ.setdefault(THREADS_ENV, share)  # the sides (lora_parity.sides.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", share)  # frameworks the tests run in this process
+    user_set = bool(os.environ.get(THREADS_ENV))
+    share = max(1, cores() // workers)
+    os.environ.setdefault(THREADS_ENV, str(share))  # the sides (lora_parity.sides.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))  # frameworks the tests run in this process
+    if not user_set:
+        _bind_worker(workers, share)
+
+
+def _bind_worker(workers: int, share: int) -> None:
+    """Bind this xdist worker (``gwN``) to cores ``N*share .. N*share+share-1`` of its allowed set, when there
+    are enough cores for every worker to have its own (else nothing: sharing cores is then unavoidable)."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if len(allowed) < workers or not name.startswith("gw") or not name[2:].isdigit():
+        return
+    index = int(name[2:])
+    if index >= workers:
+        return
+    os.sched_setaffinity(0, allowed[index * share:(index + 1) * share])
 
 
 def _load_hypothesis_profile(config: pytest.Config) -> None:
