@@ -121,3 +121,25 @@ def test_xdist_workers_are_bound_to_their_own_cores(monkeypatch, allowed, worker
         monkeypatch.setenv(THREADS_ENV, user_set)
     plugin._share_cores_between_workers()
     assert calls == ([(0, bound)] if bound else [])
+
+
+class _Item:
+    def __init__(self, nodeid: str, fullsize: bool = False):
+        self.nodeid, self.fullsize = nodeid, fullsize
+
+    def get_closest_marker(self, name):
+        return object() if name == "fullsize" and self.fullsize else None
+
+
+def test_xdist_hands_out_the_full_size_file_first_then_the_largest_files():
+    """make test runs --no-loadscope-reorder: the plugin's order is the order files reach the workers."""
+    from lora_parity.suite.plugin import xdist_order
+
+    items = [_Item("tests/a.py::x"), _Item("tests/b.py::x"), _Item("tests/b.py::y"), _Item("tests/c.py::x"),
+             _Item("tests/test_fullsize.py::base", True), _Item("tests/test_fullsize.py::fault", True),
+             _Item("tests/d.py::x"), _Item("tests/d.py::y"), _Item("tests/d.py::z")]
+    order = [i.nodeid for i in xdist_order(items)]
+    assert order == ["tests/test_fullsize.py::base", "tests/test_fullsize.py::fault",
+                     "tests/d.py::x", "tests/d.py::y", "tests/d.py::z", "tests/b.py::x", "tests/b.py::y",
+                     "tests/a.py::x", "tests/c.py::x"]
+    assert sorted(order) == sorted(i.nodeid for i in items)

@@ -340,11 +340,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     config.stash[_ONLY_SUITE] = bool(items) and all(Path(str(i.path)).resolve().is_relative_to(suite) for i in items)
     if not config.getini(DEV_SUITE_INI):
         return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items[:] = xdist_order(items)
     for item in items:
         if "benchmark" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.benchmark)
         # the layer each test's time counts against (scripts/suite_times.py reads it from the JUnit file)
         item.user_properties.append(("layer", layer_of(item)))
+
+
+def xdist_order(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The order pytest-xdist hands test files to workers (``make test`` runs ``--dist loadfile
+    --no-loadscope-reorder``): the ``fullsize`` files first, then the files with the most tests first (xdist's
+    own reordering), each file's tests in their own order.
+
+    Why: the full-size layer is one file of ~10 minutes on one worker; started first, it runs beside the small
+    tests on the other worker instead of after them (each worker has a core of its own, so the two never
+    compete for one), and the worker that finishes first takes the rest.  Every worker collects the same items,
+    so every worker computes the same order."""
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+
+    def heavy_first(entry):
+        path, tests = entry
+        return (not any(t.get_closest_marker("fullsize") for t in tests), -len(tests))
+
+    return [item for _, tests in sorted(files.items(), key=heavy_first) for item in tests]
 
 
 #: the order in which a test with several layer markers is counted (the heaviest first)
