@@ -90,11 +90,7 @@ def test_xdist_workers_share_the_cores(monkeypatch, workers, user_set, want):
     from lora_parity.sides.threads import cores
     from lora_parity.suite import plugin
 
-    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", workers)
-    for var in (THREADS_ENV, "OMP_NUM_THREADS"):
-        monkeypatch.delenv(var, raising=False)
-    if user_set:
-        monkeypatch.setenv(THREADS_ENV, user_set)
+    _as_xdist_worker(monkeypatch, workers, "gw0" if workers else "", user_set)
     plugin._share_cores_between_workers()
     expected = str(max(1, cores() // 2)) if want == "share" else want
     assert os.environ.get(THREADS_ENV) == expected
@@ -110,8 +106,16 @@ def test_xdist_workers_are_bound_to_their_own_cores(monkeypatch, allowed, worker
     only take time from their own worker."""
     from lora_parity.suite import plugin
 
-    calls = []
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allowed))
+    calls = _as_xdist_worker(monkeypatch, workers, worker, user_set)
+    plugin._share_cores_between_workers()
+    assert calls == ([(0, bound)] if bound else [])
+
+
+def _as_xdist_worker(monkeypatch, workers: str, worker: str, user_set: str | None) -> list:
+    """The environment of xdist worker ``worker`` of ``workers``; binding to cores is recorded, never done (it
+    would bind the process running these tests)."""
+    calls: list = []
     monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: calls.append((pid, list(cpus))))
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", workers)
     monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
@@ -119,8 +123,7 @@ def test_xdist_workers_are_bound_to_their_own_cores(monkeypatch, allowed, worker
         monkeypatch.delenv(var, raising=False)
     if user_set:
         monkeypatch.setenv(THREADS_ENV, user_set)
-    plugin._share_cores_between_workers()
-    assert calls == ([(0, bound)] if bound else [])
+    return calls
 
 
 class _Item:
