@@ -97,7 +97,8 @@ def test_xdist_workers_share_the_cores(monkeypatch, workers, user_set, want):
 
 
 @pytest.mark.parametrize("allowed, workers, worker, user_set, bound", [
-    ({0, 1}, "2", "gw0", None, [0]), ({0, 1}, "2", "gw1", None, [1]), ({4, 5, 6, 7}, "2", "gw1", None, [6, 7]),
+    ({0, 1}, "2", "gw0", None, [0]), ({0, 1}, "2", "gw1", None, [1]), ({4, 5, 6, 7}, "2", "gw1", None, [5, 7]),
+    ({0, 1, 2}, "2", "gw0", None, [0, 2]),  # no core left out
     ({0, 1}, "4", "gw3", None, None),  # more workers than cores: they must share
     ({0, 1}, "2", "gw1", "2", None),   # the user's own thread setting: left alone
     ({0, 1}, "", "", None, None)])     # not under xdist

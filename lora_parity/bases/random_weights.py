@@ -116,9 +116,9 @@ def write_component(out_dir: Path, component: str, cfg: dict, seed: int, shapes:
 def generator_threads() -> int:
     """Threads drawing tensors at once: the cores this process may use, or ``$LORA_PARITY_THREADS``.
 
-    Why: drawing the normals is nearly all of the time (measured: SDXL base, 3.5 billion values,
-    55 s on one thread, 40 s on this machine's two) and numpy's generators release the GIL while they fill an array.  Every tensor
-    has its own generator, so the bytes never depend on how many threads drew them."""
+    Why: drawing the normals is nearly all of the time (measured: SDXL base, 3.5 billion values, 55 s on one
+    thread, 40 s on this machine's two) and numpy's generators release the GIL while they fill an array.
+    Every tensor has its own generator, so the bytes never depend on how many threads drew them."""
     from lora_parity.sides.threads import cores, thread_limit
 
     return thread_limit() or cores()

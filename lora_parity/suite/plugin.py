@@ -220,12 +220,13 @@ def _share_cores_between_workers() -> None:
     os.environ.setdefault(THREADS_ENV, str(share))  # the sides (lora_parity.sides.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(share))  # frameworks the tests run in this process
     if not user_set:
-        _bind_worker(workers, share)
+        _bind_worker(workers)
 
 
-def _bind_worker(workers: int, share: int) -> None:
-    """Bind this xdist worker (``gwN``) to cores ``N*share .. N*share+share-1`` of its allowed set, when there
-    are enough cores for every worker to have its own (else nothing: sharing cores is then unavoidable)."""
+def _bind_worker(workers: int) -> None:
+    """Bind this xdist worker (``gwN``) to every ``workers``-th core of its allowed set from the N-th on (so no
+    core is left out), when there are enough cores for every worker to have its own (else nothing: sharing
+    cores is then unavoidable)."""
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     name = os.environ.get("PYTEST_XDIST_WORKER", "")
     if len(allowed) < workers or not name.startswith("gw") or not name[2:].isdigit():
@@ -233,7 +234,7 @@ def _bind_worker(workers: int, share: int) -> None:
     index = int(name[2:])
     if index >= workers:
         return
-    os.sched_setaffinity(0, allowed[index * share:(index + 1) * share])
+    os.sched_setaffinity(0, allowed[index::workers])
 
 
 def _load_hypothesis_profile(config: pytest.Config) -> None:
@@ -363,7 +364,7 @@ def xdist_order(items: list[pytest.Item]) -> list[pytest.Item]:
         files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
 
     def heavy_first(entry):
-        path, tests = entry
+        _, tests = entry
         return (not any(t.get_closest_marker("fullsize") for t in tests), -len(tests))
 
     return [item for _, tests in sorted(files.items(), key=heavy_first) for item in tests]
