@@ -1,13 +1,18 @@
 """Seconds the suite spends per layer, from a JUnit file written with this repository's pytest.ini.
 
     python scripts/suite_times.py reports/junit.xml [more.xml ...]
+    python scripts/suite_times.py --file-seconds tests/file_seconds.json reports/junit.xml
+
 
 Each test case carries a ``layer`` property (lora_parity.suite.plugin.layer_of: its heaviest layer marker);
 the table sums the test times per layer (setup and teardown included, as pytest's JUnit counts them), with
 the count of tests and the slowest one.  Measured numbers for the README and the closing notes come from here.
+``--file-seconds OUT`` also writes each test file's seconds (JSON, path -> seconds): the order in which
+``make test`` hands files to its xdist workers (lora_parity.suite.plugin.xdist_order), longest first.
 """
 from __future__ import annotations
 
+import json
 import sys
 import xml.etree.ElementTree as ET
 from collections import defaultdict
@@ -29,11 +34,35 @@ def layer_times(paths: list[Path]) -> tuple[dict[str, list[tuple[float, str]]], 
     return out, wall
 
 
+def file_seconds(times: dict[str, list[tuple[float, str]]]) -> dict[str, float]:
+    """Test file (path from the repository root, as pytest's node ids) -> its tests' seconds."""
+    out: dict[str, float] = defaultdict(float)
+    for cases in times.values():
+        for sec, name in cases:
+            out[_test_file(name.split("::", 1)[0])] += sec
+    return {k: round(v, 1) for k, v in sorted(out.items())}
+
+
+def _test_file(classname: str) -> str:
+    """``tests.test_x`` or ``tests.test_x.TestClass`` -> ``tests/test_x.py`` (the longest prefix that is a file)."""
+    parts = classname.split(".")
+    for n in range(len(parts), 0, -1):
+        path = "/".join(parts[:n]) + ".py"
+        if Path(path).is_file():
+            return path
+    return "/".join(parts) + ".py"
+
+
 def main(argv: list[str]) -> int:
+    out = None
+    if argv[:1] == ["--file-seconds"] and len(argv) > 1:
+        out, argv = Path(argv[1]), argv[2:]
     if not argv:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     times, wall = layer_times([Path(a) for a in argv])
+    if out is not None:
+        out.write_text(json.dumps(file_seconds(times), indent=1) + "\n")
     total = sum(t for cases in times.values() for t, _ in cases)
     print(f"{'layer':<12}{'tests':>7}{'seconds':>10}{'share':>8}  slowest")
     for layer, cases in sorted(times.items(), key=lambda kv: -sum(t for t, _ in kv[1])):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,8 @@ from lora_parity.sides import forkserver
 from lora_parity.sides.request import SideRequest
 from lora_parity.sides.run import run_side
 from lora_parity.sides.threads import THREADS_ENV, thread_limit
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BACKEND = "port"  # the lightest warm server (MindSpore's imports)
 # python -m json.tool: a module whose output, errors and exit codes (0 / 1 / 2) are fixed by the standard library
@@ -135,15 +138,24 @@ class _Item:
         return object() if name == "fullsize" and self.fullsize else None
 
 
-def test_xdist_hands_out_the_full_size_file_first_then_the_largest_files():
+def test_xdist_hands_out_the_full_size_file_first_then_the_longest_files():
     """make test runs --no-loadscope-reorder: the plugin's order is the order files reach the workers."""
-    from lora_parity.suite.plugin import xdist_order
+    from lora_parity.suite.plugin import FILE_SECONDS, _file_seconds, xdist_order
 
     items = [_Item("tests/a.py::x"), _Item("tests/b.py::x"), _Item("tests/b.py::y"), _Item("tests/c.py::x"),
              _Item("tests/test_fullsize.py::base", True), _Item("tests/test_fullsize.py::fault", True),
              _Item("tests/d.py::x"), _Item("tests/d.py::y"), _Item("tests/d.py::z")]
+    full = ["tests/test_fullsize.py::base", "tests/test_fullsize.py::fault"]
+    # nothing measured: one second per test
     order = [i.nodeid for i in xdist_order(items)]
-    assert order == ["tests/test_fullsize.py::base", "tests/test_fullsize.py::fault",
-                     "tests/d.py::x", "tests/d.py::y", "tests/d.py::z", "tests/b.py::x", "tests/b.py::y",
+    assert order == [*full, "tests/d.py::x", "tests/d.py::y", "tests/d.py::z", "tests/b.py::x", "tests/b.py::y",
                      "tests/a.py::x", "tests/c.py::x"]
+    # measured: longest first (c.py measured 30 s; a.py not measured, 1 s; the full-size file first whatever)
+    seconds = {"tests/c.py": 30.0, "tests/d.py": 2.0, "tests/b.py": 12.0, "tests/test_fullsize.py": 1.0}
+    order = [i.nodeid for i in xdist_order(items, seconds)]
+    assert order == [*full, "tests/c.py::x", "tests/b.py::x", "tests/b.py::y", "tests/d.py::x", "tests/d.py::y",
+                     "tests/d.py::z", "tests/a.py::x"]
     assert sorted(order) == sorted(i.nodeid for i in items)
+    # the committed table names test files that exist
+    table = _file_seconds(ROOT / FILE_SECONDS)
+    assert table and all((ROOT / path).is_file() for path in table), sorted(p for p in table if not (ROOT / p).is_file())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 from pathlib import Path
 import re
@@ -342,7 +343,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not config.getini(DEV_SUITE_INI):
         return
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        items[:] = xdist_order(items)
+        items[:] = xdist_order(items, _file_seconds(config.rootpath / FILE_SECONDS))
     for item in items:
         if "benchmark" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.benchmark)
@@ -350,24 +351,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.user_properties.append(("layer", layer_of(item)))
 
 
-def xdist_order(items: list[pytest.Item]) -> list[pytest.Item]:
-    """The order pytest-xdist hands test files to workers (``make test`` runs ``--dist loadfile
-    --no-loadscope-reorder``): the ``fullsize`` files first, then the files with the most tests first (xdist's
-    own reordering), each file's tests in their own order.
+#: each test file's measured seconds (``scripts/suite_times.py --file-seconds``, from a make test JUnit file)
+FILE_SECONDS = "tests/file_seconds.json"
 
-    Why: the full-size layer is one file of ~10 minutes on one worker; started first, it runs beside the small
+
+def _file_seconds(path: Path) -> dict[str, float]:
+    try:
+        return {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def xdist_order(items: list[pytest.Item], seconds: dict[str, float] | None = None) -> list[pytest.Item]:
+    """The order pytest-xdist hands test files to workers (``make test`` runs ``--dist loadfile
+    --no-loadscope-reorder``): the ``fullsize`` files first, then the longest files first by their measured
+    ``seconds`` (a file not measured yet: one second per test), each file's tests in their own order.
+
+    Why: the full-size layer is one file of ~12 minutes on one worker; started first, it runs beside the small
     tests on the other worker instead of after them (each worker has a core of its own, so the two never
-    compete for one), and the worker that finishes first takes the rest.  Every worker collects the same items,
-    so every worker computes the same order."""
+    compete for one).  Longest first leaves the shortest files for the end, where one worker may wait: xdist
+    gives a worker its next file once at most two of its tests are pending, so a file can sit behind the last
+    full-size faults while the other worker runs out.  Every worker collects the same items, so every worker
+    computes the same order."""
+    seconds = seconds or {}
     files: dict[str, list[pytest.Item]] = {}
     for item in items:
         files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
 
-    def heavy_first(entry):
-        _, tests = entry
-        return (not any(t.get_closest_marker("fullsize") for t in tests), -len(tests))
+    def longest_first(entry):
+        path, tests = entry
+        return (not any(t.get_closest_marker("fullsize") for t in tests), -seconds.get(path, float(len(tests))))
 
-    return [item for _, tests in sorted(files.items(), key=heavy_first) for item in tests]
+    return [item for _, tests in sorted(files.items(), key=longest_first) for item in tests]
 
 
 #: the order in which a test with several layer markers is counted (the heaviest first)
