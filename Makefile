@@ -40,7 +40,8 @@ demo: setup
 # one worker, so its module fixtures -- generated bases, captures, trained LoRAs -- are built once): each worker is
 # bound to a core of its own (lora_parity/suite/plugin.py) and the full-size layer's file is handed out first, so
 # it runs on one worker (its captures one at a time, 10-12 GB each) while the other takes the small tests
-# (--no-loadscope-reorder: the plugin's order, fullsize first, then xdist's own most-tests-first). Then the
+# (--no-loadscope-reorder: the plugin's order, fullsize first, then the longest files by tests/file_seconds.json,
+# refreshed with scripts/suite_times.py --file-seconds). Then the
 # benchmarks, timed alone. The JUnit files keep each test's layer and metrics: `make bench` / .ci/run print the
 # time per layer from them.
 JOBS ?= auto

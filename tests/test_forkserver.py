@@ -159,3 +159,24 @@ def test_xdist_hands_out_the_full_size_file_first_then_the_longest_files():
     # the committed table names test files that exist
     table = _file_seconds(ROOT / FILE_SECONDS)
     assert table and all((ROOT / path).is_file() for path in table), sorted(p for p in table if not (ROOT / p).is_file())
+
+
+def test_file_seconds_sum_each_test_files_cases_from_the_junit_file(tmp_path, monkeypatch):
+    """What make test's xdist order reads: seconds per test file, summed over its cases (setup included)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("suite_times", ROOT / "scripts" / "suite_times.py")
+    suite_times = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite_times)
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite time="9">'
+        '<testcase classname="tests.test_keymap" name="a" time="1.5"/>'
+        '<testcase classname="tests.test_keymap" name="b" time="2.0"/>'
+        '<testcase classname="lora_parity.suite.test_user_lora" name="c" time="0.25"/>'
+        '</testsuite></testsuites>')
+    out = tmp_path / "seconds.json"
+    monkeypatch.chdir(ROOT)  # test files are found from the repository root, as pytest's node ids name them
+    assert suite_times.main(["--file-seconds", str(out), str(junit)]) == 0
+    assert json.loads(out.read_text()) == {"lora_parity/suite/test_user_lora.py": 0.2, "tests/test_keymap.py": 3.5}
