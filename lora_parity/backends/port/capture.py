@@ -332,12 +332,6 @@ def capture_ms(req: SideRequest) -> SideResult:
     return result
 
 
-def _carries_lora(cells) -> bool:
-    """Whether a LoRA was injected anywhere in ``cells``.  Without one (the VAE), the pass with the LoRA off
-    is the pass just run, op for op: not run again (as the PyTorch side; at full size one 256x256 decode, ~8 s)."""
-    return any(getattr(c, "lora_A", None) is not None for cell in cells for _, c in cell.cells_and_names())
-
-
 class _Replay:
     """The port's replay passes: each component's aligned blocks on the reference's outputs (see
     ``layers.replay_activations``), recorded under ``LOCAL``, and again with the LoRA off under ``NOLORA``."""
@@ -361,12 +355,14 @@ class _Replay:
         return Tensor(np.ascontiguousarray(ref[name], np.float32)) if name in ref else own
 
     def run(self, result: SideResult, cells, one_pass) -> None:
-        from lora_parity.backends.port.lora import lora_disabled
+        from lora_parity.backends.port.lora import carries_lora, lora_disabled
         from lora_parity.parity.verdict import LOCAL, NOLORA
 
         t0 = time.perf_counter()
         result.acts.update({LOCAL + k: v for k, v in one_pass().items() if k in self.ref})
-        if self.has_lora and _carries_lora(cells):
+        # a component without a LoRA (the VAE): the LoRA-off pass would be the pass just run, op for op, so it is
+        # not run again (as the PyTorch side; at full size one 256x256 decode, ~7 s)
+        if self.has_lora and any(carries_lora(c) for c in cells):
             with contextlib.ExitStack() as stack:
                 for c in cells:
                     stack.enter_context(lora_disabled(c))

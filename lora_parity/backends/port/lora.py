@@ -260,6 +260,11 @@ def unmerge_lora(net: nn.Cell, numerics=None) -> int:
     return n
 
 
+def carries_lora(net: nn.Cell) -> bool:
+    """Whether any LoRA is injected in ``net`` (merged or not): the cells :func:`lora_disabled` would turn off."""
+    return next(_lora_cells(net), None) is not None
+
+
 def lora_state(net: nn.Cell) -> dict[str, np.ndarray]:
     """Every ``lora_A`` / ``lora_B`` weight of ``net`` by SGM name (what MindONE would save)."""
     return {p.name: p.asnumpy() for p in net.get_parameters() if ".lora_" in p.name}
