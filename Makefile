@@ -51,14 +51,14 @@ test: setup
 	status=0; \
 	$(PY) -m pytest -n $(JOBS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder -m "not benchmark" \
 		--junitxml=reports/junit.xml $(PYTEST_ARGS) || status=$$?; \
-	$(PY) -m pytest -m benchmark --junitxml=reports/junit-serial.xml $(PYTEST_ARGS) || status=$$?; \
+	$(PY) -m pytest -n 0 -m benchmark --junitxml=reports/junit-serial.xml $(PYTEST_ARGS) || status=$$?; \
 	exit $$status
 
 test-conversion: setup
 	$(PY) -m pytest -m conversion
 
 bench: setup
-	$(PY) -m pytest -m benchmark --benchmark-only --benchmark-enable --benchmark-columns=min,median,mean,max,rounds
+	$(PY) -m pytest -n 0 -m benchmark --benchmark-only --benchmark-enable --benchmark-columns=min,median,mean,max,rounds
 	$(PY) scripts/bench_fullsize_unet.py
 	@if [ -f reports/junit.xml ]; then $(PY) scripts/suite_times.py reports/junit*.xml; \
 	else echo "no reports/junit.xml: run make test first for the suite's time per layer"; fi

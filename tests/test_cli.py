@@ -10,6 +10,7 @@ from lora_parity.cli import build_parser
 from lora_parity.convert.layout import PRESETS
 from lora_parity.fixtures.synthetic import make_lora, write_ms_lora
 from lora_parity.convert.layout import tiny_layout
+from lora_parity.convert.safetensors_io import read_safetensors
 
 from .helpers import run_cli
 
@@ -61,11 +62,22 @@ def test_default_output_beside_source_and_direction(tmp_path):
     assert (tmp_path / "my_lora_pt_ms.ckpt").is_file() or (tmp_path / "my_lora_ms.ckpt").is_file()
 
 
-def test_python_dash_m_runs_and_pickle_output_only_by_extension(tmp_path):
+def test_python_dash_m_runs(tmp_path):
+    """The module entry point in a real process: exit 0 and a complete file.  Written as safetensors, so the
+    process imports no framework (tests/test_bad_input.py runs one that fails)."""
     src = write_ms_lora(tmp_path / "l.ckpt", make_lora(PRESETS["sdxl-base"], rank=4))
-    proc = subprocess.run([sys.executable, "-m", "lora_parity", "convert", str(src), "-o",
-                           str(tmp_path / "l.bin"), "-q"], capture_output=True, text=True)
+    out = tmp_path / "l.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "lora_parity", "convert", str(src), "-o", str(out), "-q"],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    tensors, _ = read_safetensors(out)
+    assert len(tensors) == 1120 and all(k.startswith("unet.") for k in tensors)
+
+
+def test_pickle_output_only_by_extension(tmp_path):
+    src = write_ms_lora(tmp_path / "l.ckpt", make_lora(PRESETS["sdxl-base"], rank=4))
+    code, _, err = run_cli(["convert", str(src), "-o", str(tmp_path / "l.bin"), "-q"])
+    assert code == 0, err
     import torch
 
     sd = torch.load(tmp_path / "l.bin", weights_only=True)

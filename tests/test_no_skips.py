@@ -1,7 +1,7 @@
 """``LORA_PARITY_NO_SKIPS`` (set by ``.ci/run``): a test skipped because something this run must have is
 missing fails instead, and only the skips listed in ``lora_parity.suite.plugin.ALLOWED_SKIPS`` stay skips.
 
-Shown on a tiny test file run by pytest in a subprocess (the plugin registered as the repository's
+Shown on tiny test files run by pytest in subprocesses (the plugin registered as the repository's
 conftest.py does), and each allowed pattern is checked against the message its condition really
 produces, so the list cannot drift from the code that skips.
 """
@@ -58,30 +58,50 @@ def pytest_addhooks(pluginmanager):
 '''
 
 
-def _run(tmp_path: Path, files: dict[str, str], no_skips: bool, dev_suite: bool = True) -> dict[str, tuple[str, str]]:
-    """{test name: (outcome, message)} from the JUnit XML of a pytest run on ``files`` in ``tmp_path``."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
+def _start(folder: Path, files: dict[str, str], no_skips: bool, dev_suite: bool = True) -> subprocess.Popen:
+    """A pytest run on ``files`` in ``folder``, started.  Third-party plugins are not loaded
+    (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``): the conftest registers ours, the only one under test, and the run
+    then costs a bare interpreter's start-up."""
+    folder.mkdir(parents=True, exist_ok=True)
     for name, text in {**files, "conftest.py": CONFTEST}.items():
-        (tmp_path / name).write_text(text)
-    (tmp_path / "pytest.ini").write_text("[pytest]\n" + ("lora_parity_dev_suite = true\n" if dev_suite else ""))
+        (folder / name).write_text(text)
+    (folder / "pytest.ini").write_text("[pytest]\n" + ("lora_parity_dev_suite = true\n" if dev_suite else ""))
     env = {k: v for k, v in os.environ.items() if k != NO_SKIPS_ENV}
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     if no_skips:
         env[NO_SKIPS_ENV] = "1"
-    junit = tmp_path / "junit.xml"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                           "--continue-on-collection-errors", str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             f"--junitxml={folder / 'junit.xml'}", "--continue-on-collection-errors", str(folder)],
+                            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _results(folder: Path, proc: subprocess.Popen) -> dict[str, tuple[str, str]]:
+    """{test name: (outcome, message)} from the run's JUnit XML, and ``_returncode``: (code, output tail)."""
+    stdout, _ = proc.communicate()
     out = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
+    for case in ET.parse(folder / "junit.xml").getroot().iter("testcase"):
         name = case.get("name")
         kids = [k for k in case if k.tag in ("failure", "error", "skipped")]
         out[name] = (kids[0].tag, (kids[0].get("message") or "") + (kids[0].text or "")) if kids else ("passed", "")
-    out["_returncode"] = (str(proc.returncode), proc.stdout[-3000:])
+    out["_returncode"] = (str(proc.returncode), stdout[-3000:])
     return out
 
 
-def test_unlisted_skip_fails_and_a_listed_one_stays_skipped(tmp_path):
-    got = _run(tmp_path, {"test_skips.py": TESTS}, no_skips=True)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, dict[str, tuple[str, str]]]:
+    """The three runs the tests below read, started together (they are independent):
+    ``ci`` (the variable set, the dev suite), ``plain`` (no variable), ``shipped`` (outside the dev suite)."""
+    root = tmp_path_factory.mktemp("no_skips")
+    plans = {"ci": ({"test_skips.py": TESTS, "test_module_skip.py": MODULE_SKIP}, True, True),
+             "plain": ({"test_skips.py": TESTS}, False, True),
+             "shipped": ({"test_skips.py": TESTS}, True, False)}
+    started = {name: _start(root / name, files, no_skips, dev_suite)
+               for name, (files, no_skips, dev_suite) in plans.items()}
+    return {name: _results(root / name, proc) for name, proc in started.items()}
+
+
+def test_unlisted_skip_fails_and_a_listed_one_stays_skipped(runs):
+    got = runs["ci"]
     assert got["test_unlisted_skip"][0] == "failure", got
     assert "torch not installed" in got["test_unlisted_skip"][1] and NO_SKIPS_ENV in got["test_unlisted_skip"][1]
     # a skip mark acts in the setup phase: a failed setup is reported as an error
@@ -92,17 +112,18 @@ def test_unlisted_skip_fails_and_a_listed_one_stays_skipped(tmp_path):
     assert got["_returncode"][0] == "1"
 
 
-def test_a_module_skipped_at_import_fails_too(tmp_path):
-    got = _run(tmp_path, {"test_module_skip.py": MODULE_SKIP}, no_skips=True)
-    failed = [(k, v) for k, v in got.items() if v[0] in ("failure", "error")]
-    assert failed and "a_framework_that_is_not_installed" in failed[0][1][1], got
+def test_a_module_skipped_at_import_fails_too(runs):
+    got = runs["ci"]
+    failed = [(k, v) for k, v in got.items() if v[0] in ("failure", "error")
+              and "a_framework_that_is_not_installed" in v[1]]
+    assert failed and "test_never_collected" not in got, got
 
 
-def test_without_the_variable_or_outside_the_dev_suite_skips_stay_skips(tmp_path):
-    got = _run(tmp_path / "plain", {"test_skips.py": TESTS}, no_skips=False)
+def test_without_the_variable_or_outside_the_dev_suite_skips_stay_skips(runs):
+    got = runs["plain"]
     assert got["test_unlisted_skip"][0] == got["test_listed_skip"][0] == "skipped", got
     assert got["_returncode"][0] == "0"
-    got = _run(tmp_path / "shipped", {"test_skips.py": TESTS}, no_skips=True, dev_suite=False)
+    got = runs["shipped"]
     assert got["test_unlisted_skip"][0] == "skipped", got
 
 

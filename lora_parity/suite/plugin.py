@@ -196,9 +196,34 @@ def pytest_configure(config: pytest.Config) -> None:
     _share_cores_between_workers()
     if config.getini(DEV_SUITE_INI):
         _load_hypothesis_profile(config)
+    if config.getini(DEV_SUITE_INI) or config.getoption("--lora-ckpt", None):
+        _skip_collecting_at_exit()
     if config.getoption("help", False) or config.getoption("version", False):
         return
     _check_options(config)
+
+
+_EXIT_FREEZE_REGISTERED = False
+
+
+def _skip_collecting_at_exit() -> None:
+    """At interpreter exit, move every object to the permanent generation before Python tears down.
+
+    Why: a process that imported torch + diffusers spends 1.5-2 s after its last line, in the cyclic
+    garbage collections of finalization over ~3,600 modules' objects (measured: import of diffusers' UNet
+    module then exit 7.7-8.6 s; with ``gc.freeze()`` at exit 6.5-6.7 s; ``os._exit`` 5.8-7.1 s).  That is
+    a fifth of ``pytest -m conversion`` on the user's own LoRA and is paid again by each xdist worker.
+    Nothing a run reports is left out: pytest has written its results and every other exit handler
+    (temporary folders, fork servers) still runs, objects are still freed by reference counting; only the
+    final cycle hunts are skipped.  Registered as an exit handler, not called now, so a caller of
+    ``pytest.main`` in a long-lived process keeps its collector until that process ends."""
+    global _EXIT_FREEZE_REGISTERED
+    if not _EXIT_FREEZE_REGISTERED:
+        import atexit
+        import gc
+
+        atexit.register(gc.freeze)
+        _EXIT_FREEZE_REGISTERED = True
 
 
 def _share_cores_between_workers() -> None:
