@@ -180,3 +180,28 @@ def test_file_seconds_sum_each_test_files_cases_from_the_junit_file(tmp_path, mo
     monkeypatch.chdir(ROOT)  # test files are found from the repository root, as pytest's node ids name them
     assert suite_times.main(["--file-seconds", str(out), str(junit)]) == 0
     assert json.loads(out.read_text()) == {"lora_parity/suite/test_user_lora.py": 0.2, "tests/test_keymap.py": 3.5}
+
+
+PLAIN_RUN = '''
+def test_not_registered_outside_the_dev_suite():
+    from lora_parity.suite import plugin
+
+    assert not plugin._EXIT_FREEZE_REGISTERED
+'''
+
+
+def test_the_exit_skips_cycle_hunts_only_in_this_suites_runs(tmp_path):
+    """The plugin's exit handler (``gc.freeze`` at exit) is registered in the dev suite (this run) and with
+    ``--lora-ckpt``, and in no other project's run of the environment (a pytest run without either)."""
+    from lora_parity.suite import plugin
+
+    assert plugin._EXIT_FREEZE_REGISTERED
+    (tmp_path / "test_plain.py").write_text(PLAIN_RUN)
+    (tmp_path / "conftest.py").write_text("from lora_parity.suite import plugin\n"
+                                          "def pytest_addhooks(pluginmanager):\n"
+                                          "    pluginmanager.register(plugin, plugin.NAME)\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
