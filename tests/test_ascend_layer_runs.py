@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, ET.Element]:
     junit = tmp_path / "junit.xml"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "ascend", "lora_parity/suite/test_ascend.py", "-q", "-n", "0",
-                           "-p", "no:cacheprovider", f"--junitxml={junit}", *extra],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "ascend", "lora_parity/suite/test_ascend.py", "-q",
+                           "-n", "0", "-p", "no:cacheprovider", f"--junitxml={junit}", *extra],
                           cwd=ROOT, capture_output=True, text=True)
     return proc, ET.parse(junit).getroot()
 

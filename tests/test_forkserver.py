@@ -17,6 +17,8 @@ from lora_parity.sides.request import SideRequest
 from lora_parity.sides.run import run_side
 from lora_parity.sides.threads import THREADS_ENV, thread_limit
 
+from .helpers import start_plugin_run
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BACKEND = "port"  # the lightest warm server (MindSpore's imports)
@@ -196,12 +198,6 @@ def test_the_exit_skips_cycle_hunts_only_in_this_suites_runs(tmp_path):
     from lora_parity.suite import plugin
 
     assert plugin._EXIT_FREEZE_REGISTERED
-    (tmp_path / "test_plain.py").write_text(PLAIN_RUN)
-    (tmp_path / "conftest.py").write_text("from lora_parity.suite import plugin\n"
-                                          "def pytest_addhooks(pluginmanager):\n"
-                                          "    pluginmanager.register(plugin, plugin.NAME)\n")
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = start_plugin_run(tmp_path, {"test_plain.py": PLAIN_RUN})
+    out, _ = proc.communicate()
+    assert proc.returncode == 0, out[-3000:]

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from lora_parity.suite.plugin import ALLOWED_SKIPS, NO_SKIPS_ENV, allowed_skip
+
+from .helpers import start_plugin_run
 
 pytestmark = pytest.mark.conversion
 
@@ -49,30 +50,12 @@ def test_never_collected():
     pass
 '''
 
-CONFTEST = '''
-def pytest_addhooks(pluginmanager):
-    from lora_parity.suite import plugin
-
-    if not pluginmanager.is_registered(plugin) and not pluginmanager.is_blocked(plugin.NAME):
-        pluginmanager.register(plugin, plugin.NAME)
-'''
-
-
 def _start(folder: Path, files: dict[str, str], no_skips: bool, dev_suite: bool = True) -> subprocess.Popen:
-    """A pytest run on ``files`` in ``folder``, started.  Third-party plugins are not loaded
-    (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``): the conftest registers ours, the only one under test, and the run
-    then costs a bare interpreter's start-up."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in {**files, "conftest.py": CONFTEST}.items():
-        (folder / name).write_text(text)
-    (folder / "pytest.ini").write_text("[pytest]\n" + ("lora_parity_dev_suite = true\n" if dev_suite else ""))
     env = {k: v for k, v in os.environ.items() if k != NO_SKIPS_ENV}
-    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     if no_skips:
         env[NO_SKIPS_ENV] = "1"
-    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             f"--junitxml={folder / 'junit.xml'}", "--continue-on-collection-errors", str(folder)],
-                            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_plugin_run(folder, files, "lora_parity_dev_suite = true\n" if dev_suite else "", env,
+                            (f"--junitxml={folder / 'junit.xml'}", "--continue-on-collection-errors"))
 
 
 def _results(folder: Path, proc: subprocess.Popen) -> dict[str, tuple[str, str]]:

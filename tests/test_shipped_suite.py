@@ -514,8 +514,8 @@ def test_pyargs_collects_only_the_shipped_suite(tmp_path):
 def test_the_repository_runs_without_the_entry_point(tmp_path):
     """No ``pip install`` (or autoload off): the repository's conftest.py registers the plugin itself (the
     plugins whose options pytest.ini's addopts names, pytest-benchmark and pytest-xdist, are named with -p)."""
-    proc, _, _ = run_pytest(tmp_path, "-p", "pytest_benchmark.plugin", "-p", "xdist.plugin", "--co", "-q", "-m", "conversion",
-                            "--tol-f32", "1e-3", "tests/test_keymap.py", cwd=ROOT,
+    proc, _, _ = run_pytest(tmp_path, "-p", "pytest_benchmark.plugin", "-p", "xdist.plugin", "--co", "-q",
+                            "-m", "conversion", "--tol-f32", "1e-3", "tests/test_keymap.py", cwd=ROOT,
                             env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "test_keymap.py::" in proc.stdout
