@@ -390,7 +390,8 @@ def _file_seconds(path: Path) -> dict[str, float]:
 def xdist_order(items: list[pytest.Item], seconds: dict[str, float] | None = None) -> list[pytest.Item]:
     """The order pytest-xdist hands test files to workers (the repository's pytest.ini runs every
     pytest with ``--dist loadfile --no-loadscope-reorder``): the ``fullsize`` files first, then the longest
-    files first by their measured ``seconds`` (a file not measured yet: one second per test), each file's tests in their own order.
+    files first by their measured ``seconds`` (a file not measured yet: one second per test), each file's
+    tests in their own order.
 
     Why: the full-size layer is one file of ~12 minutes on one worker; started first, it runs beside the small
     tests on the other worker instead of after them (each worker has a core of its own, so the two never
