@@ -134,34 +134,43 @@ def test_sdxl_refiner_fullsize_parity_with_aesthetic_score(refiner, record_prope
     _record(refiner, record_property, "refiner")
 
 
-def test_qk_swap_in_the_tenth_block_of_input_blocks_8_is_caught(base, tmp_path):
-    """The MindONE file's to_q/to_k LoRA of transformer_blocks.9 swapped (a block the tiny model does not have):
-    a 4e-5 change at input_blocks.8, below the UNet's chained row (MindONE's numerics put MindSpore's float32
-    exp into the timestep sinusoid), is caught by that block's local (replayed) error and named there."""
+MIDDLE = "model.diffusion_model.middle_block"
+
+
+def test_two_faults_in_the_base_are_each_caught_and_named_in_their_own_block(base, tmp_path, monkeypatch):
+    """Two faults that only exist at real size, planted at once on compare's default path, one MindSpore run:
+
+    * the MindONE file's to_q/to_k LoRA of ``input_blocks.8.1.transformer_blocks.9`` swapped (a block the tiny
+      model does not have): a 4e-5 change at input_blocks.8, below the UNet's chained row (MindONE's numerics put
+      MindSpore's float32 exp into the timestep sinusoid), caught by that block's local (replayed) error;
+    * the port's middle block running 9 of its 10 transformer blocks (planted inside compare's side child).
+
+    Each is named in its own block: the first failure is input_blocks.8's local row, and the local rows that fail
+    are exactly those two blocks -- replay gives every block the reference's inputs, so the upstream swap neither
+    hides the truncation nor spreads into the blocks between them.  (One run for both: at real size a MindSpore
+    side is ~115 s of one core; the PyTorch side's clean capture is reused.)"""
     sd = dict(ckpt_io.read_ckpt(base.lora))
     for half in ("lora_A", "lora_B"):
         q, k = f"{QK_BLOCK}.to_q.{half}.weight", f"{QK_BLOCK}.to_k.{half}.weight"
         sd[q], sd[k] = sd[k], sd[q]
     swapped = tmp_path / "swapped_lora.ckpt"
     ckpt_io.write_ckpt(swapped, sd)
-    o = _fault_options(base, "pt")
-    report = run_compare(replace(o, ms_lora=swapped))  # the PyTorch side's clean capture is reused
+    faults.plant_child_fault(monkeypatch, "truncate_middle")
+    report = run_compare(replace(_fault_options(base, "pt"), ms_lora=swapped))
     assert not report.passed
     first = report.first_failure
     assert (first.sgm, first.kind) == ("model.diffusion_model.input_blocks.8", "local"), first.message()
+    local = [m.sgm for m in report.layers if m.kind == "local" and not m.passed]
+    assert local == ["model.diffusion_model.input_blocks.8", MIDDLE], local
 
 
-@pytest.mark.parametrize("run, fault, layer", [
-    ("base", "truncate_middle", "model.diffusion_model.middle_block"),  # 9 of the middle's 10 blocks run
-    ("refiner", "drop_aesthetic", "conditioner.vector"),  # the refiner's aesthetic score lost (taken as 0)
-])
-def test_port_fault_at_real_size_is_caught(request, monkeypatch, run, fault, layer):
-    """Faults planted in the MindSpore port inside compare's side child; the PyTorch capture is reused."""
-    kept = request.getfixturevalue(run)
-    faults.plant_child_fault(monkeypatch, fault)
-    report = run_compare(_fault_options(kept, "pt"))
+def test_port_fault_at_real_size_is_caught_in_the_refiner(refiner, monkeypatch):
+    """The refiner's aesthetic score lost in the MindSpore port (taken as 0), planted inside compare's side
+    child; the PyTorch capture is reused."""
+    faults.plant_child_fault(monkeypatch, "drop_aesthetic")
+    report = run_compare(_fault_options(refiner, "pt"))
     assert not report.passed
-    assert report.first_failure.sgm == layer, report.first_failure.message()
+    assert report.first_failure.sgm == "conditioner.vector", report.first_failure.message()
 
 
 def _pipeline_dir(run: Run) -> Path:
