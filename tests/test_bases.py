@@ -18,7 +18,7 @@ from lora_parity.bases import DiffusersFolderWeights, default_cache_dir, resolve
 from lora_parity.bases.configs import (CLIP_VOCAB_SIZE, PIPELINES, SDXL_TE1_CONFIG, SDXL_TE2_CONFIG,
                                        SDXL_VAE_CONFIG, clip_vocab, meta_state_shapes, write_tokenizer)
 from lora_parity.bases.random_weights import (ACTIVATION_RMS_RANGE, BIAS_STD, EMBEDDING_STD, MARKER,
-                                              RESIDUAL_GAIN, init_spec)
+                                              RESIDUAL_GAIN, init_spec, random_tensor)
 from lora_parity.bases.single_file import SingleFileWeights, expected_params, torch_spelling, write_single_file
 from lora_parity.errors import LoraParityError
 from lora_parity.fixtures.tiny_pipeline import EOS_TOKEN
@@ -186,6 +186,27 @@ def test_init_rule():
     for name in ("text_encoder.text_model.embeddings.token_embedding.weight",
                  "text_encoder.text_model.embeddings.position_embedding.weight"):
         assert init_spec(name, (49408, 768)) == (0.0, EMBEDDING_STD)
+
+
+def test_draws_into_reused_buffers_are_the_rule_bitwise():
+    """The generator writes into buffers it uses again (a larger one first, so stale values sit beyond the
+    tensor): every tensor is still exactly standard_normal(shape) x std (+ mean) rounded to float16, per name."""
+    import zlib
+
+    cases = [("unet.down_blocks.0.resnets.0.conv1.weight", (32, 16, 3, 3)), ("unet.conv_in.bias", (32,)),
+             ("text_encoder.text_model.embeddings.token_embedding.weight", (97, 8)),
+             ("unet.down_blocks.0.resnets.0.norm1.weight", (32,)), ("text_encoder_2.logit_scale", ())]
+    big = np.full(32 * 16 * 9, np.float16(7.0))
+    for name, shape in cases:
+        spec = init_spec(name, shape)
+        rng = np.random.default_rng([0, zlib.crc32(name.encode())])
+        want = (np.full(shape, spec.mean, np.float32) if spec.std == 0.0 else
+                rng.standard_normal(shape, dtype=np.float32) * np.float32(spec.std) + np.float32(spec.mean))
+        want = want.astype(np.float16)
+        n = int(np.prod(shape))
+        for got in (random_tensor(0, name, shape), random_tensor(0, name, shape, out=big[:n].reshape(shape))):
+            assert got.shape == tuple(shape) and got.dtype == np.float16
+            assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), name
 
 
 @pytest.mark.parity
