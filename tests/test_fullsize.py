@@ -20,7 +20,7 @@ from dataclasses import replace
 from lora_parity.compare import CompareOptions, run_compare
 from lora_parity.convert import ckpt_io
 from lora_parity.parity.align import unet_alignment
-from lora_parity.convert.layout import PRESETS, layout_from_pipeline_dir
+from lora_parity.convert.layout import PRESETS
 from lora_parity.parity.metrics import ParityReport, assert_report
 from lora_parity.parity.tolerances import LAYER_ACTIVITY_MIN
 
@@ -33,7 +33,9 @@ FULLSIZE_IMAGE_SIZE = 256
 FULLSIZE_STEPS = 2
 FULLSIZE_ALPHA = 8.0
 
-QK_BLOCK = "model.diffusion_model.input_blocks.8.1.transformer_blocks.9.attn1"
+INPUT_8 = "model.diffusion_model.input_blocks.8"
+QK_BLOCK = f"{INPUT_8}.1.transformer_blocks.9.attn1"
+MIDDLE = "model.diffusion_model.middle_block"
 
 
 @dataclass
@@ -134,9 +136,6 @@ def test_sdxl_refiner_fullsize_parity_with_aesthetic_score(refiner, record_prope
     _record(refiner, record_property, "refiner")
 
 
-MIDDLE = "model.diffusion_model.middle_block"
-
-
 def test_two_faults_in_the_base_are_each_caught_and_named_in_their_own_block(base, tmp_path, monkeypatch):
     """Two faults that only exist at real size, planted at once on compare's default path, one MindSpore run:
 
@@ -159,9 +158,9 @@ def test_two_faults_in_the_base_are_each_caught_and_named_in_their_own_block(bas
     report = run_compare(replace(_fault_options(base, "pt"), ms_lora=swapped))
     assert not report.passed
     first = report.first_failure
-    assert (first.sgm, first.kind) == ("model.diffusion_model.input_blocks.8", "local"), first.message()
+    assert (first.sgm, first.kind) == (INPUT_8, "local"), first.message()
     local = [m.sgm for m in report.layers if m.kind == "local" and not m.passed]
-    assert local == ["model.diffusion_model.input_blocks.8", MIDDLE], local
+    assert local == [INPUT_8, MIDDLE], local
 
 
 def test_port_fault_at_real_size_is_caught_in_the_refiner(refiner, monkeypatch):
@@ -171,9 +170,3 @@ def test_port_fault_at_real_size_is_caught_in_the_refiner(refiner, monkeypatch):
     report = run_compare(_fault_options(refiner, "pt"))
     assert not report.passed
     assert report.first_failure.sgm == "conditioner.vector", report.first_failure.message()
-
-
-def _pipeline_dir(run: Run) -> Path:
-    from lora_parity.bases import resolve_base
-
-    return resolve_base(run.options.base, cache=run.options.cache).pipeline_dir
