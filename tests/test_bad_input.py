@@ -101,6 +101,17 @@ def case_encrypted(tmp):
     return ["convert", str(tmp / "enc.ckpt")], ["enc.ckpt", "encrypted"]
 
 
+def case_encrypted_ninth_byte_brace(tmp):
+    """Ciphertext is random: one encrypted file in 256 has '{' as its ninth byte, the
+    safetensors sniff's mark (CI met one). Forced here so the sniff order is always tested."""
+    argv, expected = case_encrypted(tmp)
+    path = tmp / "enc.ckpt"
+    raw = bytearray(path.read_bytes())
+    raw[8:9] = b"{"
+    path.write_bytes(bytes(raw))
+    return argv, expected
+
+
 def case_missing_lora_b(tmp):
     _, t = _good(tmp)
     del t[Q + ".lora_B.weight"]

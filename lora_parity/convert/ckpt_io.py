@@ -64,7 +64,7 @@ from lora_parity.atomic import atomic_output
 from lora_parity.errors import CheckpointFormatError
 from lora_parity.convert.tensor import Tensor, from_ms_name, itemsize, ms_name, storage_dtype
 
-__all__ = ["read_ckpt", "iter_ckpt", "write_ckpt", "is_ckpt", "SPLIT_BYTES"]
+__all__ = ["read_ckpt", "iter_ckpt", "write_ckpt", "is_ckpt", "is_encrypted", "SPLIT_BYTES"]
 
 #: Tensors with more raw bytes than this are split into several records of at
 #: most this many bytes, exactly like MindSpore (``1024 * SLICE_SIZE`` KB).
@@ -259,7 +259,7 @@ def _looks_encrypted(head: bytes) -> bool:
     return len(head) >= 4 and head[1:4] == _CIPHER_MAGIC_TAIL and 0xD8 <= head[0] <= 0xDF
 
 
-_ENCRYPTED_MSG = (
+ENCRYPTED_MSG = (
     "file looks encrypted (saved with enc_key); decrypt it with mindspore first "
     "(mindspore.load_checkpoint(..., dec_key=...) then save_checkpoint without enc_key)"
 )
@@ -379,7 +379,7 @@ class _Source:
                 raise CheckpointFormatError("empty file, not a MindSpore checkpoint", path=path)
             self.mm = mmap.mmap(self.handle.fileno(), 0, access=mmap.ACCESS_READ)
             if _looks_encrypted(self.mm[:4]):
-                raise CheckpointFormatError(_ENCRYPTED_MSG, path=path)
+                raise CheckpointFormatError(ENCRYPTED_MSG, path=path)
             self.size = size
             self.end = size
             if size >= _CRC_TRAILER and self.mm[size - _CRC_TRAILER : size - 10] == _CRC_MAGIC:
@@ -554,6 +554,19 @@ def is_ckpt(path: str | os.PathLike) -> bool:
     except _Malformed:
         return False
     return length > 0 and pos < len(head) and head[pos] == 0x0A
+
+
+def is_encrypted(path: str | os.PathLike) -> bool:
+    """True when the file starts with MindSpore's cipher magic (saved with ``enc_key``).
+
+    Checked before any other sniff: the bytes after the magic are ciphertext, so
+    one time in 256 the ninth byte is ``{`` and the file would pass for safetensors.
+    """
+    try:
+        with open(path, "rb") as handle:
+            return _looks_encrypted(handle.read(4))
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- writing

@@ -129,6 +129,8 @@ def read_tensors(path: str | Path, *, progress: bool = False,
         raise LoraParityError("no such file", path=path)
     if path.stat().st_size == 0:
         raise CheckpointFormatError("empty file", path=path)
+    if ckpt_io.is_encrypted(path):  # ciphertext can pass any sniff below
+        raise CheckpointFormatError(ckpt_io.ENCRYPTED_MSG, path=path)
     if is_safetensors(path) and not ckpt_io.is_ckpt(path):
         tensors, meta = read_safetensors(path)
         return tensors, meta, "safetensors"
