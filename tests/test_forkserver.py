@@ -63,24 +63,6 @@ def test_servers_are_reused_per_environment_and_restarted_when_gone(folder, monk
     capfd.readouterr()
 
 
-@pytest.mark.parametrize("user_set", [None, "0"])
-def test_sides_start_with_torch_huge_pages_unless_the_user_says_otherwise(folder, monkeypatch, capfd, user_set):
-    """Forked or fresh, a side's environment has ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch reads it at its first
-    allocation), and a value the user set is kept."""
-    if user_set is None:
-        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    else:
-        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", user_set)
-    (folder / "show_thp.py").write_text("import os\nprint(os.environ.get('THP_MEM_ALLOC_ENABLE'))\n")
-    monkeypatch.setenv("PYTHONPATH", str(folder))  # the server (and a fresh interpreter) can import it
-    assert forkserver.run_forked(sys.executable, BACKEND, [], module="show_thp") == 0
-    forked = capfd.readouterr().out
-    (folder / "fresh").mkdir()
-    env = forkserver.child_env(forkserver.package_path_dir(folder / "fresh"))
-    fresh = subprocess.run([sys.executable, "-m", "show_thp"], env=env, capture_output=True, text=True).stdout
-    assert forked == fresh == f"{user_set or '1'}\n"
-
-
 def test_a_failing_side_gives_the_same_one_line_error_forked_or_fresh(tmp_path, monkeypatch):
     req = SideRequest(side="ms", pipeline_dir=str(tmp_path / "no_such_pipeline"), backend=BACKEND,
                       arrays={"latents": __import__("numpy").zeros((1, 4, 8, 8), "float32")})

@@ -58,24 +58,8 @@ def package_path_dir(into: Path) -> Path:
     return path_dir
 
 
-#: what every side process gets unless the caller's environment says otherwise. ``THP_MEM_ALLOC_ENABLE``:
-#: PyTorch's CPU allocator puts tensors of 2 MB and more on transparent huge pages (read once, at its first
-#: allocation, so it must be in the environment the side starts with). A fresh 4 KB page costs ~2 us to fault
-#: in here: converting 50 M float16 values to a new float32 tensor took 0.088 s without, 0.024 s with; the
-#: full-size SDXL-base PyTorch side 83.1 s -> 65.8 s (its UNet phase 61.7 s -> 37.4 s). Not a number changes.
-SIDE_ENV_DEFAULTS = {"THP_MEM_ALLOC_ENABLE": "1"}
-
-
-def side_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """``base`` (default: this process's environment) with :data:`SIDE_ENV_DEFAULTS` where it sets nothing."""
-    env = dict(os.environ if base is None else base)
-    for name, value in SIDE_ENV_DEFAULTS.items():
-        env.setdefault(name, value)
-    return env
-
-
 def child_env(path_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = side_env(base)
+    env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = str(path_dir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -133,7 +117,7 @@ def _key(python: str, backend: str, env: dict[str, str]) -> tuple:
 def run_forked(python: str, backend: str, argv: list[str], module: str = SIDE_MODULE) -> int | None:
     """Run ``python -m MODULE *argv`` (a side: :data:`SIDE_MODULE`) as a fork of the warm server for ``backend``;
     its exit code, or None when no server could run it (then nothing ran: start the side as a fresh process)."""
-    env = side_env()
+    env = dict(os.environ)
     key = _key(python, backend, env)
     if key in _failed:
         return None
