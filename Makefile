@@ -14,9 +14,11 @@ MINDONE_RUNTIME := mindspore transformers huggingface-hub tokenizers safetensors
 .PHONY: setup demo test test-conversion bench mutants clean
 
 # the two environments are independent: built side by side. scripts/install.sh installs with uv (pip's sources
-# and pins, parallel unpacking and byte-compiling; pip when uv cannot be had): measured 111 s -> 61 s wall.
-# Byte-compiling stays on: with PYTHONDONTWRITEBYTECODE set (it is on this machine) nothing else ever would,
-# and every process would compile torch from source (measured: the parallel part 513 s -> 686 s)
+# and pins, parallel unpacking; pip when uv cannot be had): measured 111 s -> 61 s wall with everything
+# byte-compiled. Bytecode matters: with PYTHONDONTWRITEBYTECODE set (it is on this machine) a module without a
+# .pyc is compiled from source by every process (measured: the parallel part 513 s -> 686 s), but most of what is
+# installed is never imported, so scripts/warm_bytecode.py writes the .pyc of what is (the backends' imports, this
+# package, the test tools), and the test runs below write any other on first import (bytecode writing on there).
 INSTALL := bash scripts/install.sh
 setup:
 	@$(MAKE) --no-print-directory -j2 $(STAMP) $(MINDONE_STAMP)
@@ -24,6 +26,7 @@ setup:
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(INSTALL) $(VENV) -c constraints.txt -e '.[test]'
+	$(PY) scripts/warm_bytecode.py diffusers port --tests
 	touch $(STAMP)
 
 $(MINDONE_STAMP): pyproject.toml constraints-mindone.txt
@@ -31,6 +34,7 @@ $(MINDONE_STAMP): pyproject.toml constraints-mindone.txt
 	$(INSTALL) $(MINDONE_VENV) -c constraints-mindone.txt $(MINDONE_RUNTIME)
 	$(INSTALL) $(MINDONE_VENV) --no-deps -c constraints-mindone.txt mindone
 	$(INSTALL) $(MINDONE_VENV) --no-deps -e .
+	$(MINDONE_VENV)/bin/python scripts/warm_bytecode.py mindone
 	touch $(MINDONE_STAMP)
 
 demo: setup
@@ -49,10 +53,10 @@ JOBS ?= auto
 test: setup
 	mkdir -p reports
 	rm -f reports/junit.xml reports/junit-serial.xml
-	$(PY) -m pytest -n $(JOBS) --maxprocesses 4 --junitxml=reports/junit.xml $(PYTEST_ARGS)
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -n $(JOBS) --maxprocesses 4 --junitxml=reports/junit.xml $(PYTEST_ARGS)
 
 test-conversion: setup
-	$(PY) -m pytest -m conversion
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -m conversion
 
 bench: setup
 	$(PY) -m pytest -n 0 -m benchmark --benchmark-only --benchmark-enable --benchmark-columns=min,median,mean,max,rounds
