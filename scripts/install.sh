@@ -7,9 +7,10 @@
 # byte-compiling everything, the same `pip freeze`). Nothing is byte-compiled here: scripts/warm_bytecode.py
 # writes the bytecode of what is imported (most of what is installed never is). uv does not read pip's
 # configuration, so pip's find-links, index and extra indexes (here: the local torch CPU wheel and package
-# mirrors) are handed to it, with pip's rule of taking the best version from all of them. Without uv (not installable),
-# plain pip does the install, as before.
+# mirrors) are handed to it, with pip's rule of taking the best version from all of them. Without uv (not
+# installable), plain pip does the install, as before.
 set -euo pipefail
+UV_PIN="uv==0.13.9"  # the uv every measured setup used
 venv=$1
 shift
 py="$venv/bin/python"
@@ -19,7 +20,7 @@ pip_cfg() {  # a pip setting from its config files or PIP_* environment ("" if n
 }
 
 if [ ! -x "$venv/bin/uv" ]; then
-    "$py" -m pip install -q uv >/dev/null 2>&1 || true
+    "$py" -m pip install -q "$UV_PIN" >/dev/null 2>&1 || true
 fi
 if [ ! -x "$venv/bin/uv" ]; then
     echo "install.sh: uv not available, installing with pip" >&2
