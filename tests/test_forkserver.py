@@ -187,18 +187,27 @@ def test_file_seconds_sum_each_test_files_cases_from_the_junit_file(tmp_path, mo
 
 PLAIN_RUN = '''
 def test_not_registered_outside_the_dev_suite():
+    import gc
+
+    from lora_parity.sides.memory import GC_YOUNG_THRESHOLD
     from lora_parity.suite import plugin
 
     assert not plugin._EXIT_FREEZE_REGISTERED
+    assert gc.get_threshold()[0] != GC_YOUNG_THRESHOLD
 '''
 
 
 def test_the_exit_skips_cycle_hunts_only_in_this_suites_runs(tmp_path):
-    """The plugin's exit handler (``gc.freeze`` at exit) is registered in the dev suite (this run) and with
-    ``--lora-ckpt``, and in no other project's run of the environment (a pytest run without either)."""
+    """The plugin's exit handler (``gc.freeze`` at exit) and its rarer young-generation collections are set
+    in the dev suite (this run) and with ``--lora-ckpt``, and in no other project's run of the environment (a
+    pytest run without either)."""
+    import gc
+
+    from lora_parity.sides.memory import GC_YOUNG_THRESHOLD
     from lora_parity.suite import plugin
 
     assert plugin._EXIT_FREEZE_REGISTERED
+    assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
     proc = start_plugin_run(tmp_path, {"test_plain.py": PLAIN_RUN})
     out, _ = proc.communicate()
     assert proc.returncode == 0, out[-3000:]

@@ -153,8 +153,11 @@ def _serve(fd: int, backend: str) -> int:
     sock = socket.socket(fileno=fd)
     from lora_parity.backends.registry import get_backend
 
+    from lora_parity.sides.memory import rarer_collections
+
     try:
-        get_backend(backend).preload()
+        with rarer_collections():  # the imports only: each side forked after them collects as Python does
+            get_backend(backend).preload()
     except Exception:  # noqa: BLE001  the side, started afresh by the caller, reports it in its own words
         return 3
     gc.collect()

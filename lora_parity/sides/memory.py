@@ -1,4 +1,4 @@
-"""Peak resident memory of this process, and giving freed memory back to the OS.
+"""Peak resident memory of this process, giving freed memory back to the OS, and how often to hunt cycles.
 
 Linux keeps a high-water mark of resident memory (``VmHWM``); writing ``5`` to
 ``/proc/self/clear_refs`` resets it, so a side can report its own peak even when it
@@ -7,10 +7,38 @@ runs in a process that did other work before.  Where /proc is missing the peak i
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 import ctypes
 import gc
 import resource
 import sys
+
+#: young-generation collections every this many net allocations (CPython 3.11 / 3.12 default: 700)
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def collect_less_often() -> tuple[int, int, int]:
+    """Hunt cycles in the young generation every ``GC_YOUNG_THRESHOLD`` net allocations; returns the thresholds
+    it replaced.
+
+    Why: importing torch, transformers and diffusers, building real-size module trees and PEFT injecting ~1,000
+    LoRA layers create millions of long-lived objects, and each young pass at the default 700 allocations also
+    walks everything promoted since the last older pass: importing torch + diffusers + peft measured 4.0 s with
+    the default against 3.3 s with no collector at all.  Cycles are still collected, only later (a young pass
+    then holds at most 50,000 objects, a few MB)."""
+    saved = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, saved[1], saved[2])
+    return saved
+
+
+@contextmanager
+def rarer_collections():
+    """:func:`collect_less_often` for the ``with`` block, the thresholds found put back after it."""
+    saved = collect_less_often()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*saved)
 
 
 def reset_peak_rss() -> bool:
