@@ -17,7 +17,7 @@ from lora_parity.sides.request import SideRequest
 from lora_parity.sides.run import run_side
 from lora_parity.sides.threads import THREADS_ENV, thread_limit
 
-from .helpers import start_plugin_run
+from .helpers import PLUGIN_CONFTEST, start_plugin_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,3 +211,45 @@ def test_the_exit_skips_cycle_hunts_only_in_this_suites_runs(tmp_path):
     proc = start_plugin_run(tmp_path, {"test_plain.py": PLAIN_RUN})
     out, _ = proc.communicate()
     assert proc.returncode == 0, out[-3000:]
+
+
+DEV_SUITE_RUN = '''
+def test_set_for_the_run():
+    import gc
+
+    from lora_parity.sides.memory import GC_YOUNG_THRESHOLD
+
+    assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+'''
+
+
+def test_rarer_collections_last_the_run_and_are_put_back_after_it(tmp_path):
+    """A caller of ``pytest.main`` in a long-lived process gets its own thresholds back when the run ends (the
+    dev suite's run sets them); ``rarer_collections`` puts them back even when its block raises."""
+    import gc
+
+    from lora_parity.sides.memory import GC_YOUNG_THRESHOLD, rarer_collections
+
+    for name, text in {"test_dev.py": DEV_SUITE_RUN, "conftest.py": PLUGIN_CONFTEST,
+                       "pytest.ini": "[pytest]\nlora_parity_dev_suite = true\n"}.items():
+        (tmp_path / name).write_text(text)
+    code = f"""
+import gc
+import pytest
+gc.set_threshold(123, 7, 9)
+code = pytest.main(["-q", "-p", "no:cacheprovider", {str(tmp_path)!r}])
+assert code == 0, code
+assert gc.get_threshold() == (123, 7, 9), gc.get_threshold()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    run_thresholds = gc.get_threshold()
+    gc.set_threshold(123, 7, 9)
+    try:
+        with pytest.raises(RuntimeError), rarer_collections():
+            assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 7, 9)
+            raise RuntimeError("the block failed")
+        assert gc.get_threshold() == (123, 7, 9)
+    finally:
+        gc.set_threshold(*run_thresholds)

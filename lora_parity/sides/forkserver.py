@@ -152,7 +152,6 @@ def _serve(fd: int, backend: str) -> int:
 
     sock = socket.socket(fileno=fd)
     from lora_parity.backends.registry import get_backend
-
     from lora_parity.sides.memory import rarer_collections
 
     try:
