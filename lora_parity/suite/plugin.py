@@ -16,6 +16,7 @@ the Hypothesis profile is loaded only where the ini file sets ``lora_parity_dev_
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import os
@@ -227,9 +228,6 @@ def _skip_collecting_at_exit() -> None:
         _EXIT_FREEZE_REGISTERED = True
 
 
-_GC_SAVED = pytest.StashKey[tuple]()
-
-
 def _collect_less_often(config: pytest.Config) -> None:
     """Rarer young-generation garbage collections (``sides.memory.collect_less_often``: every 50,000 net
     allocations instead of 700) for the whole run.
@@ -240,17 +238,11 @@ def _collect_less_often(config: pytest.Config) -> None:
     (three alternating runs each), max RSS 1.07 GB either way.  Only this suite's runs and ``--lora-ckpt`` runs;
     the thresholds found are put back when pytest unconfigures, for a caller of ``pytest.main`` in a long-lived
     process."""
+    import gc
+
     from lora_parity.sides.memory import collect_less_often
 
-    config.stash[_GC_SAVED] = collect_less_often()
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    saved = config.stash.get(_GC_SAVED, None)
-    if saved is not None:
-        import gc
-
-        gc.set_threshold(*saved)
+    config.add_cleanup(functools.partial(gc.set_threshold, *collect_less_often()))
 
 
 def _share_cores_between_workers() -> None:
