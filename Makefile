@@ -52,7 +52,7 @@ demo: setup
 JOBS ?= auto
 test: setup
 	mkdir -p reports
-	rm -f reports/junit.xml reports/junit-serial.xml
+	rm -f reports/junit.xml
 	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -n $(JOBS) --maxprocesses 4 --junitxml=reports/junit.xml $(PYTEST_ARGS)
 
 test-conversion: setup
@@ -61,7 +61,7 @@ test-conversion: setup
 bench: setup
 	$(PY) -m pytest -n 0 -m benchmark --benchmark-only --benchmark-enable --benchmark-columns=min,median,mean,max,rounds
 	$(PY) scripts/bench_fullsize_unet.py
-	@if [ -f reports/junit.xml ]; then $(PY) scripts/suite_times.py reports/junit*.xml; \
+	@if [ -f reports/junit.xml ]; then $(PY) scripts/suite_times.py reports/junit.xml; \
 	else echo "no reports/junit.xml: run make test first for the suite's time per layer"; fi
 
 # mutation score of compare: ~40 realistic faults planted one at a time on the tiny SDXL, on both MindSpore
